@@ -1,0 +1,64 @@
+//! The library's error type: each variant says what failed and where (a path, a tensor name, a
+//! config key), so the CLI can print one clear line.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("config {key} = {value}: {allowed}")]
+    Config {
+        key: String,
+        value: String,
+        allowed: String,
+    },
+    #[error("{path}: tensor {name}: {msg}")]
+    Weights {
+        path: PathBuf,
+        name: String,
+        msg: String,
+    },
+    #[error("{path}: {msg}")]
+    Data { path: PathBuf, msg: String },
+    #[error("{path}: checkpoint: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn data(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Data {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn config(key: &str, value: impl std::fmt::Display, allowed: impl Into<String>) -> Self {
+        Error::Config {
+            key: key.to_string(),
+            value: value.to_string(),
+            allowed: allowed.into(),
+        }
+    }
+}

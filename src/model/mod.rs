@@ -1,0 +1,11 @@
+//! The SegFormer student/teacher pair: the network, its ops, HF weight files and the EMA update.
+
+pub mod ema;
+pub mod nn;
+pub mod ops;
+mod segformer;
+mod student;
+pub mod weights;
+
+pub use segformer::{init_tensors, param_specs, Init, ParamSpec, SegOutput, Segformer, TensorMap};
+pub use student::Student;

@@ -1,0 +1,174 @@
+//! The layers SegFormer is made of, as plain structs over named tensors: linear, layer norm,
+//! strided patch convolution, batch norm with running statistics, dropout and drop path.
+
+use super::ops;
+use candle_core::{DType, Result, Tensor, D};
+use rand::rngs::StdRng;
+use rand::Rng;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+/// `y = x W^T + b` over the last dimension; `w`: [out, in].
+#[derive(Clone)]
+pub struct Linear {
+    pub w: Tensor,
+    pub b: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inner = dims[dims.len() - 1];
+        // Flattening to 2-D keeps clear of candle's batched-matmul bug with broadcast operands.
+        let x2 = x.contiguous()?.reshape(((), inner))?;
+        let mut y = x2.matmul(&self.w.t()?)?;
+        if let Some(b) = &self.b {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out = dims;
+        *out.last_mut().expect("rank >= 1") = self.w.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+#[derive(Clone)]
+pub struct LayerNorm {
+    pub w: Tensor,
+    pub b: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.w, &self.b, self.eps)
+    }
+}
+
+/// A strided convolution on channel-last maps as im2col + matmul; `w`: [O, C, k, k] (HF layout).
+#[derive(Clone)]
+pub struct PatchConv {
+    pub w: Tensor,
+    pub b: Tensor,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl PatchConv {
+    /// `x`: [B, H, W, C] -> ([B, Ho * Wo, O], (Ho, Wo)).
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, (usize, usize))> {
+        let (o, c, k, _) = self.w.dims4()?;
+        let (patches, hw) = ops::im2col(x, k, self.stride, self.padding)?;
+        // [O, C, k, k] -> [O, k, k, C] to match the (ky, kx, c) patch order.
+        let w = self.w.permute((0, 2, 3, 1))?.reshape((o, k * k * c))?;
+        let b = patches.dim(0)?;
+        let y = patches
+            .reshape(((), k * k * c))?
+            .matmul(&w.t()?)?
+            .broadcast_add(&self.b)?;
+        Ok((y.reshape((b, hw.0 * hw.1, o))?, hw))
+    }
+}
+
+/// BatchNorm over the rows of [P, C]: batch statistics and a running update in training.
+pub struct BatchNorm {
+    pub w: Tensor,
+    pub b: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub num_batches: AtomicI64,
+    pub eps: f64,
+    pub momentum: f64,
+}
+
+impl BatchNorm {
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (mean, var) = if train {
+            let p = x.dim(0)?;
+            let mean = x.mean_keepdim(0)?;
+            let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
+            self.update_running(&mean.detach(), &var.detach(), p)?;
+            (mean, var)
+        } else {
+            (
+                self.running_mean.unsqueeze(0)?,
+                self.running_var.unsqueeze(0)?,
+            )
+        };
+        let xhat = x
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xhat.broadcast_mul(&self.w)?.broadcast_add(&self.b)
+    }
+
+    fn update_running(&self, mean: &Tensor, var: &Tensor, p: usize) -> Result<()> {
+        let m = self.momentum;
+        let unbiased = (var.squeeze(0)? * (p as f64 / (p.max(2) - 1) as f64))?;
+        let rm = ((&self.running_mean * (1.0 - m))? + (mean.squeeze(0)? * m)?)?;
+        let rv = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
+        // In place, so every holder of these tensors (the weight map, the EMA teacher) sees them.
+        self.running_mean.slice_set(&rm, 0, 0)?;
+        self.running_var.slice_set(&rv, 0, 0)?;
+        self.num_batches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn num_batches_tensor(&self) -> Result<Tensor> {
+        Tensor::new(self.num_batches.load(Ordering::Relaxed), self.w.device())
+    }
+}
+
+/// Inverted dropout; identity outside training or when `p` is 0.
+pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut StdRng>) -> Result<Tensor> {
+    let Some(rng) = rng else {
+        return Ok(x.clone());
+    };
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 - p as f32;
+    let scale = 1.0 / keep;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            if rng.random::<f32>() < keep {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}
+
+/// Stochastic depth on [B, ...]: whole samples of a residual branch are dropped (HF's drop_path).
+pub fn drop_path(x: &Tensor, p: f64, rng: Option<&mut StdRng>) -> Result<Tensor> {
+    let Some(rng) = rng else {
+        return Ok(x.clone());
+    };
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 - p;
+    let b = x.dim(0)?;
+    let mask: Vec<f32> = (0..b)
+        .map(|_| ((keep + rng.random::<f64>()).floor() / keep) as f32)
+        .collect();
+    let mut shape = vec![1usize; x.rank()];
+    shape[0] = b;
+    let mask = Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?;
+    x.broadcast_mul(&mask)
+}
+
+/// Log-softmax over the last dimension from differentiable ops.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+pub fn is_float(t: &Tensor) -> bool {
+    matches!(
+        t.dtype(),
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64
+    )
+}

@@ -1,0 +1,158 @@
+//! Bilinear resize with PyTorch's `align_corners = False` semantics (what HF SegFormer uses for
+//! the decoder and the loss), on channel-last maps, with a gradient.
+
+use super::{as_f32, MIN_CHUNK};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Source taps for one axis: (i0, i1, w0, w1) for every output index.
+fn axis_taps(input: usize, output: usize) -> Vec<(usize, usize, f32, f32)> {
+    let scale = input as f32 / output as f32;
+    (0..output)
+        .map(|o| {
+            let src = (scale * (o as f32 + 0.5) - 0.5).max(0.0);
+            let i0 = (src as usize).min(input - 1);
+            let i1 = if i0 + 1 < input { i0 + 1 } else { i0 };
+            let w1 = src - i0 as f32;
+            (i0, i1, 1.0 - w1, w1)
+        })
+        .collect()
+}
+
+/// `x`: [N, H, W, C] -> [N, out_h, out_w, C].
+pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (_, h, w, _) = x.dims4()?;
+    if (h, w) == (out_h, out_w) {
+        return Ok(x.clone());
+    }
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(Bilinear { out_h, out_w })
+    } else {
+        resize_bilinear_generic(x, out_h, out_w)
+    }
+}
+
+/// Interpolation matrix [input, output] for one axis.
+fn axis_matrix(input: usize, output: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let mut m = vec![0f32; input * output];
+    for (o, (i0, i1, w0, w1)) in axis_taps(input, output).into_iter().enumerate() {
+        m[i0 * output + o] += w0;
+        m[i1 * output + o] += w1;
+    }
+    Tensor::from_vec(m, (input, output), dev)
+}
+
+/// The same resize as two plain 2-D matmuls with interpolation matrices.
+pub fn resize_bilinear_generic(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (n, h, w, c) = x.dims4()?;
+    let dev = x.device();
+    // Along W: [N, H, C, W] x [W, Wo].
+    let t = x
+        .permute((0, 1, 3, 2))?
+        .contiguous()?
+        .reshape((n * h * c, w))?;
+    let t = t
+        .matmul(&axis_matrix(w, out_w, dev)?)?
+        .reshape((n, h, c, out_w))?;
+    // Along H: [N, Wo, C, H] x [H, Ho].
+    let t = t
+        .permute((0, 3, 2, 1))?
+        .contiguous()?
+        .reshape((n * out_w * c, h))?;
+    let t = t
+        .matmul(&axis_matrix(h, out_h, dev)?)?
+        .reshape((n, out_w, c, out_h))?;
+    t.permute((0, 3, 1, 2))?.contiguous()
+}
+
+struct Bilinear {
+    out_h: usize,
+    out_w: usize,
+}
+
+impl CustomOp1 for Bilinear {
+    fn name(&self) -> &'static str {
+        "resize-bilinear"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(st, l, "resize-bilinear")?;
+        let (n, h, w, c) = l.shape().dims4()?;
+        let (ty, tx) = (axis_taps(h, self.out_h), axis_taps(w, self.out_w));
+        let mut out = vec![0f32; n * self.out_h * self.out_w * c];
+        out.par_chunks_mut(self.out_w * c)
+            .with_min_len(MIN_CHUNK)
+            .enumerate()
+            .for_each(|(r, o)| {
+                let (ni, oy) = (r / self.out_h, r % self.out_h);
+                let (y0, y1, wy0, wy1) = ty[oy];
+                let r0 = &x[(ni * h + y0) * w * c..][..w * c];
+                let r1 = &x[(ni * h + y1) * w * c..][..w * c];
+                for (ox, &(x0, x1, wx0, wx1)) in tx.iter().enumerate() {
+                    let d = &mut o[ox * c..][..c];
+                    let (a, b) = (&r0[x0 * c..][..c], &r0[x1 * c..][..c]);
+                    let (e, f) = (&r1[x0 * c..][..c], &r1[x1 * c..][..c]);
+                    for t in 0..c {
+                        d[t] = wy0 * (wx0 * a[t] + wx1 * b[t]) + wy1 * (wx0 * e[t] + wx1 * f[t]);
+                    }
+                }
+            });
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((n, self.out_h, self.out_w, c)),
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, h, w, _) = x.dims4()?;
+        let op = BilinearGrad { h, w };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// For each input index, the output indices that read it and with what weight.
+fn axis_readers(input: usize, output: usize) -> Vec<Vec<(usize, f32)>> {
+    let mut readers = vec![Vec::new(); input];
+    for (o, (i0, i1, w0, w1)) in axis_taps(input, output).into_iter().enumerate() {
+        readers[i0].push((o, w0));
+        readers[i1].push((o, w1));
+    }
+    readers
+}
+
+/// The adjoint of [`Bilinear`], as a gather so rows can be computed in parallel.
+struct BilinearGrad {
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp1 for BilinearGrad {
+    fn name(&self) -> &'static str {
+        "resize-bilinear-grad"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = as_f32(st, l, "resize-bilinear-grad")?;
+        let (n, oh, ow, c) = l.shape().dims4()?;
+        let (ry, rx) = (axis_readers(self.h, oh), axis_readers(self.w, ow));
+        let mut dx = vec![0f32; n * self.h * self.w * c];
+        dx.par_chunks_mut(self.w * c)
+            .with_min_len(MIN_CHUNK)
+            .enumerate()
+            .for_each(|(r, drow)| {
+                let (ni, iy) = (r / self.h, r % self.h);
+                for &(oy, wy) in &ry[iy] {
+                    let grow = &g[(ni * oh + oy) * ow * c..][..ow * c];
+                    for (ix, readers) in rx.iter().enumerate() {
+                        let d = &mut drow[ix * c..][..c];
+                        for &(ox, wx) in readers {
+                            let wgt = wy * wx;
+                            let src = &grow[ox * c..][..c];
+                            d.iter_mut().zip(src).for_each(|(a, v)| *a += wgt * v);
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), Shape::from((n, self.h, self.w, c))))
+    }
+}

@@ -1,0 +1,198 @@
+//! Depthwise 3x3 convolution (stride 1, padding 1) on channel-last maps, as in the Mix-FFN.
+//! One pass over all channels at once, instead of candle's one convolution per group.
+
+use super::{as_f32, MIN_CHUNK};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `x`: [B, H, W, C] channel-last, `w`: [C, 1, 3, 3] (HF/PyTorch layout). Returns [B, H, W, C],
+/// without bias.
+pub fn depthwise3x3(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    check_shapes(x, w)?;
+    if x.device().is_cpu() {
+        x.contiguous()?
+            .apply_op2(&w.contiguous()?, DwConv { flip: false })
+    } else {
+        depthwise3x3_generic(x, w)
+    }
+}
+
+/// The same convolution as nine shifted, weighted copies: differentiable through plain ops.
+pub fn depthwise3x3_generic(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (_, h, wd, c) = check_shapes(x, w)?;
+    let xp = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+    let w9 = w.reshape((c, 9))?.t()?.contiguous()?; // [9, C]
+    let mut acc: Option<Tensor> = None;
+    for k in 0..9 {
+        let (ky, kx) = (k / 3, k % 3);
+        let tap = xp
+            .narrow(1, ky, h)?
+            .narrow(2, kx, wd)?
+            .broadcast_mul(&w9.get(k)?)?;
+        acc = Some(match acc {
+            None => tap,
+            Some(a) => (a + tap)?,
+        });
+    }
+    Ok(acc.expect("nine taps"))
+}
+
+fn check_shapes(x: &Tensor, w: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    let (b, h, wd, c) = x.dims4()?;
+    if w.dims() != [c, 1, 3, 3] {
+        bail!(
+            "depthwise3x3: weight {:?} does not match {c} channels (want [{c}, 1, 3, 3])",
+            w.dims()
+        );
+    }
+    Ok((b, h, wd, c))
+}
+
+/// Forward op; with `flip` the kernel is rotated 180 degrees, which is the input gradient.
+struct DwConv {
+    flip: bool,
+}
+
+/// Weights as [9][C] so the inner loop runs over contiguous channels.
+fn taps_by_channel(w: &[f32], c: usize, flip: bool) -> Vec<f32> {
+    let mut t = vec![0f32; 9 * c];
+    for ch in 0..c {
+        for k in 0..9 {
+            let src = if flip { 8 - k } else { k };
+            t[k * c + ch] = w[ch * 9 + src];
+        }
+    }
+    t
+}
+
+fn conv_rows(x: &[f32], taps: &[f32], h: usize, wd: usize, c: usize, out: &mut [f32]) {
+    out.par_chunks_mut(wd * c)
+        .with_min_len(MIN_CHUNK)
+        .enumerate()
+        .for_each(|(row, o)| {
+            let (bi, i) = (row / h, row % h);
+            for ky in 0..3 {
+                let ii = i + ky;
+                if ii < 1 || ii > h {
+                    continue;
+                }
+                let xrow = &x[(bi * h + ii - 1) * wd * c..][..wd * c];
+                for kx in 0..3 {
+                    let ws = &taps[(ky * 3 + kx) * c..][..c];
+                    for j in 0..wd {
+                        let jj = j + kx;
+                        if jj < 1 || jj > wd {
+                            continue;
+                        }
+                        let xs = &xrow[(jj - 1) * c..][..c];
+                        let os = &mut o[j * c..][..c];
+                        for t in 0..c {
+                            os[t] += xs[t] * ws[t];
+                        }
+                    }
+                }
+            }
+        });
+}
+
+impl CustomOp2 for DwConv {
+    fn name(&self) -> &'static str {
+        "depthwise3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "depthwise3x3")?;
+        let w = as_f32(s2, l2, "depthwise3x3")?;
+        let (_, h, wd, c) = l1.shape().dims4()?;
+        let taps = taps_by_channel(w, c, self.flip);
+        let mut out = vec![0f32; x.len()];
+        conv_rows(x, &taps, h, wd, c, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let dx = g.apply_op2_no_bwd(w, &DwConv { flip: !self.flip })?;
+        let dw = x.apply_op2_no_bwd(&g, &DwConvWeightGrad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// dW[c, ky, kx] = sum over b, i, j of grad[b, i, j, c] * x[b, i + ky - 1, j + kx - 1, c].
+struct DwConvWeightGrad;
+
+impl CustomOp2 for DwConvWeightGrad {
+    fn name(&self) -> &'static str {
+        "depthwise3x3-wgrad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "depthwise3x3-wgrad")?;
+        let g = as_f32(s2, l2, "depthwise3x3-wgrad")?;
+        let (b, h, wd, c) = l1.shape().dims4()?;
+        let acc = (0..b * h)
+            .into_par_iter()
+            .with_min_len(MIN_CHUNK)
+            .fold(
+                || vec![0f32; 9 * c],
+                |mut acc, row| {
+                    let (bi, i) = (row / h, row % h);
+                    let grow = &g[row * wd * c..][..wd * c];
+                    for ky in 0..3 {
+                        let ii = i + ky;
+                        if ii < 1 || ii > h {
+                            continue;
+                        }
+                        let xrow = &x[(bi * h + ii - 1) * wd * c..][..wd * c];
+                        for kx in 0..3 {
+                            let a = &mut acc[(ky * 3 + kx) * c..][..c];
+                            for j in 0..wd {
+                                let jj = j + kx;
+                                if jj < 1 || jj > wd {
+                                    continue;
+                                }
+                                let xs = &xrow[(jj - 1) * c..][..c];
+                                let gs = &grow[j * c..][..c];
+                                for t in 0..c {
+                                    a[t] += xs[t] * gs[t];
+                                }
+                            }
+                        }
+                    }
+                    acc
+                },
+            )
+            .reduce(
+                || vec![0f32; 9 * c],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        let mut out = vec![0f32; 9 * c];
+        for ch in 0..c {
+            for k in 0..9 {
+                out[ch * 9 + k] = acc[k * c + ch];
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((c, 1, 3, 3))))
+    }
+}

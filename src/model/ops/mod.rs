@@ -1,0 +1,32 @@
+//! Differentiable ops that candle lacks, runs one-channel-at-a-time, or silently drops gradients
+//! for. Each has a fast CPU kernel (a candle custom op with an analytic backward) and a generic
+//! twin built from differentiable tensor ops, used on other devices and as the test reference.
+
+mod bilinear;
+mod dwconv;
+mod im2col;
+mod norm;
+
+pub use bilinear::{resize_bilinear, resize_bilinear_generic};
+pub use dwconv::{depthwise3x3, depthwise3x3_generic};
+pub use im2col::{im2col, im2col_generic};
+pub use norm::{layer_norm, layer_norm_generic, softmax_last_dim};
+
+use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result};
+
+/// The contiguous f32 slice behind a CPU storage; the custom kernels need nothing else.
+pub(crate) fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => match l.contiguous_offsets() {
+            Some((a, b)) => Ok(&v[a..b]),
+            None => bail!("{op}: input must be contiguous"),
+        },
+        other => bail!(
+            "{op}: only f32 is supported on CPU, got {:?}",
+            other.dtype()
+        ),
+    }
+}
+
+/// Rows of work per rayon task: big enough that scheduling stays cheap on a 2-core machine.
+pub(crate) const MIN_CHUNK: usize = 4;

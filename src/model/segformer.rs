@@ -1,0 +1,534 @@
+//! SegFormer (Mix Transformer encoder + all-MLP decode head) over HF-named tensors, trainable:
+//! every parameter reaches the loss, BatchNorm trains, and the fused decoder embedding is exposed.
+
+use super::nn::{drop_path, dropout, BatchNorm, LayerNorm, Linear, PatchConv};
+use super::ops;
+use crate::config::SegformerConfig;
+use candle_core::{DType, Device, Result, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicI64;
+
+/// Named tensors in HF's naming (`segformer.encoder.block.0.0.attention.self.query.weight`, ...).
+pub type TensorMap = BTreeMap<String, Tensor>;
+
+/// How a tensor starts when training from scratch (the initialisation of the MiT reference code).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    Normal(f64),
+    /// Normal with std sqrt(2 / fan_out), fan_out = k * k * out / groups.
+    FanOut {
+        groups: usize,
+    },
+    Zeros,
+    Ones,
+    /// BatchNorm's batch counter (i64, not trainable).
+    Counter,
+}
+
+#[derive(Debug, Clone)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+    /// False for BatchNorm running statistics.
+    pub trainable: bool,
+}
+
+fn spec(out: &mut Vec<ParamSpec>, name: String, shape: &[usize], init: Init) {
+    out.push(ParamSpec {
+        name,
+        shape: shape.to_vec(),
+        init,
+        trainable: true,
+    });
+}
+
+fn buffer(out: &mut Vec<ParamSpec>, name: String, shape: &[usize], init: Init) {
+    out.push(ParamSpec {
+        name,
+        shape: shape.to_vec(),
+        init,
+        trainable: false,
+    });
+}
+
+fn linear_spec(out: &mut Vec<ParamSpec>, p: &str, o: usize, i: usize) {
+    spec(out, format!("{p}.weight"), &[o, i], Init::Normal(0.02));
+    spec(out, format!("{p}.bias"), &[o], Init::Zeros);
+}
+
+fn norm_spec(out: &mut Vec<ParamSpec>, p: &str, c: usize) {
+    spec(out, format!("{p}.weight"), &[c], Init::Ones);
+    spec(out, format!("{p}.bias"), &[c], Init::Zeros);
+}
+
+/// Every tensor of a SegFormer with this config, in HF's names and shapes.
+pub fn param_specs(cfg: &SegformerConfig) -> Vec<ParamSpec> {
+    let mut v = Vec::new();
+    let d = cfg.decoder_hidden_size;
+    for i in 0..cfg.num_encoder_blocks {
+        let h = cfg.hidden_sizes[i];
+        let cin = if i == 0 {
+            cfg.num_channels
+        } else {
+            cfg.hidden_sizes[i - 1]
+        };
+        let k = cfg.patch_sizes[i];
+        let p = format!("segformer.encoder.patch_embeddings.{i}");
+        spec(
+            &mut v,
+            format!("{p}.proj.weight"),
+            &[h, cin, k, k],
+            Init::FanOut { groups: 1 },
+        );
+        spec(&mut v, format!("{p}.proj.bias"), &[h], Init::Zeros);
+        norm_spec(&mut v, &format!("{p}.layer_norm"), h);
+        for j in 0..cfg.depths[i] {
+            let b = format!("segformer.encoder.block.{i}.{j}");
+            norm_spec(&mut v, &format!("{b}.layer_norm_1"), h);
+            for qkv in ["query", "key", "value"] {
+                linear_spec(&mut v, &format!("{b}.attention.self.{qkv}"), h, h);
+            }
+            let sr = cfg.sr_ratios[i];
+            if sr > 1 {
+                let s = format!("{b}.attention.self.sr");
+                spec(
+                    &mut v,
+                    format!("{s}.weight"),
+                    &[h, h, sr, sr],
+                    Init::FanOut { groups: 1 },
+                );
+                spec(&mut v, format!("{s}.bias"), &[h], Init::Zeros);
+                norm_spec(&mut v, &format!("{b}.attention.self.layer_norm"), h);
+            }
+            linear_spec(&mut v, &format!("{b}.attention.output.dense"), h, h);
+            norm_spec(&mut v, &format!("{b}.layer_norm_2"), h);
+            let hm = h * cfg.mlp_ratios[i];
+            linear_spec(&mut v, &format!("{b}.mlp.dense1"), hm, h);
+            let dw = format!("{b}.mlp.dwconv.dwconv");
+            spec(
+                &mut v,
+                format!("{dw}.weight"),
+                &[hm, 1, 3, 3],
+                Init::FanOut { groups: hm },
+            );
+            spec(&mut v, format!("{dw}.bias"), &[hm], Init::Zeros);
+            linear_spec(&mut v, &format!("{b}.mlp.dense2"), h, hm);
+        }
+        norm_spec(&mut v, &format!("segformer.encoder.layer_norm.{i}"), h);
+    }
+    for i in 0..cfg.num_encoder_blocks {
+        linear_spec(
+            &mut v,
+            &format!("decode_head.linear_c.{i}.proj"),
+            d,
+            cfg.hidden_sizes[i],
+        );
+    }
+    let n = cfg.num_encoder_blocks;
+    spec(
+        &mut v,
+        "decode_head.linear_fuse.weight".into(),
+        &[d, n * d, 1, 1],
+        Init::FanOut { groups: 1 },
+    );
+    norm_spec(&mut v, "decode_head.batch_norm", d);
+    buffer(
+        &mut v,
+        "decode_head.batch_norm.running_mean".into(),
+        &[d],
+        Init::Zeros,
+    );
+    buffer(
+        &mut v,
+        "decode_head.batch_norm.running_var".into(),
+        &[d],
+        Init::Ones,
+    );
+    buffer(
+        &mut v,
+        "decode_head.batch_norm.num_batches_tracked".into(),
+        &[],
+        Init::Counter,
+    );
+    let c = cfg.num_labels();
+    spec(
+        &mut v,
+        "decode_head.classifier.weight".into(),
+        &[c, d, 1, 1],
+        Init::Normal(0.01),
+    );
+    spec(
+        &mut v,
+        "decode_head.classifier.bias".into(),
+        &[c],
+        Init::Zeros,
+    );
+    v
+}
+
+/// Fresh weights for training from scratch, reproducible from `seed`.
+pub fn init_tensors(cfg: &SegformerConfig, device: &Device, seed: u64) -> Result<TensorMap> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = TensorMap::new();
+    for s in param_specs(cfg) {
+        let n: usize = s.shape.iter().product();
+        let t = match s.init {
+            Init::Counter => Tensor::new(0i64, device)?,
+            Init::Zeros => Tensor::zeros(s.shape.clone(), DType::F32, device)?,
+            Init::Ones => Tensor::ones(s.shape.clone(), DType::F32, device)?,
+            Init::Normal(std) => normal(&mut rng, n, std, &s.shape, device)?,
+            Init::FanOut { groups } => {
+                let fan_out = s.shape[0] * s.shape[2] * s.shape[3] / groups;
+                normal(&mut rng, n, (2.0 / fan_out as f64).sqrt(), &s.shape, device)?
+            }
+        };
+        out.insert(s.name, t);
+    }
+    Ok(out)
+}
+
+fn normal(rng: &mut StdRng, n: usize, std: f64, shape: &[usize], dev: &Device) -> Result<Tensor> {
+    let dist = Normal::new(0f32, std as f32).map_err(candle_core::Error::wrap)?;
+    let v: Vec<f32> = (0..n).map(|_| dist.sample(rng)).collect();
+    Tensor::from_vec(v, shape, dev)
+}
+
+/// What one forward pass returns, channel-last at 1/4 of the input resolution.
+pub struct SegOutput {
+    /// [B, H/4, W/4, num_labels]
+    pub logits: Tensor,
+    /// The fused decoder embedding after BatchNorm and ReLU: [B, H/4, W/4, decoder_hidden_size].
+    pub embed: Tensor,
+}
+
+struct Attention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    sr: Option<(PatchConv, LayerNorm)>,
+    output: Linear,
+    heads: usize,
+}
+
+struct MixFfn {
+    dense1: Linear,
+    dw_w: Tensor,
+    dw_b: Tensor,
+    dense2: Linear,
+}
+
+struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    ffn: MixFfn,
+    drop_path: f64,
+}
+
+struct Stage {
+    embed: PatchConv,
+    embed_norm: LayerNorm,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+}
+
+struct Decoder {
+    linear_c: Vec<Linear>,
+    fuse: Tensor,
+    bn: BatchNorm,
+    classifier: Linear,
+}
+
+pub struct Segformer {
+    pub cfg: SegformerConfig,
+    tensors: TensorMap,
+    stages: Vec<Stage>,
+    decoder: Decoder,
+}
+
+/// Looks tensors up by name, checking each shape against the spec.
+struct Lookup<'a> {
+    map: &'a TensorMap,
+    shapes: BTreeMap<&'a str, &'a [usize]>,
+}
+
+impl Lookup<'_> {
+    fn get(&self, name: &str) -> Result<Tensor> {
+        let t = self
+            .map
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {name}")))?;
+        if let Some(shape) = self.shapes.get(name) {
+            if t.dims() != *shape {
+                candle_core::bail!("tensor {name}: shape {:?}, expected {:?}", t.dims(), shape);
+            }
+        }
+        Ok(t.clone())
+    }
+
+    fn linear(&self, p: &str) -> Result<Linear> {
+        Ok(Linear {
+            w: self.get(&format!("{p}.weight"))?,
+            b: Some(self.get(&format!("{p}.bias"))?),
+        })
+    }
+
+    fn norm(&self, p: &str, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            w: self.get(&format!("{p}.weight"))?,
+            b: self.get(&format!("{p}.bias"))?,
+            eps,
+        })
+    }
+}
+
+/// HF's block norms are `nn.LayerNorm` defaults; `layer_norm_eps` is not what they use.
+const LN_EPS: f64 = 1e-5;
+
+impl Segformer {
+    /// Builds the model over `tensors` (shared, not copied: a `Var`-backed map gives a trainable
+    /// student, a plain map an inference-only teacher).
+    pub fn new(cfg: &SegformerConfig, tensors: TensorMap) -> Result<Self> {
+        cfg.validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let specs = param_specs(cfg);
+        let lk = Lookup {
+            map: &tensors,
+            shapes: specs
+                .iter()
+                .map(|s| (s.name.as_str(), s.shape.as_slice()))
+                .collect(),
+        };
+        let total_depth: usize = cfg.depths.iter().sum();
+        let mut block_idx = 0;
+        let mut stages = Vec::new();
+        for i in 0..cfg.num_encoder_blocks {
+            let p = format!("segformer.encoder.patch_embeddings.{i}");
+            let embed = PatchConv {
+                w: lk.get(&format!("{p}.proj.weight"))?,
+                b: lk.get(&format!("{p}.proj.bias"))?,
+                stride: cfg.strides[i],
+                padding: cfg.patch_sizes[i] / 2,
+            };
+            let embed_norm = lk.norm(&format!("{p}.layer_norm"), LN_EPS)?;
+            let mut blocks = Vec::new();
+            for j in 0..cfg.depths[i] {
+                let b = format!("segformer.encoder.block.{i}.{j}");
+                let sr = cfg.sr_ratios[i];
+                let sr = if sr > 1 {
+                    Some((
+                        PatchConv {
+                            w: lk.get(&format!("{b}.attention.self.sr.weight"))?,
+                            b: lk.get(&format!("{b}.attention.self.sr.bias"))?,
+                            stride: sr,
+                            padding: 0,
+                        },
+                        lk.norm(&format!("{b}.attention.self.layer_norm"), LN_EPS)?,
+                    ))
+                } else {
+                    None
+                };
+                // Stochastic depth grows linearly over all blocks, as HF's `drop_path_rate`.
+                let dp = if total_depth > 1 {
+                    cfg.drop_path_rate * block_idx as f64 / (total_depth - 1) as f64
+                } else {
+                    0.0
+                };
+                block_idx += 1;
+                blocks.push(Block {
+                    norm1: lk.norm(&format!("{b}.layer_norm_1"), LN_EPS)?,
+                    attn: Attention {
+                        query: lk.linear(&format!("{b}.attention.self.query"))?,
+                        key: lk.linear(&format!("{b}.attention.self.key"))?,
+                        value: lk.linear(&format!("{b}.attention.self.value"))?,
+                        sr,
+                        output: lk.linear(&format!("{b}.attention.output.dense"))?,
+                        heads: cfg.num_attention_heads[i],
+                    },
+                    norm2: lk.norm(&format!("{b}.layer_norm_2"), LN_EPS)?,
+                    ffn: MixFfn {
+                        dense1: lk.linear(&format!("{b}.mlp.dense1"))?,
+                        dw_w: lk.get(&format!("{b}.mlp.dwconv.dwconv.weight"))?,
+                        dw_b: lk.get(&format!("{b}.mlp.dwconv.dwconv.bias"))?,
+                        dense2: lk.linear(&format!("{b}.mlp.dense2"))?,
+                    },
+                    drop_path: dp,
+                });
+            }
+            stages.push(Stage {
+                embed,
+                embed_norm,
+                blocks,
+                norm: lk.norm(&format!("segformer.encoder.layer_norm.{i}"), LN_EPS)?,
+            });
+        }
+        let linear_c = (0..cfg.num_encoder_blocks)
+            .map(|i| lk.linear(&format!("decode_head.linear_c.{i}.proj")))
+            .collect::<Result<Vec<_>>>()?;
+        let counter = lk.get("decode_head.batch_norm.num_batches_tracked")?;
+        let decoder = Decoder {
+            linear_c,
+            fuse: lk.get("decode_head.linear_fuse.weight")?,
+            bn: BatchNorm {
+                w: lk.get("decode_head.batch_norm.weight")?,
+                b: lk.get("decode_head.batch_norm.bias")?,
+                running_mean: lk.get("decode_head.batch_norm.running_mean")?,
+                running_var: lk.get("decode_head.batch_norm.running_var")?,
+                num_batches: AtomicI64::new(counter.to_dtype(DType::I64)?.to_scalar::<i64>()?),
+                eps: 1e-5,
+                momentum: 0.1,
+            },
+            classifier: Linear {
+                w: lk.get("decode_head.classifier.weight")?,
+                b: Some(lk.get("decode_head.classifier.bias")?),
+            },
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            tensors,
+            stages,
+            decoder,
+        })
+    }
+
+    /// All tensors in HF names, the BatchNorm counter brought up to date.
+    pub fn tensors(&self) -> Result<TensorMap> {
+        let mut m = self.tensors.clone();
+        m.insert(
+            "decode_head.batch_norm.num_batches_tracked".into(),
+            self.decoder.bn.num_batches_tensor()?,
+        );
+        Ok(m)
+    }
+
+    /// The tensor map as built (shared storage with the model).
+    pub fn raw_tensors(&self) -> &TensorMap {
+        &self.tensors
+    }
+
+    /// `x`: [B, 3, H, W] normalised pixels. `train` carries the RNG for dropout and drop path and
+    /// switches BatchNorm to batch statistics.
+    pub fn forward(&self, x: &Tensor, mut train: Option<&mut StdRng>) -> Result<SegOutput> {
+        let cfg = &self.cfg;
+        let training = train.is_some();
+        let mut h = x.permute((0, 2, 3, 1))?.contiguous()?; // [B, H, W, 3]
+        let mut feats = Vec::with_capacity(self.stages.len());
+        for stage in &self.stages {
+            let (e, (hh, ww)) = stage.embed.forward(&h)?; // [B, N, C]
+            let mut s = stage.embed_norm.forward(&e)?;
+            for block in &stage.blocks {
+                s = block.forward(&s, hh, ww, cfg, train.as_deref_mut())?;
+            }
+            let s = stage.norm.forward(&s)?;
+            let c = s.dim(2)?;
+            h = s.reshape((s.dim(0)?, hh, ww, c))?; // [B, h_i, w_i, C_i]
+            feats.push(h.clone());
+        }
+        let d = &self.decoder;
+        let (b, h1, w1, _) = feats[0].dims4()?;
+        let mut ups = Vec::with_capacity(feats.len());
+        for (f, lin) in feats.iter().zip(&d.linear_c).rev() {
+            let y = lin.forward(f)?; // [B, h_i, w_i, D]
+            ups.push(ops::resize_bilinear(&y, h1, w1)?); // [B, h1, w1, D]
+        }
+        let cat = Tensor::cat(&ups, 3)?; // [B, h1, w1, 4D], stage 4 first as HF
+        let dd = cfg.decoder_hidden_size;
+        let fuse = d.fuse.reshape((dd, ()))?;
+        let y = cat.reshape(((), cat.dim(3)?))?.matmul(&fuse.t()?)?; // [B*h1*w1, D]
+        let y = d.bn.forward(&y, training)?.relu()?;
+        let embed = y.reshape((b, h1, w1, dd))?;
+        let y = dropout(&y, cfg.classifier_dropout_prob, train.as_deref_mut())?;
+        let cls = Linear {
+            w: d.classifier.w.reshape((cfg.num_labels(), dd))?,
+            b: d.classifier.b.clone(),
+        };
+        let logits = cls.forward(&y)?.reshape((b, h1, w1, cfg.num_labels()))?;
+        Ok(SegOutput { logits, embed })
+    }
+}
+
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        h: usize,
+        w: usize,
+        cfg: &SegformerConfig,
+        mut train: Option<&mut StdRng>,
+    ) -> Result<Tensor> {
+        let a = self
+            .attn
+            .forward(&self.norm1.forward(x)?, h, w, cfg, train.as_deref_mut())?;
+        let x = (drop_path(&a, self.drop_path, train.as_deref_mut())? + x)?;
+        let m = self
+            .ffn
+            .forward(&self.norm2.forward(&x)?, h, w, cfg, train.as_deref_mut())?;
+        drop_path(&m, self.drop_path, train)? + x
+    }
+}
+
+impl Attention {
+    /// `x`: [B, N, C] -> [B, N, C], keys and values from the spatially reduced sequence.
+    fn forward(
+        &self,
+        x: &Tensor,
+        h: usize,
+        w: usize,
+        cfg: &SegformerConfig,
+        mut train: Option<&mut StdRng>,
+    ) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let hd = c / self.heads;
+        let split = |t: Tensor| -> Result<Tensor> {
+            let m = t.dim(1)?;
+            t.reshape((b, m, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous() // [B, heads, M, hd]
+        };
+        let q = split(self.query.forward(x)?)?;
+        let kv_in = match &self.sr {
+            Some((conv, norm)) => {
+                let (r, _) = conv.forward(&x.reshape((b, h, w, c))?)?; // [B, N/sr^2, C]
+                norm.forward(&r)?
+            }
+            None => x.clone(),
+        };
+        let k = split(self.key.forward(&kv_in)?)?;
+        let v = split(self.value.forward(&kv_in)?)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [B, heads, N, M]
+        let probs = ops::softmax_last_dim(&scores)?;
+        let probs = dropout(
+            &probs,
+            cfg.attention_probs_dropout_prob,
+            train.as_deref_mut(),
+        )?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?; // [B, N, C]
+        let out = self.output.forward(&ctx)?;
+        dropout(&out, cfg.hidden_dropout_prob, train)
+    }
+}
+
+impl MixFfn {
+    fn forward(
+        &self,
+        x: &Tensor,
+        h: usize,
+        w: usize,
+        cfg: &SegformerConfig,
+        mut train: Option<&mut StdRng>,
+    ) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let y = self.dense1.forward(x)?; // [B, N, 4C]
+        let hm = y.dim(2)?;
+        let y =
+            ops::depthwise3x3(&y.reshape((b, h, w, hm))?, &self.dw_w)?.broadcast_add(&self.dw_b)?;
+        let y = y.reshape((b, n, hm))?.gelu_erf()?;
+        let y = dropout(&y, cfg.hidden_dropout_prob, train.as_deref_mut())?;
+        let y = self.dense2.forward(&y)?;
+        dropout(&y, cfg.hidden_dropout_prob, train)
+    }
+}
