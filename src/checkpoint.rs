@@ -26,3 +26,104 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Numbered checkpoints `step-XXXXXXXX.safetensors` in one folder, the newest `keep` kept.
+/// Each is a single file written atomically, so a checkpoint is either whole or absent.
+pub struct CheckpointDir {
+    pub dir: std::path::PathBuf,
+    pub keep: usize,
+}
+
+/// A loaded checkpoint: its step, tensors and string metadata.
+pub struct Checkpoint {
+    pub step: u64,
+    pub path: std::path::PathBuf,
+    pub tensors: crate::model::TensorMap,
+    pub meta: std::collections::HashMap<String, String>,
+}
+
+impl CheckpointDir {
+    pub fn new(dir: impl Into<std::path::PathBuf>, keep: usize) -> Self {
+        Self {
+            dir: dir.into(),
+            keep: keep.max(1),
+        }
+    }
+
+    fn list(&self) -> Vec<(u64, std::path::PathBuf)> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut v: Vec<(u64, std::path::PathBuf)> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let step = name
+                    .strip_prefix("step-")?
+                    .strip_suffix(".safetensors")?
+                    .parse()
+                    .ok()?;
+                Some((step, e.path()))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn save(
+        &self,
+        step: u64,
+        tensors: &crate::model::TensorMap,
+        mut meta: std::collections::HashMap<String, String>,
+    ) -> Result<std::path::PathBuf> {
+        meta.insert("step".into(), step.to_string());
+        let bytes = crate::model::weights::safetensors_bytes(tensors, Some(meta))?;
+        let path = self.dir.join(format!("step-{step:08}.safetensors"));
+        write_atomic(&path, &bytes)?;
+        let all = self.list();
+        for (_, old) in all.iter().take(all.len().saturating_sub(self.keep)) {
+            if let Err(e) = std::fs::remove_file(old) {
+                log::warn!("{}: could not remove old checkpoint: {e}", old.display());
+            }
+        }
+        Ok(path)
+    }
+
+    /// The newest checkpoint that loads; a damaged one is reported and the one before it tried.
+    pub fn latest(&self, device: &candle_core::Device) -> Option<Checkpoint> {
+        for (step, path) in self.list().into_iter().rev() {
+            match load_checkpoint(&path, device) {
+                Ok((tensors, meta)) => {
+                    return Some(Checkpoint {
+                        step,
+                        path,
+                        tensors,
+                        meta,
+                    })
+                }
+                Err(e) => log::error!("{e}; trying an older checkpoint"),
+            }
+        }
+        None
+    }
+}
+
+pub fn load_checkpoint(
+    path: &Path,
+    device: &candle_core::Device,
+) -> Result<(
+    crate::model::TensorMap,
+    std::collections::HashMap<String, String>,
+)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let ck = |msg: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| ck(e.to_string()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let tensors =
+        candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| ck(e.to_string()))?;
+    Ok((tensors.into_iter().collect(), meta))
+}

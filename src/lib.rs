@@ -1,10 +1,19 @@
 //! segadapt: a SegFormer teacher-student runtime that keeps adapting on the vehicle.
 //! Data flows frames -> model -> pseudo labels -> losses -> optimizer -> checkpoints.
 
+pub mod bench;
+pub mod budget;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
+pub mod eval;
 pub mod loss;
+pub mod metrics;
 pub mod model;
+pub mod optim;
+pub mod report;
+pub mod stats;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -1,1 +1,391 @@
-fn main() {}
+//! The `segadapt` command line: parse, call the library, print. Errors end here as one line.
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Parser, Subcommand};
+use segadapt::config::{PreprocessConfig, SegformerConfig};
+use segadapt::data::{AugmentConfig, Dataset, LabelMap};
+use segadapt::model::{init_tensors, weights, Segformer};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[global_allocator]
+static ALLOC: segadapt::budget::CountingAlloc = segadapt::budget::CountingAlloc;
+
+#[derive(Parser)]
+#[command(
+    name = "segadapt",
+    version,
+    about = "On-device SegFormer adaptation runtime"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Supervised source training; resumes from OUT/checkpoints when present.
+    Train(TrainArgs),
+    /// Per-class IoU, mIoU and pixel accuracy of a model on a labelled folder.
+    Eval(EvalArgs),
+    /// Segment a folder of frames and write class masks and colour overlays.
+    Predict(PredictArgs),
+    /// Time inference and a training step; print medians and peak memory.
+    Bench(BenchArgs),
+}
+
+/// `COL=VAL` for filtering a manifest.
+fn parse_where(s: &str) -> Result<(String, String)> {
+    let (c, v) = s.split_once('=').context("--where wants COL=VAL")?;
+    Ok((c.to_string(), v.to_string()))
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32)> {
+    let (w, h) = s.split_once('x').context("size wants WxH, e.g. 240x180")?;
+    Ok((w.parse()?, h.parse()?))
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long = "where", value_parser = parse_where)]
+    filter: Option<(String, String)>,
+    /// b0..b5, or a HF config.json.
+    #[arg(long, default_value = "b0")]
+    config: String,
+    #[arg(long)]
+    out: PathBuf,
+    /// Start from this model folder instead of random weights.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Class names in label-value order (when --config is a preset).
+    #[arg(long, value_delimiter = ',')]
+    classes: Option<Vec<String>>,
+    /// Label value excluded from loss and metrics.
+    #[arg(long, default_value_t = 255)]
+    ignore: u8,
+    #[arg(long, default_value_t = 4000)]
+    iters: u64,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 6e-5)]
+    lr: f64,
+    #[arg(long, default_value_t = 10.0)]
+    head_lr_mult: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1500)]
+    warmup: u64,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    /// Model input / crop size WxH; images are rescaled around it by --ratio-range.
+    #[arg(long, value_parser = parse_size, default_value = "512x512")]
+    size: (u32, u32),
+    #[arg(long, value_parser = parse_size)]
+    crop: Option<(u32, u32)>,
+    #[arg(long, num_args = 2, default_values_t = [0.5, 2.0])]
+    ratio_range: Vec<f64>,
+    /// Turn off brightness/contrast/saturation/hue distortion.
+    #[arg(long)]
+    no_photometric: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 250)]
+    checkpoint_every: u64,
+    #[arg(long, default_value_t = 3)]
+    keep_checkpoints: usize,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long = "where", value_parser = parse_where)]
+    filter: Option<(String, String)>,
+    #[arg(long)]
+    label_map: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// b0..b5
+    #[arg(long, default_value = "b0")]
+    config: String,
+    #[arg(long, value_parser = parse_size, default_value = "512x256")]
+    size: (u32, u32),
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    #[arg(long, default_value_t = 19)]
+    classes: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct PredictArgs {
+    #[arg(long, default_value = "models/camvid-day")]
+    model: PathBuf,
+    #[arg(long, default_value = "assets/dusk-clip")]
+    data: PathBuf,
+    #[arg(long, default_value = "runs/predict")]
+    out: PathBuf,
+}
+
+fn main() {
+    segadapt::budget::tune_malloc();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Train(a) => train(a),
+        Cmd::Eval(a) => eval(a),
+        Cmd::Predict(a) => predict(a),
+        Cmd::Bench(a) => bench(a),
+    }
+}
+
+fn model_config(a: &TrainArgs) -> Result<SegformerConfig> {
+    if a.config.ends_with(".json") {
+        return Ok(SegformerConfig::load(a.config.as_ref())?);
+    }
+    let classes = a
+        .classes
+        .clone()
+        .context("--classes is needed with a preset --config (names in label-value order)")?;
+    Ok(SegformerConfig::preset(
+        &a.config,
+        &classes,
+        a.ignore as i64,
+    )?)
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let dev = Device::Cpu;
+    let (cfg, init) = match &a.init {
+        Some(dir) => {
+            let f = weights::load_model_dir(dir, &dev)?;
+            (f.config, f.tensors)
+        }
+        None => {
+            let cfg = model_config(&a)?;
+            let t = init_tensors(&cfg, &dev, a.seed)?;
+            (cfg, t)
+        }
+    };
+    if a.ratio_range.len() != 2 || a.ratio_range[0] <= 0.0 || a.ratio_range[0] > a.ratio_range[1] {
+        bail!(
+            "--ratio-range wants two values 0 < lo <= hi, got {:?}",
+            a.ratio_range
+        );
+    }
+    let ds = Dataset::open(
+        &a.data,
+        a.filter.as_ref().map(|(c, v)| (c.as_str(), v.as_str())),
+    )?;
+    let examples = ds.load_all(cfg.num_labels(), a.ignore, true);
+    log::info!(
+        "{} training frames of {} listed",
+        examples.len(),
+        ds.samples.len()
+    );
+    let pre = PreprocessConfig::with_size(Some((a.size.0 as usize, a.size.1 as usize)));
+    let tc = segadapt::train::TrainConfig {
+        iters: a.iters,
+        batch: a.batch,
+        lr: a.lr,
+        head_lr_mult: a.head_lr_mult,
+        weight_decay: a.weight_decay,
+        warmup: a.warmup,
+        max_grad_norm: a.max_grad_norm,
+        ema: 0.999,
+        seed: a.seed,
+        augment: AugmentConfig {
+            base: a.size,
+            ratio_range: (a.ratio_range[0], a.ratio_range[1]),
+            crop: a.crop.unwrap_or(a.size),
+            cat_max_ratio: 0.75,
+            flip_prob: 0.5,
+            photometric: !a.no_photometric,
+        },
+        checkpoint_every: a.checkpoint_every,
+        keep_checkpoints: a.keep_checkpoints,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
+            .context("installing the signal handler")?;
+    }
+    let bar = indicatif::ProgressBar::new(a.iters);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    let progress = |t: u64, s: &segadapt::train::StepStats| {
+        bar.set_position(t);
+        bar.set_message(format!("loss {:.3} lr {:.2e}", s.loss, s.lr));
+        if t % 50 == 0 {
+            let line = format!(
+                "step {t} loss {:.4} lr {:.3e} {:?}",
+                s.loss, s.lr, s.outcome
+            );
+            if bar.is_hidden() {
+                log::info!("{line}");
+            } else {
+                bar.println(line);
+            }
+        }
+    };
+    let trainer =
+        segadapt::train::train(&cfg, init, &pre, &examples, &tc, &a.out, &stop, &progress)?;
+    bar.finish();
+    if stop.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let stats =
+        segadapt::stats::SourceStats::compute(&trainer.student.model, &pre, &examples, a.ignore)?;
+    stats.save(&a.out)?;
+    println!("model written to {}", a.out.display());
+    Ok(())
+}
+
+fn load_model(dir: &PathBuf, dev: &Device) -> Result<(Segformer, PreprocessConfig)> {
+    let f = weights::load_model_dir(dir, dev)?;
+    Ok((Segformer::new(&f.config, f.tensors)?, f.preprocess))
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let dev = Device::Cpu;
+    let (model, pre) = load_model(&a.model, &dev)?;
+    let classes = model.cfg.class_names();
+    let ignore = u8::try_from(model.cfg.semantic_loss_ignore_index).unwrap_or(255);
+    let map = match &a.label_map {
+        Some(p) => LabelMap::load(p, &classes)?,
+        None => LabelMap::identity(&classes, ignore),
+    };
+    let ds = Dataset::open(
+        &a.data,
+        a.filter.as_ref().map(|(c, v)| (c.as_str(), v.as_str())),
+    )?;
+    // Label values are checked against the dataset's classes, not the model's.
+    let max_ignore = map.ignore.iter().copied().max().unwrap_or(255);
+    let examples = ds.load_all(map.classes.len(), max_ignore, true);
+    if examples.is_empty() {
+        bail!("{}: no labelled frames to score", a.data.display());
+    }
+    let s = segadapt::eval::evaluate(&model, &pre, &examples, &map, &dev)?;
+    if a.json {
+        let per_class: serde_json::Map<String, serde_json::Value> = s
+            .per_class
+            .iter()
+            .map(|(n, v)| (n.clone(), serde_json::json!(v)))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"miou": s.miou, "pixel_accuracy": s.pixel_accuracy, "per_class": per_class, "frames": examples.len()})
+        );
+    } else {
+        println!("{} frames of {}", examples.len(), a.data.display());
+        for (n, v) in &s.per_class {
+            match v {
+                Some(v) => println!("  {n:<14} {v:6.2}"),
+                None => println!("  {n:<14}    n/a"),
+            }
+        }
+        println!("mIoU {:.2}  pixel accuracy {:.2}", s.miou, s.pixel_accuracy);
+    }
+    Ok(())
+}
+
+fn predict(a: PredictArgs) -> Result<()> {
+    let dev = Device::Cpu;
+    let (model, pre) = load_model(&a.model, &dev)?;
+    let ds = Dataset::open(&a.data, None)?;
+    let classes = model.cfg.class_names();
+    let ignore = u8::try_from(model.cfg.semantic_loss_ignore_index).unwrap_or(255);
+    let examples = ds.load_all(classes.len(), ignore, false);
+    let mut conf = segadapt::metrics::Confusion::new(classes.len());
+    let mut labelled = 0;
+    for ex in &examples {
+        let pred = segadapt::eval::predict_image(&model, &pre, &ex.image, &dev)?;
+        segadapt::report::write_outputs(&a.out, &ex.name, &ex.image, &pred, classes.len())?;
+        if let Some(l) = &ex.label {
+            conf.add(&pred, l, &[ignore]);
+            labelled += 1;
+        }
+    }
+    println!(
+        "{} frames segmented; masks and overlays in {}",
+        examples.len(),
+        a.out.display()
+    );
+    if labelled > 0 {
+        println!(
+            "mIoU on {labelled} labelled frames: {:.2}",
+            conf.scores(&classes).miou
+        );
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let spec = segadapt::bench::BenchSpec {
+        config: a.config,
+        width: a.size.0 as usize,
+        height: a.size.1 as usize,
+        batch: a.batch,
+        classes: a.classes,
+        warmup: a.warmup,
+        reps: a.reps,
+    };
+    let r = segadapt::bench::run(&spec)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "config": r.config, "size": r.size, "batch": r.batch, "threads": r.threads,
+                "infer_ms": r.infer.median_ms, "train_step_ms": r.train_step.median_ms, "ema_ms": r.ema.median_ms,
+                "infer_peak_mb": r.infer.peak_mb, "train_peak_mb": r.train_step.peak_mb,
+                "peak_mb": r.infer.peak_mb.max(r.train_step.peak_mb),
+            })
+        );
+    } else {
+        println!(
+            "{} {} batch {} ({} threads), median of {} after {} warm-up",
+            r.config, r.size, r.batch, r.threads, spec.reps, spec.warmup
+        );
+        println!(
+            "{:<28} {:>10} {:>10} {:>10} {:>10}",
+            "", "median ms", "min", "max", "peak MB"
+        );
+        for (name, t) in [
+            ("inference (batch 1)", &r.infer),
+            ("train step (fwd+CE+bwd+AdamW+EMA)", &r.train_step),
+            ("EMA update", &r.ema),
+        ] {
+            println!(
+                "{name:<28} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+                t.median_ms, t.min_ms, t.max_ms, t.peak_mb
+            );
+        }
+    }
+    Ok(())
+}

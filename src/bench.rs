@@ -1,0 +1,131 @@
+//! `segadapt bench`: medians and spread of inference, a supervised training step and the EMA
+//! update for a SegFormer config on random input, with the heap peak of each.
+
+use crate::budget;
+use crate::config::SegformerConfig;
+use crate::error::Result;
+use crate::model::ema::ema_update;
+use crate::model::{init_tensors, Segformer};
+use crate::train::{TrainConfig, Trainer};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    pub config: String,
+    pub width: usize,
+    pub height: usize,
+    pub batch: usize,
+    pub classes: usize,
+    pub warmup: usize,
+    pub reps: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    /// Live-heap peak during the timed runs, MB.
+    pub peak_mb: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub config: String,
+    pub size: String,
+    pub batch: usize,
+    pub threads: usize,
+    pub infer: Timing,
+    pub train_step: Timing,
+    pub ema: Timing,
+}
+
+fn time(spec: &BenchSpec, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    for _ in 0..spec.warmup {
+        f()?;
+    }
+    budget::reset_peak();
+    let mut ms = Vec::with_capacity(spec.reps);
+    for _ in 0..spec.reps {
+        let t = Instant::now();
+        f()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    Ok(Timing {
+        median_ms: ms[ms.len() / 2],
+        min_ms: ms[0],
+        max_ms: ms[ms.len() - 1],
+        peak_mb: budget::peak_bytes() as f64 / 1e6,
+    })
+}
+
+pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
+    let dev = Device::Cpu;
+    let classes: Vec<String> = (0..spec.classes).map(|i| format!("c{i}")).collect();
+    let cfg = SegformerConfig::preset(&spec.config, &classes, 255)?;
+    let tensors = init_tensors(&cfg, &dev, 0)?;
+    let mut rng = StdRng::seed_from_u64(0);
+
+    let infer = {
+        let model = Segformer::new(&cfg, tensors.clone())?;
+        let x = Tensor::randn(0f32, 1.0, (1, 3, spec.height, spec.width), &dev)?;
+        time(spec, || {
+            let out = model.forward(&x, None)?;
+            out.logits.argmax(3)?;
+            Ok(())
+        })?
+    };
+
+    let tc = TrainConfig {
+        iters: 1000,
+        batch: spec.batch,
+        lr: 6e-5,
+        head_lr_mult: 10.0,
+        weight_decay: 0.01,
+        warmup: 0,
+        max_grad_norm: None,
+        ema: 0.999,
+        seed: 0,
+        augment: crate::data::AugmentConfig {
+            base: (spec.width as u32, spec.height as u32),
+            ratio_range: (1.0, 1.0),
+            crop: (spec.width as u32, spec.height as u32),
+            cat_max_ratio: 1.0,
+            flip_prob: 0.0,
+            photometric: false,
+        },
+        checkpoint_every: 0,
+        keep_checkpoints: 1,
+    };
+    let mut trainer = Trainer::new(&cfg, &tensors, &tc)?;
+    let x = Tensor::randn(0f32, 1.0, (spec.batch, 3, spec.height, spec.width), &dev)?;
+    let y = Tensor::rand(
+        0f32,
+        spec.classes as f32,
+        spec.batch * spec.height * spec.width,
+        &dev,
+    )?
+    .floor()?
+    .to_dtype(DType::U32)?;
+    let train_step = time(spec, || {
+        trainer.step(&x, &y, &mut rng)?;
+        Ok(())
+    })?;
+    let ema = time(spec, || {
+        Ok(ema_update(&trainer.teacher, &trainer.student.model, 0.999)?)
+    })?;
+    Ok(BenchReport {
+        config: spec.config.clone(),
+        size: format!("{}x{}", spec.width, spec.height),
+        batch: spec.batch,
+        threads: rayon::current_num_threads(),
+        infer,
+        train_step,
+        ema,
+    })
+}

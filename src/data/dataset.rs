@@ -1,0 +1,212 @@
+//! A dataset folder: `images/`, optional `labels/` (8-bit PNG class indices, same stem) and an
+//! optional `manifest.csv` whose `name` column orders the frames and whose columns `--where` filters.
+
+use crate::error::{Error, Result};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub image: PathBuf,
+    pub label: Option<PathBuf>,
+}
+
+/// A decoded frame and, when present, its label plane (row-major, one byte per pixel).
+pub struct Example {
+    pub name: String,
+    pub image: RgbImage,
+    pub label: Option<Vec<u8>>,
+}
+
+pub struct Dataset {
+    pub root: PathBuf,
+    pub samples: Vec<Sample>,
+}
+
+const EXTS: [&str; 4] = ["jpg", "jpeg", "png", "bmp"];
+
+fn find_image(dir: &Path, stem: &str) -> Option<PathBuf> {
+    EXTS.iter()
+        .map(|e| dir.join(format!("{stem}.{e}")))
+        .find(|p| p.exists())
+}
+
+impl Dataset {
+    /// Lists the frames of `root`, in manifest order when there is one (name order otherwise),
+    /// keeping the rows whose column `filter.0` equals `filter.1`.
+    pub fn open(root: &Path, filter: Option<(&str, &str)>) -> Result<Self> {
+        let images = root.join("images");
+        if !images.is_dir() {
+            return Err(Error::data(root, "no images/ folder"));
+        }
+        let labels = root.join("labels");
+        let manifest = root.join("manifest.csv");
+        let names: Vec<String> = if manifest.exists() {
+            read_manifest(&manifest, filter)?
+        } else {
+            if let Some((col, _)) = filter {
+                return Err(Error::data(
+                    root,
+                    format!("--where {col}=...: no manifest.csv to filter"),
+                ));
+            }
+            let mut v: Vec<String> = std::fs::read_dir(&images)
+                .map_err(|e| Error::io(&images, e))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| EXTS.contains(&e.to_ascii_lowercase().as_str()))
+                })
+                .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .collect();
+            v.sort();
+            v
+        };
+        let mut samples = Vec::with_capacity(names.len());
+        for name in names {
+            let Some(image) = find_image(&images, &name) else {
+                log::error!(
+                    "{}: manifest names {name} but no image file; skipped",
+                    images.display()
+                );
+                continue;
+            };
+            let label = Some(labels.join(format!("{name}.png"))).filter(|p| p.exists());
+            samples.push(Sample { name, image, label });
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            samples,
+        })
+    }
+
+    /// Decodes every frame, reporting and skipping bad files (`num_classes` and `ignore` check
+    /// label values). Returns the good examples.
+    pub fn load_all(&self, num_classes: usize, ignore: u8, need_labels: bool) -> Vec<Example> {
+        self.samples
+            .iter()
+            .filter_map(
+                |s| match load_example(s, num_classes, ignore, need_labels) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        log::error!("skipped: {e}");
+                        None
+                    }
+                },
+            )
+            .collect()
+    }
+}
+
+fn read_manifest(path: &Path, filter: Option<(&str, &str)>) -> Result<Vec<String>> {
+    let mut rdr = csv::Reader::from_path(path).map_err(|e| Error::data(path, e.to_string()))?;
+    let headers = rdr
+        .headers()
+        .map_err(|e| Error::data(path, e.to_string()))?
+        .clone();
+    let col = |c: &str| headers.iter().position(|h| h == c);
+    let name_col = col("name").ok_or_else(|| Error::data(path, "manifest has no `name` column"))?;
+    let filter = match filter {
+        Some((c, v)) => Some((
+            col(c).ok_or_else(|| {
+                Error::data(
+                    path,
+                    format!(
+                        "--where {c}=...: no column {c} (columns: {})",
+                        headers.iter().collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            })?,
+            v,
+        )),
+        None => None,
+    };
+    let mut names = Vec::new();
+    for (i, rec) in rdr.records().enumerate() {
+        let rec = rec.map_err(|e| Error::data(path, format!("row {}: {e}", i + 2)))?;
+        if let Some((c, v)) = filter {
+            if rec.get(c) != Some(v) {
+                continue;
+            }
+        }
+        if let Some(n) = rec.get(name_col) {
+            names.push(n.to_string());
+        }
+    }
+    Ok(names)
+}
+
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let img = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?
+        .decode()
+        .map_err(|e| Error::data(path, format!("cannot decode image: {e}")))?;
+    Ok(img.to_rgb8())
+}
+
+/// Reads a label PNG: 8-bit single channel, `size` pixels, values < `num_classes` or `ignore`.
+pub fn load_label(
+    path: &Path,
+    size: (u32, u32),
+    num_classes: usize,
+    ignore: u8,
+) -> Result<Vec<u8>> {
+    let img = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .decode()
+        .map_err(|e| Error::data(path, format!("cannot decode label: {e}")))?;
+    let image::DynamicImage::ImageLuma8(l) = img else {
+        return Err(Error::data(
+            path,
+            format!("label must be 8-bit single-channel, got {:?}", img.color()),
+        ));
+    };
+    if l.dimensions() != size {
+        return Err(Error::data(
+            path,
+            format!(
+                "label is {}x{}, image is {}x{}",
+                l.width(),
+                l.height(),
+                size.0,
+                size.1
+            ),
+        ));
+    }
+    if let Some((i, &v)) = l
+        .as_raw()
+        .iter()
+        .enumerate()
+        .find(|(_, &v)| v as usize >= num_classes && v != ignore)
+    {
+        return Err(Error::data(
+            path,
+            format!(
+                "class index {v} at pixel ({}, {}) is out of range (classes 0..{}, ignore {ignore})",
+                i as u32 % size.0,
+                i as u32 / size.0,
+                num_classes - 1
+            ),
+        ));
+    }
+    Ok(l.into_raw())
+}
+
+fn load_example(s: &Sample, num_classes: usize, ignore: u8, need_labels: bool) -> Result<Example> {
+    let image = load_rgb(&s.image)?;
+    let label = match &s.label {
+        Some(p) => Some(load_label(p, image.dimensions(), num_classes, ignore)?),
+        None if need_labels => return Err(Error::data(&s.image, "no label in labels/")),
+        None => None,
+    };
+    Ok(Example {
+        name: s.name.clone(),
+        image,
+        label,
+    })
+}

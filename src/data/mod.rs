@@ -1,0 +1,12 @@
+//! Labelled image folders: listing and filtering by manifest, decoding with per-file errors,
+//! training augmentations, HF preprocessing, and label maps for cross-dataset scoring.
+
+mod augment;
+mod dataset;
+mod label_map;
+mod preprocess;
+
+pub use augment::{AugmentConfig, Augmenter};
+pub use dataset::{Dataset, Example, Sample};
+pub use label_map::LabelMap;
+pub use preprocess::{image_to_tensor, normalize_into, resize_rgb};

@@ -1,0 +1,133 @@
+//! What adaptation needs from the source domain, computed once after source training and stored
+//! beside the weights (`source_stats.safetensors`), so the vehicle carries no source images.
+
+use crate::config::PreprocessConfig;
+use crate::data::{image_to_tensor, Example};
+use crate::error::{Error, Result};
+use crate::model::{Segformer, TensorMap};
+use candle_core::{Device, Tensor};
+use image::{imageops, GrayImage};
+use std::path::Path;
+
+pub const FILE: &str = "source_stats.safetensors";
+
+/// Per-class statistics of the fused decoder embedding on labelled source frames.
+pub struct SourceStats {
+    /// [C, D] class means of the embedding.
+    pub mean: Tensor,
+    /// [C, D] per-dimension class variances.
+    pub var: Tensor,
+    /// [C] embedding pixels seen per class.
+    pub count: Tensor,
+    /// [C] share of labelled source pixels per class (sums to 1).
+    pub prior: Tensor,
+    /// [C, D] L2-normalised class means: the initial prototypes.
+    pub prototypes: Tensor,
+}
+
+impl SourceStats {
+    /// Runs `model` (eval mode) over `examples`; labels are downsampled (nearest) to the embedding.
+    pub fn compute(
+        model: &Segformer,
+        pre: &PreprocessConfig,
+        examples: &[Example],
+        ignore: u8,
+    ) -> Result<Self> {
+        let c = model.cfg.num_labels();
+        let d = model.cfg.decoder_hidden_size;
+        let mut sum = vec![0f64; c * d];
+        let mut sq = vec![0f64; c * d];
+        let mut n = vec![0f64; c];
+        let mut pixels = vec![0f64; c];
+        for ex in examples {
+            let Some(label) = &ex.label else { continue };
+            label
+                .iter()
+                .filter(|&&v| (v as usize) < c)
+                .for_each(|&v| pixels[v as usize] += 1.0);
+            let x = image_to_tensor(&ex.image, pre, &Device::Cpu)?;
+            let emb = model.forward(&x, None)?.embed; // [1, h, w, D]
+            let (_, h, w, _) = emb.dims4()?;
+            let emb: Vec<f32> = emb.flatten_all()?.to_vec1()?;
+            let (iw, ih) = ex.image.dimensions();
+            let lab = GrayImage::from_raw(iw, ih, label.clone()).expect("label matches image");
+            let lab = imageops::resize(&lab, w as u32, h as u32, imageops::FilterType::Nearest);
+            for (i, px) in lab.as_raw().iter().enumerate() {
+                let k = *px as usize;
+                if k >= c || *px == ignore {
+                    continue;
+                }
+                n[k] += 1.0;
+                let f = &emb[i * d..(i + 1) * d];
+                for j in 0..d {
+                    sum[k * d + j] += f[j] as f64;
+                    sq[k * d + j] += (f[j] as f64) * (f[j] as f64);
+                }
+            }
+        }
+        let mut mean = vec![0f32; c * d];
+        let mut var = vec![0f32; c * d];
+        let mut protos = vec![0f32; c * d];
+        for k in 0..c {
+            if n[k] == 0.0 {
+                continue;
+            }
+            let mut norm = 0f64;
+            for j in 0..d {
+                let m = sum[k * d + j] / n[k];
+                mean[k * d + j] = m as f32;
+                var[k * d + j] = (sq[k * d + j] / n[k] - m * m).max(0.0) as f32;
+                norm += m * m;
+            }
+            let norm = norm.sqrt().max(1e-12);
+            for j in 0..d {
+                protos[k * d + j] = (mean[k * d + j] as f64 / norm) as f32;
+            }
+        }
+        let total: f64 = pixels.iter().sum::<f64>().max(1.0);
+        let dev = Device::Cpu;
+        Ok(Self {
+            mean: Tensor::from_vec(mean, (c, d), &dev)?,
+            var: Tensor::from_vec(var, (c, d), &dev)?,
+            count: Tensor::from_vec(n.iter().map(|&v| v as f32).collect::<Vec<_>>(), c, &dev)?,
+            prior: Tensor::from_vec(
+                pixels
+                    .iter()
+                    .map(|&v| (v / total) as f32)
+                    .collect::<Vec<_>>(),
+                c,
+                &dev,
+            )?,
+            prototypes: Tensor::from_vec(protos, (c, d), &dev)?,
+        })
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let mut m = TensorMap::new();
+        m.insert("class_mean".into(), self.mean.clone());
+        m.insert("class_var".into(), self.var.clone());
+        m.insert("class_count".into(), self.count.clone());
+        m.insert("class_prior".into(), self.prior.clone());
+        m.insert("prototypes".into(), self.prototypes.clone());
+        let bytes = crate::model::weights::safetensors_bytes(&m, None)?;
+        crate::checkpoint::write_atomic(&dir.join(FILE), &bytes)
+    }
+
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let path = dir.join(FILE);
+        let m = candle_core::safetensors::load(&path, device)
+            .map_err(|e| Error::data(&path, e.to_string()))?;
+        let get = |k: &str| {
+            m.get(k)
+                .cloned()
+                .ok_or_else(|| Error::data(&path, format!("missing tensor {k}")))
+        };
+        Ok(Self {
+            mean: get("class_mean")?,
+            var: get("class_var")?,
+            count: get("class_count")?,
+            prior: get("class_prior")?,
+            prototypes: get("prototypes")?,
+        })
+    }
+}
