@@ -7,6 +7,6 @@ mod label_map;
 mod preprocess;
 
 pub use augment::{AugmentConfig, Augmenter};
-pub use dataset::{Dataset, Example, Sample};
+pub use dataset::{load_label, load_rgb, Dataset, Example, Sample};
 pub use label_map::LabelMap;
 pub use preprocess::{image_to_tensor, normalize_into, resize_rgb};

@@ -1,0 +1,58 @@
+//! Tiny models and datasets made in memory, so tests need no download and run in milliseconds.
+#![allow(dead_code)]
+
+use segadapt::config::SegformerConfig;
+use std::path::Path;
+
+/// A four-stage SegFormer small enough for unit tests, with HF's default dropout settings.
+pub fn tiny_config(classes: usize) -> SegformerConfig {
+    let names: Vec<String> = (0..classes).map(|i| format!("c{i}")).collect();
+    let mut cfg = SegformerConfig::preset("b0", &names, 255).unwrap();
+    cfg.depths = vec![1, 2, 1, 1];
+    cfg.hidden_sizes = vec![8, 16, 24, 32];
+    cfg.num_attention_heads = vec![1, 2, 3, 4];
+    cfg.sr_ratios = vec![4, 2, 2, 1];
+    cfg.decoder_hidden_size = 16;
+    cfg.validate().unwrap();
+    cfg
+}
+
+/// Writes `n` frames of `w` x `h` with labels: left half class 1 on a red-ish ground, right half
+/// class 2 on blue, top rows class 0, with per-frame noise.
+pub fn write_dataset(root: &Path, n: usize, w: u32, h: u32) {
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    std::fs::create_dir_all(root.join("labels")).unwrap();
+    let mut manifest = String::from("name,role\n");
+    for i in 0..n {
+        let mut img = image::RgbImage::new(w, h);
+        let mut lab = image::GrayImage::new(w, h);
+        for y in 0..h {
+            for x in 0..w {
+                let noise = ((x * 7 + y * 13 + i as u32 * 31) % 23) as u8;
+                let (c, px) = if y < h / 4 {
+                    (0, [200, 200, 240])
+                } else if x < w / 2 {
+                    (1, [180, 40, 40])
+                } else {
+                    (2, [40, 40, 180])
+                };
+                img.put_pixel(
+                    x,
+                    y,
+                    image::Rgb([px[0] + noise, px[1] + noise, px[2] - noise]),
+                );
+                lab.put_pixel(x, y, image::Luma([c]));
+            }
+        }
+        let name = format!("f{i:03}");
+        img.save(root.join("images").join(format!("{name}.png")))
+            .unwrap();
+        lab.save(root.join("labels").join(format!("{name}.png")))
+            .unwrap();
+        manifest.push_str(&format!(
+            "{name},{}\n",
+            if i % 2 == 0 { "train" } else { "test" }
+        ));
+    }
+    std::fs::write(root.join("manifest.csv"), manifest).unwrap();
+}

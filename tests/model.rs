@@ -1,0 +1,261 @@
+//! The trainable SegFormer: every parameter learns, the teacher stays graph-free and follows the
+//! student by EMA, weights round-trip through HF files, optimizer state restores exactly.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use segadapt::loss::{cross_entropy, flatten_pixels};
+use segadapt::model::ema::{ema_momentum, ema_update};
+use segadapt::model::weights::{load_model_dir, save_model_dir, ModelFiles};
+use segadapt::model::{init_tensors, ops, param_specs, Segformer, Student};
+use segadapt::optim::{AdamW, AdamWConfig, ParamGroup};
+
+/// 64x96 input: at 32x48 the last stages reduce keys to a single position, where softmax is
+/// constant and query/key gradients are truly zero.
+fn loss_of(student: &Student, seed: u64) -> Tensor {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 96), &dev).unwrap();
+    let labels: Vec<u32> = (0..2 * 64 * 96)
+        .map(|i| ((i * 7 + seed as usize) % 5) as u32)
+        .collect();
+    let labels = Tensor::from_vec(labels, 2 * 64 * 96, &dev).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let out = student.model.forward(&x, Some(&mut rng)).unwrap();
+    let up = ops::resize_bilinear(&out.logits, 64, 96).unwrap();
+    cross_entropy(&flatten_pixels(&up).unwrap(), &labels, None, 255).unwrap()
+}
+
+#[test]
+fn every_trainable_tensor_receives_a_nonzero_gradient() {
+    let cfg = common::tiny_config(5);
+    assert!(cfg.drop_path_rate > 0.0 && cfg.classifier_dropout_prob > 0.0);
+    let student = Student::new(&cfg, &init_tensors(&cfg, &Device::Cpu, 1).unwrap()).unwrap();
+    // Drop path can zero a whole branch for one draw; two seeds cover every block.
+    let mut missing: Vec<String> = student.vars.iter().map(|(n, _)| n.clone()).collect();
+    for seed in [3, 4] {
+        let grads = loss_of(&student, seed).backward().unwrap();
+        missing.retain(|name| {
+            let var = &student.vars.iter().find(|(n, _)| n == name).unwrap().1;
+            let nonzero = grads
+                .get(var.as_tensor())
+                .map(|g| {
+                    g.abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                        > 0.0
+                })
+                .unwrap_or(false);
+            !nonzero
+        });
+    }
+    assert!(missing.is_empty(), "no gradient for {missing:?}");
+    let trainable = param_specs(&cfg).iter().filter(|s| s.trainable).count();
+    assert_eq!(student.vars.len(), trainable);
+}
+
+#[test]
+fn teacher_is_graph_free_and_follows_the_student_by_ema() {
+    let cfg = common::tiny_config(5);
+    let dev = Device::Cpu;
+    let t0 = init_tensors(&cfg, &dev, 1).unwrap();
+    let student = Student::new(&cfg, &t0).unwrap();
+    let teacher = Segformer::new(
+        &cfg,
+        segadapt::model::ema::detached_copy(&student.model).unwrap(),
+    )
+    .unwrap();
+    assert!(teacher.raw_tensors().values().all(|t| !t.is_variable()));
+
+    // Move the student, then one EMA step must give a*t + (1-a)*s for every parameter.
+    for (_, v) in &student.vars {
+        v.set(&(v.as_tensor() + 1.0).unwrap()).unwrap();
+    }
+    // Deep copies: the teacher's tensors are updated in place.
+    let before: std::collections::BTreeMap<String, Tensor> = teacher
+        .tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.copy().unwrap()))
+        .collect();
+    let a = 0.9;
+    ema_update(&teacher, &student.model, a).unwrap();
+    for (name, v) in &student.vars {
+        let want = ((&before[name] * a).unwrap() + (v.as_tensor() * (1.0 - a)).unwrap()).unwrap();
+        let got = &teacher.raw_tensors()[name];
+        let d = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6, "{name}: EMA off by {d}");
+    }
+    // DAFormer's warm-up: a_t = min(1 - 1/(t+1), a).
+    assert_eq!(ema_momentum(0.999, 0), 0.0);
+    assert_eq!(ema_momentum(0.999, 1), 0.5);
+    assert!((ema_momentum(0.999, 99) - 0.99).abs() < 1e-12);
+    assert_eq!(ema_momentum(0.999, 100_000), 0.999);
+}
+
+#[test]
+fn weights_round_trip_in_hf_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/tiny-segformer"
+    ));
+    let a = load_model_dir(src, &Device::Cpu).unwrap();
+    save_model_dir(dir.path(), &a).unwrap();
+    let b = load_model_dir(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(
+        a.tensors.keys().collect::<Vec<_>>(),
+        b.tensors.keys().collect::<Vec<_>>()
+    );
+    for (k, t) in &a.tensors {
+        let u = &b.tensors[k];
+        assert_eq!(t.dtype(), u.dtype(), "{k}");
+        let same = t
+            .to_dtype(DType::F64)
+            .unwrap()
+            .eq(&u.to_dtype(DType::F64).unwrap())
+            .unwrap();
+        assert_eq!(
+            same.to_dtype(DType::F32)
+                .unwrap()
+                .min_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            1.0,
+            "{k}"
+        );
+    }
+    // The raw file keeps HF's names and the counter's int64 type, as transformers expects.
+    let raw =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(
+        raw["decode_head.batch_norm.num_batches_tracked"].dtype(),
+        DType::I64
+    );
+    assert!(raw.contains_key("segformer.encoder.block.0.0.attention.self.query.weight"));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["model_type"], "segformer");
+    assert_eq!(cfg["id2label"]["4"], "c4");
+    let _ = ModelFiles { ..b };
+}
+
+#[test]
+fn adamw_matches_pytorch_formula_and_restores_exactly() {
+    let dev = Device::Cpu;
+    let make = |vals: &[f32]| candle_core::Var::from_vec(vals.to_vec(), vals.len(), &dev).unwrap();
+    let cfg = AdamWConfig {
+        weight_decay: 0.1,
+        ..Default::default()
+    };
+    let group = ParamGroup {
+        lr_mult: 2.0,
+        decay: true,
+    };
+    let p = make(&[1.0, -2.0, 0.5]);
+    let mut opt = AdamW::new(vec![("p".into(), p.clone(), group)], cfg).unwrap();
+    let loss = |p: &candle_core::Var| {
+        (p.as_tensor().sqr().unwrap() * 0.5)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let g = loss(&p).backward().unwrap();
+    opt.step(&g, 0.01).unwrap();
+    // Step 1 of torch.optim.AdamW(lr=0.02, weight_decay=0.1): p*(1 - lr*wd) - lr * g/(|g| + eps).
+    let want: Vec<f32> = [1.0f32, -2.0, 0.5]
+        .iter()
+        .map(|&x| x * (1.0 - 0.02 * 0.1) - 0.02 * x.signum() * (x.abs() / (x.abs() + 1e-8)))
+        .collect();
+    let got = p.as_tensor().to_vec1::<f32>().unwrap();
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-6, "{got:?} vs {want:?}");
+    }
+    // Save after two steps, continue both the original and a restored copy: identical.
+    let g = loss(&p).backward().unwrap();
+    opt.step(&g, 0.01).unwrap();
+    let state = opt.state().unwrap();
+    let q = make(&p.as_tensor().to_vec1::<f32>().unwrap());
+    let mut opt2 = AdamW::new(vec![("p".into(), q.clone(), group)], cfg).unwrap();
+    opt2.load_state(&state).unwrap();
+    assert_eq!(opt2.step_count(), 2);
+    for _ in 0..3 {
+        let g = loss(&p).backward().unwrap();
+        opt.step(&g, 0.01).unwrap();
+        let g = loss(&q).backward().unwrap();
+        opt2.step(&g, 0.01).unwrap();
+    }
+    assert_eq!(
+        p.as_tensor().to_vec1::<f32>().unwrap(),
+        q.as_tensor().to_vec1::<f32>().unwrap()
+    );
+}
+
+#[test]
+fn gradient_clipping_bounds_the_update_and_non_finite_is_skipped() {
+    let dev = Device::Cpu;
+    let p = candle_core::Var::from_vec(vec![3.0f32, 4.0], 2, &dev).unwrap();
+    let cfg = AdamWConfig {
+        weight_decay: 0.0,
+        max_grad_norm: Some(1.0),
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(
+        vec![(
+            "p".into(),
+            p.clone(),
+            ParamGroup {
+                lr_mult: 1.0,
+                decay: false,
+            },
+        )],
+        cfg,
+    )
+    .unwrap();
+    let g = (p.as_tensor() * 1.0)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap(); // grad (6, 8), norm 10
+    match opt.step(&g, 0.1).unwrap() {
+        segadapt::optim::StepOutcome::Applied { grad_norm } => {
+            assert!((grad_norm - 10.0).abs() < 1e-5)
+        }
+        other => panic!("{other:?}"),
+    }
+    let state = opt.state().unwrap();
+    let m = state["adamw.m.p"].to_vec1::<f32>().unwrap();
+    // First moment holds (1 - beta1) * clipped gradient = 0.1 * (0.6, 0.8).
+    assert!(
+        (m[0] - 0.06).abs() < 1e-5 && (m[1] - 0.08).abs() < 1e-5,
+        "{m:?}"
+    );
+
+    let before = p.as_tensor().to_vec1::<f32>().unwrap();
+    let bad = (p.as_tensor() * f64::NAN)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        opt.step(&bad, 0.1).unwrap(),
+        segadapt::optim::StepOutcome::NonFinite
+    );
+    assert_eq!(p.as_tensor().to_vec1::<f32>().unwrap(), before);
+}
