@@ -42,6 +42,13 @@ pub struct BenchReport {
     pub infer: Timing,
     pub train_step: Timing,
     pub ema: Timing,
+    /// Process peak RSS after the inference runs and after the training runs, MB.
+    pub infer_peak_rss_mb: f64,
+    pub train_peak_rss_mb: f64,
+}
+
+fn rss_mb() -> f64 {
+    budget::peak_rss_bytes().unwrap_or(0) as f64 / 1e6
 }
 
 fn time(spec: &BenchSpec, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
@@ -80,6 +87,7 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
             Ok(())
         })?
     };
+    let infer_peak_rss_mb = rss_mb();
 
     let tc = TrainConfig {
         iters: 1000,
@@ -101,6 +109,7 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         },
         checkpoint_every: 0,
         keep_checkpoints: 1,
+        preprocess: crate::config::PreprocessConfig::with_size(Some((spec.width, spec.height))),
     };
     let mut trainer = Trainer::new(&cfg, &tensors, &tc)?;
     let x = Tensor::randn(0f32, 1.0, (spec.batch, 3, spec.height, spec.width), &dev)?;
@@ -116,6 +125,7 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         trainer.step(&x, &y, &mut rng)?;
         Ok(())
     })?;
+    let train_peak_rss_mb = rss_mb();
     let ema = time(spec, || {
         Ok(ema_update(&trainer.teacher, &trainer.student.model, 0.999)?)
     })?;
@@ -127,5 +137,7 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         infer,
         train_step,
         ema,
+        infer_peak_rss_mb,
+        train_peak_rss_mb,
     })
 }

@@ -225,6 +225,7 @@ fn train(a: TrainArgs) -> Result<()> {
         },
         checkpoint_every: a.checkpoint_every,
         keep_checkpoints: a.keep_checkpoints,
+        preprocess: pre.clone(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -254,8 +255,7 @@ fn train(a: TrainArgs) -> Result<()> {
             }
         }
     };
-    let trainer =
-        segadapt::train::train(&cfg, init, &pre, &examples, &tc, &a.out, &stop, &progress)?;
+    let trainer = segadapt::train::train(&cfg, init, &examples, &tc, &a.out, &stop, &progress)?;
     bar.finish();
     if stop.load(Ordering::Relaxed) {
         return Ok(());
@@ -267,7 +267,7 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_model(dir: &PathBuf, dev: &Device) -> Result<(Segformer, PreprocessConfig)> {
+fn load_model(dir: &std::path::Path, dev: &Device) -> Result<(Segformer, PreprocessConfig)> {
     let f = weights::load_model_dir(dir, dev)?;
     Ok((Segformer::new(&f.config, f.tensors)?, f.preprocess))
 }
@@ -365,6 +365,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 "infer_ms": r.infer.median_ms, "train_step_ms": r.train_step.median_ms, "ema_ms": r.ema.median_ms,
                 "infer_peak_mb": r.infer.peak_mb, "train_peak_mb": r.train_step.peak_mb,
                 "peak_mb": r.infer.peak_mb.max(r.train_step.peak_mb),
+                "infer_peak_rss_mb": r.infer_peak_rss_mb, "train_peak_rss_mb": r.train_peak_rss_mb,
             })
         );
     } else {

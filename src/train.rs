@@ -31,6 +31,8 @@ pub struct TrainConfig {
     pub augment: AugmentConfig,
     pub checkpoint_every: u64,
     pub keep_checkpoints: usize,
+    /// Normalisation and the input size written into the model folder.
+    pub preprocess: PreprocessConfig,
 }
 
 /// Head parameters get the larger learning rate; norms get no weight decay (DAFormer's groups).
@@ -157,7 +159,6 @@ impl Trainer {
 pub fn train(
     cfg: &SegformerConfig,
     init: TensorMap,
-    pre: &PreprocessConfig,
     examples: &[Example],
     tc: &TrainConfig,
     out: &PathBuf,
@@ -188,7 +189,7 @@ pub fn train(
         let picks: Vec<&Example> = (0..tc.batch)
             .map(|_| &examples[rng.random_range(0..examples.len())])
             .collect();
-        let (x, y) = aug.batch(&picks, pre, &mut rng, &dev)?;
+        let (x, y) = aug.batch(&picks, &tc.preprocess, &mut rng, &dev)?;
         let stats = trainer.step(&x, &y, &mut rng)?;
         if stats.outcome == StepOutcome::NonFinite {
             log::warn!("step {t}: non-finite loss or gradient, skipped");
@@ -212,7 +213,7 @@ pub fn train(
         out,
         &ModelFiles {
             config: cfg.clone(),
-            preprocess: pre.clone(),
+            preprocess: tc.preprocess.clone(),
             tensors: trainer.student.model.tensors()?,
         },
     )?;

@@ -181,7 +181,7 @@ fn im2col_matmul_equals_conv2d_with_gradients() {
         assert!(max_diff(&conv(&t), &reference(&t)) < 1e-4, "k{k} s{s} p{p}");
         let generic = |t: &[Tensor]| ops::im2col_generic(&t[0], k, s, p).unwrap().0;
         same_op(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |t| ops::im2col(&t[0], k, s, p).unwrap().0,
             generic,
             1e-6,
@@ -196,7 +196,7 @@ fn bilinear_matches_interpolation_matrices_and_finite_differences() {
         let x = rand(&[2, h, w, 3], 8);
         let f = move |t: &[Tensor]| ops::resize_bilinear(&t[0], oh, ow).unwrap();
         same_op(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             f,
             move |t| ops::resize_bilinear_generic(&t[0], oh, ow).unwrap(),
             1e-5,
@@ -244,7 +244,7 @@ fn layer_norm_and_softmax_match_generic_ops() {
         2e-2,
     );
     same_op(
-        &[x.clone()],
+        std::slice::from_ref(&x),
         |t| ops::softmax_last_dim(&t[0]).unwrap(),
         |t| candle_nn::ops::softmax(&t[0], candle_core::D::Minus1).unwrap(),
         1e-6,

@@ -32,6 +32,7 @@ fn config(iters: u64) -> TrainConfig {
         },
         checkpoint_every: 2,
         keep_checkpoints: 2,
+        preprocess: PreprocessConfig::with_size(Some((64, 48))),
     }
 }
 
@@ -45,7 +46,6 @@ fn interrupted_training_resumes_bit_exactly() {
     assert_eq!(examples.len(), 3);
     let cfg = common::tiny_config(3);
     let init = init_tensors(&cfg, &Device::Cpu, 0).unwrap();
-    let pre = PreprocessConfig::with_size(Some((64, 48)));
     let tc = config(6);
 
     let straight = tempfile::tempdir().unwrap();
@@ -53,7 +53,6 @@ fn interrupted_training_resumes_bit_exactly() {
     let a = train(
         &cfg,
         init.clone(),
-        &pre,
         &examples,
         &tc,
         &straight.path().to_path_buf(),
@@ -68,7 +67,6 @@ fn interrupted_training_resumes_bit_exactly() {
     let first = train(
         &cfg,
         init.clone(),
-        &pre,
         &examples,
         &tc,
         &out,
@@ -89,7 +87,7 @@ fn interrupted_training_resumes_bit_exactly() {
         !out.join("model.safetensors").exists(),
         "no final model from an interrupted run"
     );
-    let b = train(&cfg, init, &pre, &examples, &tc, &out, &never, &|_, _| {}).unwrap();
+    let b = train(&cfg, init, &examples, &tc, &out, &never, &|_, _| {}).unwrap();
 
     let (ta, tb) = (a.state().unwrap(), b.state().unwrap());
     assert_eq!(ta.len(), tb.len());
@@ -120,7 +118,6 @@ fn training_reduces_the_loss() {
         .load_all(3, 255, true);
     let cfg = common::tiny_config(3);
     let init = init_tensors(&cfg, &Device::Cpu, 0).unwrap();
-    let pre = PreprocessConfig::with_size(Some((64, 48)));
     let mut tc = config(40);
     tc.checkpoint_every = 0;
     let out = tempfile::tempdir().unwrap();
@@ -129,7 +126,6 @@ fn training_reduces_the_loss() {
     train(
         &cfg,
         init,
-        &pre,
         &examples,
         &tc,
         &out.path().to_path_buf(),

@@ -53,10 +53,11 @@ impl Default for PreprocessConfig {
 impl PreprocessConfig {
     /// ImageNet normalisation, resizing to `size` when given (HF's default is 512x512).
     pub fn with_size(size: Option<(usize, usize)>) -> Self {
-        let mut p = Self::default();
-        p.do_resize = size.is_some();
-        p.size = size.map(|(width, height)| Size { height, width });
-        p
+        Self {
+            do_resize: size.is_some(),
+            size: size.map(|(width, height)| Size { height, width }),
+            ..Self::default()
+        }
     }
 
     /// Reads the file when present; HF's defaults otherwise.

@@ -441,7 +441,7 @@ impl Segformer {
         let y = cat.reshape(((), cat.dim(3)?))?.matmul(&fuse.t()?)?; // [B*h1*w1, D]
         let y = d.bn.forward(&y, training)?.relu()?;
         let embed = y.reshape((b, h1, w1, dd))?;
-        let y = dropout(&y, cfg.classifier_dropout_prob, train.as_deref_mut())?;
+        let y = dropout(&y, cfg.classifier_dropout_prob, train)?;
         let cls = Linear {
             w: d.classifier.w.reshape((cfg.num_labels(), dd))?,
             b: d.classifier.b.clone(),
