@@ -64,19 +64,11 @@ fn interrupted_training_resumes_bit_exactly() {
     let split = tempfile::tempdir().unwrap();
     let out = split.path().to_path_buf();
     let stop = AtomicBool::new(false);
-    let first = train(
-        &cfg,
-        init.clone(),
-        &examples,
-        &tc,
-        &out,
-        &stop,
-        &|t, _| {
-            if t == 3 {
-                stop.store(true, Ordering::Relaxed);
-            }
-        },
-    )
+    let first = train(&cfg, init.clone(), &examples, &tc, &out, &stop, &|t, _| {
+        if t == 3 {
+            stop.store(true, Ordering::Relaxed);
+        }
+    })
     .unwrap();
     assert_eq!(
         first.opt.step_count(),
