@@ -13,6 +13,8 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod report;
+pub mod runtime;
+pub mod source;
 pub mod stats;
 pub mod train;
 

@@ -34,6 +34,10 @@ enum Cmd {
     Predict(PredictArgs),
     /// Time inference and a training step; print medians and peak memory.
     Bench(BenchArgs),
+    /// Run a recorded drive (or any source) through the pipeline and print the summary.
+    Replay(ReplayArgs),
+    /// Write what a source delivers into an MCAP file (ROS 2 CompressedImage, JPEG).
+    Record(RecordArgs),
 }
 
 /// `COL=VAL` for filtering a manifest.
@@ -133,6 +137,45 @@ struct BenchArgs {
 }
 
 #[derive(clap::Args)]
+struct SourceArgs {
+    /// folder:DIR, mcap:FILE[#TOPIC], pipe:WxH:rgb24|bgr24, v4l:/dev/videoN
+    #[arg(long)]
+    source: String,
+    /// Manifest filter for folder sources.
+    #[arg(long = "where", value_parser = parse_where)]
+    filter: Option<(String, String)>,
+    /// Frame rate of sources without timestamps (folders).
+    #[arg(long, default_value_t = 15.0)]
+    fps: f64,
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    src: SourceArgs,
+    /// Write class masks and overlays here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Play at the recording's rate, dropping the oldest frames when inference lags.
+    #[arg(long)]
+    realtime: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct RecordArgs {
+    #[command(flatten)]
+    src: SourceArgs,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "/camera/image/compressed")]
+    topic: String,
+}
+
+#[derive(clap::Args)]
 struct PredictArgs {
     #[arg(long, default_value = "models/camvid-day")]
     model: PathBuf,
@@ -157,6 +200,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => eval(a),
         Cmd::Predict(a) => predict(a),
         Cmd::Bench(a) => bench(a),
+        Cmd::Replay(a) => replay(a),
+        Cmd::Record(a) => record(a),
     }
 }
 
@@ -388,5 +433,100 @@ fn bench(a: BenchArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || s.store(true, Ordering::Relaxed))
+        .context("installing the signal handler")?;
+    Ok(stop)
+}
+
+fn open_source(
+    a: &SourceArgs,
+    classes: usize,
+    ignore: u8,
+) -> Result<Box<dyn segadapt::source::FrameSource>> {
+    let opts = segadapt::source::SourceOptions {
+        filter: a.filter.clone(),
+        fps: a.fps,
+        num_classes: classes,
+        ignore,
+    };
+    Ok(segadapt::source::open(&a.source, &opts)?)
+}
+
+fn replay(a: ReplayArgs) -> Result<()> {
+    let dev = Device::Cpu;
+    let (model, pre) = load_model(&a.model, &dev)?;
+    let classes = model.cfg.class_names();
+    let ignore = u8::try_from(model.cfg.semantic_loss_ignore_index).unwrap_or(255);
+    let source = open_source(&a.src, classes.len(), ignore)?;
+    let cfg = segadapt::runtime::PipelineConfig {
+        realtime: a.realtime,
+        queue: 2,
+    };
+    let mut conf = segadapt::metrics::Confusion::new(classes.len());
+    let mut labelled = 0u64;
+    let mut summary = segadapt::runtime::run(source, &cfg, stop_flag()?, |item| -> Result<()> {
+        let f = &item.frame;
+        let pred = segadapt::eval::predict_image(&model, &pre, &f.image, &dev)?;
+        if let Some(l) = &f.label {
+            conf.add(&pred, l, &[ignore]);
+            labelled += 1;
+        }
+        if let Some(out) = &a.out {
+            segadapt::report::write_outputs(out, &f.name, &f.image, &pred, classes.len())?;
+        }
+        Ok(())
+    })?;
+    if labelled > 0 {
+        summary.miou = Some(conf.scores(&classes).miou);
+    }
+    for d in &summary.damage {
+        eprintln!("damage: {}: {d}", a.src.source);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "frames in {}, served {}, dropped {}, bad {}; latency p50 {:.1} ms, p99 {:.1} ms; {:.1} s",
+            summary.frames_in,
+            summary.frames_served,
+            summary.frames_dropped,
+            summary.frame_errors,
+            summary.latency_ms_p50,
+            summary.latency_ms_p99,
+            summary.wall_s
+        );
+        if let Some(m) = summary.miou {
+            println!("mIoU on {labelled} labelled frames: {m:.2}");
+        }
+    }
+    Ok(())
+}
+
+fn record(a: RecordArgs) -> Result<()> {
+    let mut source = open_source(&a.src, 0, 255)?;
+    let mut rec = segadapt::source::McapRecorder::create(&a.out, &a.topic)?;
+    let stop = stop_flag()?;
+    let mut bad = 0;
+    while !stop.load(Ordering::Relaxed) {
+        match source.next_frame() {
+            None => break,
+            Some(Ok(f)) => rec.write(&f)?,
+            Some(Err(e)) => {
+                eprintln!("error: {e}");
+                bad += 1;
+                if matches!(e, segadapt::source::SourceError::Fatal { .. }) {
+                    break;
+                }
+            }
+        }
+    }
+    let n = rec.finish()?;
+    println!("{n} frames written to {} ({bad} skipped)", a.out.display());
     Ok(())
 }

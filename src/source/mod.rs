@@ -1,0 +1,110 @@
+//! Frames in: one `Frame` type and the sources that produce it, named on the command line as
+//! `KIND:ARGS` (`folder:DIR`, `mcap:FILE[#TOPIC]`, `pipe:WxH:rgb24`, `v4l:/dev/videoN`).
+
+pub mod convert;
+mod folder;
+mod mcap_in;
+mod mcap_out;
+mod pipe;
+
+pub use folder::FolderSource;
+pub use mcap_in::McapSource;
+pub use mcap_out::McapRecorder;
+pub use pipe::PipeSource;
+
+use image::RgbImage;
+
+/// One camera frame as every later stage sees it.
+#[derive(Clone)]
+pub struct Frame {
+    /// Position in the source's delivery order, from 0.
+    pub seq: u64,
+    /// Capture (or log) time in nanoseconds.
+    pub timestamp_ns: u64,
+    pub image: RgbImage,
+    /// Class-index plane, when the source has labels (scoring only).
+    pub label: Option<Vec<u8>>,
+    /// What a person would call this frame in a message: file stem, or topic and index.
+    pub name: String,
+}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (w, h) = self.image.dimensions();
+        write!(
+            f,
+            "Frame({} #{} {w}x{h} t={}ns)",
+            self.name, self.seq, self.timestamp_ns
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The source cannot be opened at all.
+    #[error("{source_spec}: {msg}")]
+    Open { source_spec: String, msg: String },
+    /// One frame is bad; the source goes on with the next.
+    #[error("{source_spec}: frame {frame}: {msg}; skipped")]
+    Frame {
+        source_spec: String,
+        frame: String,
+        msg: String,
+    },
+    /// The source cannot deliver more frames (device gone, stream cut).
+    #[error("{source_spec}: {msg}; no more frames")]
+    Fatal { source_spec: String, msg: String },
+}
+
+/// Something that yields frames in order until it ends.
+pub trait FrameSource: Send {
+    /// The spec it was opened from, for messages.
+    fn spec(&self) -> &str;
+    /// The next frame, a recoverable per-frame error, or None at the end.
+    fn next_frame(&mut self) -> Option<Result<Frame, SourceError>>;
+    /// Damage found while reading (truncation, corrupt records), reported in the summary.
+    fn damage(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Options that apply across source kinds.
+#[derive(Debug, Clone, Default)]
+pub struct SourceOptions {
+    /// `COL=VAL` manifest filter for folders.
+    pub filter: Option<(String, String)>,
+    /// Frame rate for sources without timestamps (folders): spacing of the timestamps.
+    pub fps: f64,
+    /// Labels are read and checked against this many classes (folders).
+    pub num_classes: usize,
+    pub ignore: u8,
+}
+
+/// Opens `KIND:ARGS`.
+pub fn open(spec: &str, opts: &SourceOptions) -> Result<Box<dyn FrameSource>, SourceError> {
+    let err = |msg: String| SourceError::Open {
+        source_spec: spec.to_string(),
+        msg,
+    };
+    let (kind, args) = spec.split_once(':').ok_or_else(|| {
+        err(
+            "expected KIND:ARGS (folder:DIR, mcap:FILE[#TOPIC], pipe:WxH:rgb24, v4l:/dev/videoN)"
+                .into(),
+        )
+    })?;
+    match kind {
+        "folder" => Ok(Box::new(FolderSource::open(spec, args.as_ref(), opts)?)),
+        "mcap" => {
+            let (file, topic) = match args.split_once('#') {
+                Some((f, t)) => (f, Some(t.to_string())),
+                None => (args, None),
+            };
+            Ok(Box::new(McapSource::open(spec, file.as_ref(), topic)?))
+        }
+        "pipe" => Ok(Box::new(PipeSource::stdin(spec, args)?)),
+        "v4l" => Err(err(format!(
+            "V4L2 capture ({args}) is not built into this version yet"
+        ))),
+        other => Err(err(format!("unknown source kind {other:?}"))),
+    }
+}
