@@ -258,7 +258,7 @@ impl<'a> Cdr<'a> {
     }
 
     fn take(&mut self, n: usize, align: usize) -> Result<&'a [u8], String> {
-        self.pos = (self.pos + align - 1) / align * align;
+        self.pos = self.pos.div_ceil(align) * align;
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
         let end = end.ok_or_else(|| {
             format!(
