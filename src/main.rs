@@ -40,7 +40,7 @@ enum Cmd {
     Record(RecordArgs),
 }
 
-/// `COL=VAL` for filtering a manifest.
+/// `COL=VAL` (or `COL=LO..HI`) for filtering a manifest; repeatable, all must hold.
 fn parse_where(s: &str) -> Result<(String, String)> {
     let (c, v) = s.split_once('=').context("--where wants COL=VAL")?;
     Ok((c.to_string(), v.to_string()))
@@ -56,7 +56,7 @@ struct TrainArgs {
     #[arg(long)]
     data: PathBuf,
     #[arg(long = "where", value_parser = parse_where)]
-    filter: Option<(String, String)>,
+    filter: Vec<(String, String)>,
     /// b0..b5, or a HF config.json.
     #[arg(long, default_value = "b0")]
     config: String,
@@ -110,7 +110,7 @@ struct EvalArgs {
     #[arg(long)]
     data: PathBuf,
     #[arg(long = "where", value_parser = parse_where)]
-    filter: Option<(String, String)>,
+    filter: Vec<(String, String)>,
     #[arg(long)]
     label_map: Option<PathBuf>,
     #[arg(long)]
@@ -143,7 +143,7 @@ struct SourceArgs {
     source: String,
     /// Manifest filter for folder sources.
     #[arg(long = "where", value_parser = parse_where)]
-    filter: Option<(String, String)>,
+    filter: Vec<(String, String)>,
     /// Frame rate of sources without timestamps (folders).
     #[arg(long, default_value_t = 15.0)]
     fps: f64,
@@ -239,10 +239,7 @@ fn train(a: TrainArgs) -> Result<()> {
             a.ratio_range
         );
     }
-    let ds = Dataset::open(
-        &a.data,
-        a.filter.as_ref().map(|(c, v)| (c.as_str(), v.as_str())),
-    )?;
+    let ds = Dataset::open(&a.data, &a.filter)?;
     let examples = ds.load_all(cfg.num_labels(), a.ignore, true);
     log::info!(
         "{} training frames of {} listed",
@@ -326,10 +323,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         Some(p) => LabelMap::load(p, &classes)?,
         None => LabelMap::identity(&classes, ignore),
     };
-    let ds = Dataset::open(
-        &a.data,
-        a.filter.as_ref().map(|(c, v)| (c.as_str(), v.as_str())),
-    )?;
+    let ds = Dataset::open(&a.data, &a.filter)?;
     // Label values are checked against the dataset's classes, not the model's.
     let max_ignore = map.ignore.iter().copied().max().unwrap_or(255);
     let examples = ds.load_all(map.classes.len(), max_ignore, true);
@@ -363,7 +357,7 @@ fn eval(a: EvalArgs) -> Result<()> {
 fn predict(a: PredictArgs) -> Result<()> {
     let dev = Device::Cpu;
     let (model, pre) = load_model(&a.model, &dev)?;
-    let ds = Dataset::open(&a.data, None)?;
+    let ds = Dataset::open(&a.data, &[])?;
     let classes = model.cfg.class_names();
     let ignore = u8::try_from(model.cfg.semantic_loss_ignore_index).unwrap_or(255);
     let examples = ds.load_all(classes.len(), ignore, false);

@@ -40,7 +40,7 @@ fn config(iters: u64) -> TrainConfig {
 fn interrupted_training_resumes_bit_exactly() {
     let data = tempfile::tempdir().unwrap();
     common::write_dataset(data.path(), 6, 64, 48);
-    let examples = Dataset::open(data.path(), Some(("role", "train")))
+    let examples = Dataset::open(data.path(), &[("role".into(), "train".into())])
         .unwrap()
         .load_all(3, 255, true);
     assert_eq!(examples.len(), 3);
@@ -105,7 +105,7 @@ fn interrupted_training_resumes_bit_exactly() {
 fn training_reduces_the_loss() {
     let data = tempfile::tempdir().unwrap();
     common::write_dataset(data.path(), 4, 64, 48);
-    let examples = Dataset::open(data.path(), None)
+    let examples = Dataset::open(data.path(), &[])
         .unwrap()
         .load_all(3, 255, true);
     let cfg = common::tiny_config(3);
@@ -168,7 +168,7 @@ fn bad_files_are_reported_with_their_path_and_skipped() {
     image::GrayImage::from_pixel(32, 24, image::Luma([9]))
         .save(lab("f002"))
         .unwrap();
-    let ds = Dataset::open(data.path(), None).unwrap();
+    let ds = Dataset::open(data.path(), &[]).unwrap();
     assert_eq!(ds.samples.len(), 4);
     let ok = ds.load_all(3, 255, true);
     assert_eq!(
@@ -176,7 +176,7 @@ fn bad_files_are_reported_with_their_path_and_skipped() {
         ["f003"]
     );
 
-    let e = segadapt::data::Dataset::open(data.path(), Some(("nope", "x")))
+    let e = segadapt::data::Dataset::open(data.path(), &[("nope".into(), "x".into())])
         .err()
         .unwrap()
         .to_string();
@@ -222,4 +222,31 @@ fn label_map_maps_model_classes_onto_dataset_classes() {
     .unwrap();
     let e = LabelMap::load(&p, &model).err().unwrap().to_string();
     assert!(e.contains("truck"), "{e}");
+}
+
+#[test]
+fn manifest_filters_combine_and_take_ranges() {
+    let data = tempfile::tempdir().unwrap();
+    common::write_dataset(data.path(), 6, 16, 12);
+    let f = |pairs: &[(&str, &str)]| -> Vec<String> {
+        let v: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(c, v)| (c.to_string(), v.to_string()))
+            .collect();
+        Dataset::open(data.path(), &v)
+            .unwrap()
+            .samples
+            .into_iter()
+            .map(|s| s.name)
+            .collect()
+    };
+    assert_eq!(
+        f(&[("name", "f001..f004")]),
+        ["f001", "f002", "f003", "f004"]
+    );
+    assert_eq!(
+        f(&[("name", "f001..f004"), ("role", "train")]),
+        ["f002", "f004"]
+    );
+    assert_eq!(f(&[]).len(), 6);
 }

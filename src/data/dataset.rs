@@ -34,8 +34,9 @@ fn find_image(dir: &Path, stem: &str) -> Option<PathBuf> {
 
 impl Dataset {
     /// Lists the frames of `root`, in manifest order when there is one (name order otherwise),
-    /// keeping the rows whose column `filter.0` equals `filter.1`.
-    pub fn open(root: &Path, filter: Option<(&str, &str)>) -> Result<Self> {
+    /// keeping the rows that pass every `(column, value)` filter. A value `LO..HI` keeps the
+    /// range LO to HI inclusive (compared as text, so zero-padded frame numbers work).
+    pub fn open(root: &Path, filters: &[(String, String)]) -> Result<Self> {
         let images = root.join("images");
         if !images.is_dir() {
             return Err(Error::data(root, "no images/ folder"));
@@ -43,9 +44,9 @@ impl Dataset {
         let labels = root.join("labels");
         let manifest = root.join("manifest.csv");
         let names: Vec<String> = if manifest.exists() {
-            read_manifest(&manifest, filter)?
+            read_manifest(&manifest, filters)?
         } else {
-            if let Some((col, _)) = filter {
+            if let Some((col, _)) = filters.first() {
                 return Err(Error::data(
                     root,
                     format!("--where {col}=...: no manifest.csv to filter"),
@@ -101,7 +102,14 @@ impl Dataset {
     }
 }
 
-fn read_manifest(path: &Path, filter: Option<(&str, &str)>) -> Result<Vec<String>> {
+fn matches(cell: &str, want: &str) -> bool {
+    match want.split_once("..") {
+        Some((lo, hi)) => cell >= lo && cell <= hi,
+        None => cell == want,
+    }
+}
+
+fn read_manifest(path: &Path, filters: &[(String, String)]) -> Result<Vec<String>> {
     let mut rdr = csv::Reader::from_path(path).map_err(|e| Error::data(path, e.to_string()))?;
     let headers = rdr
         .headers()
@@ -109,31 +117,29 @@ fn read_manifest(path: &Path, filter: Option<(&str, &str)>) -> Result<Vec<String
         .clone();
     let col = |c: &str| headers.iter().position(|h| h == c);
     let name_col = col("name").ok_or_else(|| Error::data(path, "manifest has no `name` column"))?;
-    let filter = match filter {
-        Some((c, v)) => Some((
-            col(c).ok_or_else(|| {
+    let filters = filters
+        .iter()
+        .map(|(c, v)| {
+            let i = col(c).ok_or_else(|| {
+                let cols = headers.iter().collect::<Vec<_>>().join(", ");
                 Error::data(
                     path,
-                    format!(
-                        "--where {c}=...: no column {c} (columns: {})",
-                        headers.iter().collect::<Vec<_>>().join(", ")
-                    ),
+                    format!("--where {c}=...: no column {c} (columns: {cols})"),
                 )
-            })?,
-            v,
-        )),
-        None => None,
-    };
+            })?;
+            Ok((i, v.as_str()))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut names = Vec::new();
     for (i, rec) in rdr.records().enumerate() {
         let rec = rec.map_err(|e| Error::data(path, format!("row {}: {e}", i + 2)))?;
-        if let Some((c, v)) = filter {
-            if rec.get(c) != Some(v) {
-                continue;
+        if filters
+            .iter()
+            .all(|&(c, v)| rec.get(c).is_some_and(|cell| matches(cell, v)))
+        {
+            if let Some(n) = rec.get(name_col) {
+                names.push(n.to_string());
             }
-        }
-        if let Some(n) = rec.get(name_col) {
-            names.push(n.to_string());
         }
     }
     Ok(names)

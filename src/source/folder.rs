@@ -15,11 +15,7 @@ pub struct FolderSource {
 
 impl FolderSource {
     pub fn open(spec: &str, dir: &Path, opts: &SourceOptions) -> Result<Self, SourceError> {
-        let ds = Dataset::open(
-            dir,
-            opts.filter.as_ref().map(|(c, v)| (c.as_str(), v.as_str())),
-        )
-        .map_err(|e| SourceError::Open {
+        let ds = Dataset::open(dir, &opts.filter).map_err(|e| SourceError::Open {
             source_spec: spec.to_string(),
             msg: e.to_string(),
         })?;

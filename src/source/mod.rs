@@ -71,8 +71,8 @@ pub trait FrameSource: Send {
 /// Options that apply across source kinds.
 #[derive(Debug, Clone, Default)]
 pub struct SourceOptions {
-    /// `COL=VAL` manifest filter for folders.
-    pub filter: Option<(String, String)>,
+    /// `COL=VAL` / `COL=LO..HI` manifest filters for folders.
+    pub filter: Vec<(String, String)>,
     /// Frame rate for sources without timestamps (folders): spacing of the timestamps.
     pub fps: f64,
     /// Labels are read and checked against this many classes (folders).
