@@ -144,9 +144,12 @@ struct SourceArgs {
     /// Manifest filter for folder sources.
     #[arg(long = "where", value_parser = parse_where)]
     filter: Vec<(String, String)>,
-    /// Frame rate of sources without timestamps (folders).
+    /// Frame rate of sources without timestamps (folders), and the rate asked of cameras.
     #[arg(long, default_value_t = 15.0)]
     fps: f64,
+    /// Camera capture size WxH (V4L2).
+    #[arg(long, value_parser = parse_size)]
+    camera_size: Option<(u32, u32)>,
 }
 
 #[derive(clap::Args)]
@@ -448,6 +451,7 @@ fn open_source(
         fps: a.fps,
         num_classes: classes,
         ignore,
+        camera_size: a.camera_size,
     };
     Ok(segadapt::source::open(&a.source, &opts)?)
 }

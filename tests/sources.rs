@@ -213,3 +213,13 @@ fn bad_input_names_the_source_and_the_frame() {
     .unwrap_err();
     assert!(e.contains("needs 144"), "{e}");
 }
+
+#[test]
+fn a_missing_camera_is_named_in_the_error() {
+    let e = open("v4l:/dev/video-does-not-exist", &SourceOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("v4l:/dev/video-does-not-exist"), "{e}");
+    assert!(e.contains("/dev/video-does-not-exist"), "{e}");
+}

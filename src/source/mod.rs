@@ -6,6 +6,8 @@ mod folder;
 mod mcap_in;
 mod mcap_out;
 mod pipe;
+#[cfg(feature = "v4l")]
+mod v4l_cam;
 
 pub use folder::FolderSource;
 pub use mcap_in::McapSource;
@@ -78,6 +80,8 @@ pub struct SourceOptions {
     /// Labels are read and checked against this many classes (folders).
     pub num_classes: usize,
     pub ignore: u8,
+    /// Capture size (width, height) requested from cameras.
+    pub camera_size: Option<(u32, u32)>,
 }
 
 /// Opens `KIND:ARGS`.
@@ -102,8 +106,11 @@ pub fn open(spec: &str, opts: &SourceOptions) -> Result<Box<dyn FrameSource>, So
             Ok(Box::new(McapSource::open(spec, file.as_ref(), topic)?))
         }
         "pipe" => Ok(Box::new(PipeSource::stdin(spec, args)?)),
+        #[cfg(feature = "v4l")]
+        "v4l" => Ok(Box::new(v4l_cam::V4lSource::open(spec, args, opts)?)),
+        #[cfg(not(feature = "v4l"))]
         "v4l" => Err(err(format!(
-            "V4L2 capture ({args}) is not built into this version yet"
+            "{args}: this build has no V4L2 support (build with --features v4l)"
         ))),
         other => Err(err(format!("unknown source kind {other:?}"))),
     }
