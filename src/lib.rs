@@ -1,6 +1,7 @@
 //! segadapt: a SegFormer teacher-student runtime that keeps adapting on the vehicle.
 //! Data flows frames -> model -> pseudo labels -> losses -> optimizer -> checkpoints.
 
+pub mod adapt;
 pub mod bench;
 pub mod budget;
 pub mod checkpoint;

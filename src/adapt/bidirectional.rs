@@ -1,0 +1,241 @@
+//! BiDA-style bidirectional pixel-prototype contrast (reconstructed from the abstract, see
+//! methods.md section 4): target pixels against source prototypes and source pixels against
+//! target prototypes, non-parametric label transfer, and a gradually applied class-wise bias.
+//!
+//! On the vehicle no source images are on board: the source side is the per-class statistics
+//! stored with the model. Source pixels are drawn from N(mu_c, diag var_c) each step (or come
+//! from an optional replay buffer when a profile affords one).
+
+use super::contrast::cosine;
+use crate::loss::cross_entropy;
+use candle_core::{Result, Tensor};
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+
+/// Target prototypes and the source-to-target bias, both tracked by EMA.
+#[derive(Debug, Clone)]
+pub struct Prototypes {
+    /// [C, D] source prototypes (class means of the source statistics).
+    pub source: Tensor,
+    /// [C, D] target prototypes, EMA of target class means under the transferred labels.
+    pub target: Tensor,
+    /// [C, D] delta_c = mu^T_c - mu^S_c, EMA.
+    pub bias: Tensor,
+    pub momentum: f64,
+    /// Steps over which the bias is phased in (lambda_t = min(1, t / ramp)).
+    pub ramp: u64,
+}
+
+impl Prototypes {
+    pub fn new(source: &Tensor, momentum: f64, ramp: u64) -> Result<Self> {
+        Ok(Self {
+            source: source.detach(),
+            target: source.detach().copy()?,
+            bias: source.zeros_like()?,
+            momentum,
+            ramp,
+        })
+    }
+
+    pub fn lambda(&self, step: u64) -> f64 {
+        if self.ramp == 0 {
+            1.0
+        } else {
+            (step as f64 / self.ramp as f64).min(1.0)
+        }
+    }
+
+    /// Calibrated source prototypes mu^S + lambda_t delta.
+    pub fn calibrated(&self, step: u64) -> Result<Tensor> {
+        &self.source + (&self.bias * self.lambda(step))?
+    }
+
+    /// Non-parametric label transfer: each pixel takes the class of its most similar calibrated
+    /// source prototype. `f`: [N, D] -> (labels u32 [N], top-1 cosine [N]).
+    pub fn transfer(&self, f: &Tensor, step: u64) -> Result<(Tensor, Tensor)> {
+        let sim = cosine(f, &self.calibrated(step)?)?;
+        Ok((sim.argmax(1)?, sim.max(1)?))
+    }
+
+    /// Moves target prototypes towards this batch's class means (classes present only) and
+    /// the bias towards their difference from the source prototypes.
+    pub fn update(&mut self, f: &Tensor, labels: &[u32]) -> Result<()> {
+        let (c, d) = self.source.dims2()?;
+        let fv: Vec<f32> = f.detach().flatten_all()?.to_vec1()?;
+        let mut sum = vec![0f32; c * d];
+        let mut n = vec![0f32; c];
+        for (i, &l) in labels.iter().enumerate() {
+            let l = l as usize;
+            if l >= c {
+                continue;
+            }
+            n[l] += 1.0;
+            sum[l * d..(l + 1) * d]
+                .iter_mut()
+                .zip(&fv[i * d..(i + 1) * d])
+                .for_each(|(a, b)| *a += b);
+        }
+        let m = self.momentum as f32;
+        let mut tgt: Vec<f32> = self.target.flatten_all()?.to_vec1()?;
+        let src: Vec<f32> = self.source.flatten_all()?.to_vec1()?;
+        let mut bias: Vec<f32> = self.bias.flatten_all()?.to_vec1()?;
+        for k in 0..c {
+            if n[k] == 0.0 {
+                continue;
+            }
+            for j in 0..d {
+                let mean = sum[k * d + j] / n[k];
+                tgt[k * d + j] = m * tgt[k * d + j] + (1.0 - m) * mean;
+                bias[k * d + j] =
+                    m * bias[k * d + j] + (1.0 - m) * (tgt[k * d + j] - src[k * d + j]);
+            }
+        }
+        let dev = self.source.device();
+        self.target = Tensor::from_vec(tgt, (c, d), dev)?;
+        self.bias = Tensor::from_vec(bias, (c, d), dev)?;
+        Ok(())
+    }
+}
+
+/// One direction: -log softmax(cos(f, protos) / tau)[y], averaged over non-ignored pixels.
+pub fn pixel_to_prototype(
+    f: &Tensor,
+    y: &Tensor,
+    protos: &Tensor,
+    tau: f64,
+    ignore: u32,
+) -> Result<Tensor> {
+    cross_entropy(&(cosine(f, protos)? / tau)?, y, None, ignore)
+}
+
+/// L_T->S + L_S->T: target pixels (pseudo labels) against source prototypes, and source
+/// pixels (ground truth, or drawn from the statistics) against target prototypes.
+pub fn bidirectional_loss(
+    f_t: &Tensor,
+    y_t: &Tensor,
+    f_s: &Tensor,
+    y_s: &Tensor,
+    protos: &Prototypes,
+    tau: f64,
+    ignore: u32,
+) -> Result<Tensor> {
+    let t2s = pixel_to_prototype(f_t, y_t, &protos.source, tau, ignore)?;
+    let s2t = pixel_to_prototype(f_s, y_s, &protos.target.detach(), tau, ignore)?;
+    t2s + s2t
+}
+
+/// `per_class` source "pixels" per class from N(mean_c, diag var_c): [C * per_class, D] and
+/// their labels. Classes never seen in source training (zero count) are left out.
+pub fn sample_source_pixels(
+    mean: &Tensor,
+    var: &Tensor,
+    count: &Tensor,
+    per_class: usize,
+    rng: &mut StdRng,
+) -> Result<(Tensor, Tensor)> {
+    let (c, d) = mean.dims2()?;
+    let mu: Vec<f32> = mean.flatten_all()?.to_vec1()?;
+    let sd: Vec<f32> = var
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| v.max(0.0).sqrt())
+        .collect();
+    let n: Vec<f32> = count.to_vec1()?;
+    let normal = Normal::new(0f32, 1.0).expect("unit normal");
+    let (mut feats, mut labels) = (Vec::new(), Vec::new());
+    for k in (0..c).filter(|&k| n[k] > 0.0) {
+        for _ in 0..per_class {
+            feats.extend((0..d).map(|j| mu[k * d + j] + sd[k * d + j] * normal.sample(rng)));
+            labels.push(k as u32);
+        }
+    }
+    let rows = labels.len();
+    Ok((
+        Tensor::from_vec(feats, (rows, d), mean.device())?,
+        Tensor::from_vec(labels, rows, mean.device())?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::SeedableRng;
+
+    fn t(v: &[f32], shape: (usize, usize)) -> Tensor {
+        Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn label_transfer_follows_the_calibrated_prototypes() {
+        // Source prototypes on the axes; the target domain is shifted so class 0 pixels sit
+        // nearer to class 1's source prototype until the bias is learned and phased in.
+        let src = t(&[1.0, 0.0, 0.0, 1.0], (2, 2));
+        let mut p = Prototypes::new(&src, 0.0, 10).unwrap();
+        let f = t(&[0.6, 0.8], (1, 2));
+        assert_eq!(
+            p.transfer(&f, 0).unwrap().0.to_vec1::<u32>().unwrap(),
+            vec![1]
+        );
+        // Momentum 0: one update sets target prototype 0 to the batch mean and the bias to its
+        // offset from the source prototype.
+        p.update(&f, &[0]).unwrap();
+        let bias = p.bias.to_vec2::<f32>().unwrap();
+        assert!((bias[0][0] - (0.6 - 1.0)).abs() < 1e-6 && (bias[0][1] - 0.8).abs() < 1e-6);
+        assert_eq!(bias[1], vec![0.0, 0.0], "absent classes keep their bias");
+        assert_eq!(p.lambda(5), 0.5);
+        assert_eq!(
+            p.transfer(&f, 10).unwrap().0.to_vec1::<u32>().unwrap(),
+            vec![0]
+        );
+    }
+
+    #[test]
+    fn both_directions_contribute_and_are_low_when_aligned() {
+        let src = t(&[1.0, 0.0, 0.0, 1.0], (2, 2));
+        let p = Prototypes::new(&src, 0.9, 0).unwrap();
+        let y = Tensor::new(&[0u32, 1], &Device::Cpu).unwrap();
+        let aligned = t(&[1.0, 0.0, 0.0, 1.0], (2, 2));
+        let swapped = t(&[0.0, 1.0, 1.0, 0.0], (2, 2));
+        let l = |ft: &Tensor, fs: &Tensor| {
+            bidirectional_loss(ft, &y, fs, &y, &p, 0.1, 255)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let (good, t_bad, s_bad) = (
+            l(&aligned, &aligned),
+            l(&swapped, &aligned),
+            l(&aligned, &swapped),
+        );
+        assert!(good < 1e-3, "{good}");
+        assert!(t_bad > 5.0 && s_bad > 5.0, "{t_bad} {s_bad}");
+    }
+
+    #[test]
+    fn source_pixels_follow_the_stored_statistics() {
+        let mean = t(&[1.0, -2.0, 0.0, 0.0, 5.0, 5.0], (3, 2));
+        let var = t(&[0.25, 0.25, 1.0, 1.0, 4.0, 0.01], (3, 2));
+        let count = Tensor::new(&[10f32, 0.0, 3.0], &Device::Cpu).unwrap();
+        let mut rng = StdRng::seed_from_u64(1);
+        let (f, y) = sample_source_pixels(&mean, &var, &count, 4000, &mut rng).unwrap();
+        let y = y.to_vec1::<u32>().unwrap();
+        assert_eq!(y.len(), 8000, "the unseen class is left out");
+        assert!(!y.contains(&1));
+        let f = f.to_vec2::<f32>().unwrap();
+        let class2: Vec<&Vec<f32>> = f
+            .iter()
+            .zip(&y)
+            .filter(|(_, &l)| l == 2)
+            .map(|(r, _)| r)
+            .collect();
+        let m: f32 = class2.iter().map(|r| r[0]).sum::<f32>() / class2.len() as f32;
+        let v: f32 =
+            class2.iter().map(|r| (r[0] - m) * (r[0] - m)).sum::<f32>() / class2.len() as f32;
+        assert!(
+            (m - 5.0).abs() < 0.1 && (v - 4.0).abs() < 0.3,
+            "mean {m} var {v}"
+        );
+    }
+}
