@@ -8,11 +8,18 @@ use segadapt::model::{weights, Segformer};
 use std::path::{Path, PathBuf};
 
 fn camvid() -> Option<PathBuf> {
-    let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/camvid")).to_path_buf();
+    let p = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/camvid"
+    ))
+    .to_path_buf();
     if p.join("manifest.csv").exists() {
         return Some(p);
     }
-    assert!(std::env::var("CI").is_err(), "CI must have ../shared/data/camvid beside the checkout");
+    assert!(
+        std::env::var("CI").is_err(),
+        "CI must have ../shared/data/camvid beside the checkout"
+    );
     eprintln!("../shared/data/camvid not found: skipping the real-data test");
     None
 }
@@ -33,6 +40,10 @@ fn committed_model_scores_on_unseen_day_and_dusk_frames() {
         ex = ex.into_iter().step_by(4).collect();
         let s = segadapt::eval::evaluate(&model, &files.preprocess, &ex, &map, &dev).unwrap();
         assert!(s.miou >= floor, "{role}: mIoU {:.2} below {floor}", s.miou);
-        assert!(s.pixel_accuracy > 70.0, "{role}: pixel accuracy {:.2}", s.pixel_accuracy);
+        assert!(
+            s.pixel_accuracy > 70.0,
+            "{role}: pixel accuracy {:.2}",
+            s.pixel_accuracy
+        );
     }
 }

@@ -250,3 +250,46 @@ fn layer_norm_and_softmax_match_generic_ops() {
         1e-6,
     );
 }
+
+#[test]
+fn fused_gelu_and_cross_entropy_match_generic_ops() {
+    let x = rand(&[4, 33], 12);
+    same_op(
+        std::slice::from_ref(&x),
+        |t| ops::gelu(&t[0]).unwrap(),
+        |t| t[0].gelu_erf().unwrap(),
+        1e-5,
+    );
+    finite_diff(
+        std::slice::from_ref(&x),
+        0,
+        |t| ops::gelu(&t[0]).unwrap(),
+        1e-2,
+    );
+    let logits = (rand(&[40, 7], 13) * 3.0).unwrap();
+    let labels: Vec<u32> = (0..40)
+        .map(|i| if i % 9 == 0 { 255 } else { (i * 5 % 7) as u32 })
+        .collect();
+    let labels = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
+    let generic = |t: &[Tensor]| {
+        let lsm = segadapt::model::nn::log_softmax(&t[0]).unwrap();
+        let valid = labels.ne(255u32).unwrap();
+        let safe = valid
+            .where_cond(&labels, &labels.zeros_like().unwrap())
+            .unwrap();
+        let nll = lsm
+            .gather(&safe.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap();
+        (nll * valid.to_dtype(candle_core::DType::F32).unwrap()).unwrap()
+    };
+    same_op(
+        std::slice::from_ref(&logits),
+        |t| ops::softmax_cross_entropy(&t[0], &labels, 255).unwrap(),
+        generic,
+        1e-5,
+    );
+}

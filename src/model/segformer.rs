@@ -526,7 +526,7 @@ impl MixFfn {
         let hm = y.dim(2)?;
         let y =
             ops::depthwise3x3(&y.reshape((b, h, w, hm))?, &self.dw_w)?.broadcast_add(&self.dw_b)?;
-        let y = y.reshape((b, n, hm))?.gelu_erf()?;
+        let y = ops::gelu(&y.reshape((b, n, hm))?)?;
         let y = dropout(&y, cfg.hidden_dropout_prob, train.as_deref_mut())?;
         let y = self.dense2.forward(&y)?;
         dropout(&y, cfg.hidden_dropout_prob, train)

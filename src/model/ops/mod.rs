@@ -4,11 +4,13 @@
 
 mod bilinear;
 mod dwconv;
+mod fused;
 mod im2col;
 mod norm;
 
 pub use bilinear::{resize_bilinear, resize_bilinear_generic};
 pub use dwconv::{depthwise3x3, depthwise3x3_generic};
+pub use fused::{gelu, softmax_cross_entropy};
 pub use im2col::{im2col, im2col_generic};
 pub use norm::{layer_norm, layer_norm_generic, softmax_last_dim};
 

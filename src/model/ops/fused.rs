@@ -1,0 +1,195 @@
+//! Fused elementwise work that candle would spread over many passes and temporaries:
+//! exact (erf) GELU and softmax cross-entropy with an ignore label, each with its backward.
+
+use super::{as_f32, MIN_CHUNK};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// GELU with the exact erf form, as HF's `"gelu"`.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(Gelu)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+const CHUNK: usize = 4096;
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(st, l, "gelu-erf")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(o, x)| {
+                for (o, &v) in o.iter_mut().zip(x) {
+                    *o = 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2));
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluGrad)?))
+    }
+}
+
+/// d/dx GELU = Phi(x) + x phi(x).
+struct GeluGrad;
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "gelu-erf-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "gelu-erf-grad")?;
+        let g = as_f32(s2, l2, "gelu-erf-grad")?;
+        let mut out = vec![0f32; x.len()];
+        let inv_sqrt_2pi = 0.398_942_3_f32;
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(o, (x, g))| {
+                for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+                    let cdf = 0.5 * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2));
+                    let pdf = inv_sqrt_2pi * (-0.5 * v * v).exp();
+                    *o = gv * (cdf + v * pdf);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Per-pixel -log softmax(logits)[label] (0 where label == ignore). `logits`: [P, C] f32,
+/// `labels`: u32 [P]. The gradient flows to the logits only.
+pub fn softmax_cross_entropy(logits: &Tensor, labels: &Tensor, ignore: u32) -> Result<Tensor> {
+    logits
+        .contiguous()?
+        .apply_op2(&labels.contiguous()?, SoftmaxXent { ignore })
+}
+
+struct SoftmaxXent {
+    ignore: u32,
+}
+
+fn labels_u32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::U32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => bail!("softmax-xent: labels must be contiguous u32"),
+    }
+}
+
+fn row_lse(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+}
+
+impl CustomOp2 for SoftmaxXent {
+    fn name(&self) -> &'static str {
+        "softmax-xent"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "softmax-xent")?;
+        let y = labels_u32(s2, l2)?;
+        let (p, c) = l1.shape().dims2()?;
+        if y.len() != p {
+            bail!("softmax-xent: {} labels for {p} rows", y.len());
+        }
+        let mut out = vec![0f32; p];
+        out.par_chunks_mut(CHUNK / 16)
+            .enumerate()
+            .with_min_len(MIN_CHUNK)
+            .for_each(|(ci, o)| {
+                for (j, o) in o.iter_mut().enumerate() {
+                    let i = ci * (CHUNK / 16) + j;
+                    let lab = y[i];
+                    if lab == self.ignore || lab as usize >= c {
+                        continue;
+                    }
+                    let row = &x[i * c..(i + 1) * c];
+                    *o = row_lse(row) - row[lab as usize];
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from(p)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(
+            y,
+            &grad.contiguous()?,
+            &SoftmaxXentGrad {
+                ignore: self.ignore,
+            },
+        )?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// dlogits = g * (softmax - onehot) on labelled rows, 0 on ignored ones.
+struct SoftmaxXentGrad {
+    ignore: u32,
+}
+
+impl candle_core::CustomOp3 for SoftmaxXentGrad {
+    fn name(&self) -> &'static str {
+        "softmax-xent-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "softmax-xent-grad")?;
+        let y = labels_u32(s2, l2)?;
+        let g = as_f32(s3, l3, "softmax-xent-grad")?;
+        let (_, c) = l1.shape().dims2()?;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(c * 256).enumerate().for_each(|(ci, d)| {
+            for (j, drow) in d.chunks_mut(c).enumerate() {
+                let i = ci * 256 + j;
+                let lab = y[i];
+                if lab == self.ignore || lab as usize >= c {
+                    continue;
+                }
+                let row = &x[i * c..(i + 1) * c];
+                let lse = row_lse(row);
+                for (k, (d, v)) in drow.iter_mut().zip(row).enumerate() {
+                    let p = (v - lse).exp();
+                    *d = g[i] * (p - if k == lab as usize { 1.0 } else { 0.0 });
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
