@@ -293,3 +293,15 @@ fn fused_gelu_and_cross_entropy_match_generic_ops() {
         1e-5,
     );
 }
+
+#[test]
+fn bias_add_matches_broadcast_add() {
+    let x = rand(&[3, 5, 6], 14);
+    let b = rand(&[6], 15);
+    same_op(
+        &[x, b],
+        |t| ops::add_bias(&t[0], &t[1]).unwrap(),
+        |t| t[0].broadcast_add(&t[1]).unwrap(),
+        1e-5,
+    );
+}

@@ -22,7 +22,7 @@ impl Linear {
         let x2 = x.contiguous()?.reshape(((), inner))?;
         let mut y = x2.matmul(&self.w.t()?)?;
         if let Some(b) = &self.b {
-            y = y.broadcast_add(b)?;
+            y = ops::add_bias(&y, b)?;
         }
         let mut out = dims;
         *out.last_mut().expect("rank >= 1") = self.w.dim(0)?;
@@ -60,10 +60,8 @@ impl PatchConv {
         // [O, C, k, k] -> [O, k, k, C] to match the (ky, kx, c) patch order.
         let w = self.w.permute((0, 2, 3, 1))?.reshape((o, k * k * c))?;
         let b = patches.dim(0)?;
-        let y = patches
-            .reshape(((), k * k * c))?
-            .matmul(&w.t()?)?
-            .broadcast_add(&self.b)?;
+        let y = patches.reshape(((), k * k * c))?.matmul(&w.t()?)?;
+        let y = ops::add_bias(&y, &self.b)?;
         Ok((y.reshape((b, hw.0 * hw.1, o))?, hw))
     }
 }

@@ -2,12 +2,14 @@
 //! for. Each has a fast CPU kernel (a candle custom op with an analytic backward) and a generic
 //! twin built from differentiable tensor ops, used on other devices and as the test reference.
 
+mod affine;
 mod bilinear;
 mod dwconv;
 mod fused;
 mod im2col;
 mod norm;
 
+pub use affine::add_bias;
 pub use bilinear::{resize_bilinear, resize_bilinear_generic};
 pub use dwconv::{depthwise3x3, depthwise3x3_generic};
 pub use fused::{gelu, softmax_cross_entropy};

@@ -1,0 +1,259 @@
+//! Per-channel bias add and the layer-norm affine as single ops whose backward computes the
+//! parameter gradients as parallel column sums: candle's broadcast ops reduce these through its
+//! generic strided sum, one of the slowest parts of a training step.
+
+use super::{as_f32, MIN_CHUNK};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+fn last_dim(l: &Layout) -> usize {
+    l.shape().dims().last().copied().unwrap_or(1)
+}
+
+/// Sums rows of a [N, D] slice into [D], in parallel over row blocks.
+fn column_sums(x: &[f32], d: usize) -> Vec<f32> {
+    x.par_chunks(d * 64)
+        .fold(
+            || vec![0f32; d],
+            |mut acc, block| {
+                for row in block.chunks_exact(d) {
+                    acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+                }
+                acc
+            },
+        )
+        .reduce(
+            || vec![0f32; d],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+}
+
+/// `x + b` with `b` [D] broadcast over the rows of `x` [..., D].
+pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
+    } else {
+        x.broadcast_add(b)
+    }
+}
+
+struct AddBias;
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "add-bias")?;
+        let b = as_f32(s2, l2, "add-bias")?;
+        let d = last_dim(l1);
+        if b.len() != d {
+            bail!("add-bias: bias of {} for rows of {d}", b.len());
+        }
+        let mut out = x.to_vec();
+        out.par_chunks_mut(d * 64).for_each(|block| {
+            for row in block.chunks_exact_mut(d) {
+                row.iter_mut().zip(b).for_each(|(o, v)| *o += v);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&ColumnSum)?
+            .reshape(b.shape())?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+struct ColumnSum;
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "column-sum"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(st, l, "column-sum")?;
+        let d = last_dim(l);
+        Ok((CpuStorage::F32(column_sums(x, d)), Shape::from(d)))
+    }
+}
+
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Layer norm over the last dimension with its affine, as one op.
+pub fn layer_norm_affine(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "layer-norm-affine")?;
+        let w = as_f32(s2, l2, "layer-norm-affine")?;
+        let b = as_f32(s3, l3, "layer-norm-affine")?;
+        let d = last_dim(l1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .with_min_len(MIN_CHUNK * 16)
+            .for_each(|(o, row)| {
+                let (mean, rstd) = row_stats(row, self.eps);
+                for (((o, v), w), b) in o.iter_mut().zip(row).zip(w).zip(b) {
+                    *o = (v - mean) * rstd * w + b;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &g, &LayerNormInputGrad { eps: self.eps })?;
+        let dwb = x.apply_op2_no_bwd(&g, &LayerNormParamGrad { eps: self.eps })?; // [2, D]
+        Ok((Some(dx), Some(dwb.get(0)?), Some(dwb.get(1)?)))
+    }
+}
+
+/// dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)) with gw = g * w.
+struct LayerNormInputGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormInputGrad {
+    fn name(&self) -> &'static str {
+        "layer-norm-affine-dx"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "layer-norm-affine-dx")?;
+        let w = as_f32(s2, l2, "layer-norm-affine-dx")?;
+        let g = as_f32(s3, l3, "layer-norm-affine-dx")?;
+        let d = last_dim(l1);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .with_min_len(MIN_CHUNK * 16)
+            .for_each(|(o, (row, gr))| {
+                let (mean, rstd) = row_stats(row, self.eps);
+                let n = d as f32;
+                let (mut sg, mut sgx) = (0f32, 0f32);
+                for ((v, gv), wv) in row.iter().zip(gr).zip(w) {
+                    let gw = gv * wv;
+                    sg += gw;
+                    sgx += gw * (v - mean) * rstd;
+                }
+                let (mg, mgx) = (sg / n, sgx / n);
+                for (((o, v), gv), wv) in o.iter_mut().zip(row).zip(gr).zip(w) {
+                    *o = rstd * (gv * wv - mg - (v - mean) * rstd * mgx);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// [dw; db] = [sum g * xhat; sum g] over rows.
+struct LayerNormParamGrad {
+    eps: f32,
+}
+
+impl CustomOp2 for LayerNormParamGrad {
+    fn name(&self) -> &'static str {
+        "layer-norm-affine-dwb"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s1, l1, "layer-norm-affine-dwb")?;
+        let g = as_f32(s2, l2, "layer-norm-affine-dwb")?;
+        let d = last_dim(l1);
+        let acc = x
+            .par_chunks(d * 64)
+            .zip(g.par_chunks(d * 64))
+            .fold(
+                || vec![0f32; 2 * d],
+                |mut acc, (xb, gb)| {
+                    for (row, gr) in xb.chunks_exact(d).zip(gb.chunks_exact(d)) {
+                        let (mean, rstd) = row_stats(row, self.eps);
+                        for j in 0..d {
+                            acc[j] += gr[j] * (row[j] - mean) * rstd;
+                            acc[d + j] += gr[j];
+                        }
+                    }
+                    acc
+                },
+            )
+            .reduce(
+                || vec![0f32; 2 * d],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        Ok((CpuStorage::F32(acc), Shape::from((2, d))))
+    }
+}
