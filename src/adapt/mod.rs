@@ -9,4 +9,5 @@ pub mod bidirectional;
 pub mod contrast;
 pub mod region;
 pub mod sinkhorn;
+pub mod step;
 pub mod thresholds;

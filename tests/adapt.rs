@@ -1,0 +1,180 @@
+//! The online adaptation step on a tiny model: every component and baseline runs, its loss term
+//! is finite, state stays within its bounds, and the teacher follows the student.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use segadapt::adapt::step::{AdaptConfig, Adapter, Bida, Cpsl, Dida, Region, Sepico, Threshold};
+use segadapt::config::PreprocessConfig;
+use segadapt::data::Dataset;
+use segadapt::model::{init_tensors, Segformer};
+use segadapt::stats::SourceStats;
+
+fn base() -> AdaptConfig {
+    AdaptConfig {
+        lr: 1e-4,
+        head_lr_mult: 10.0,
+        weight_decay: 0.01,
+        max_grad_norm: Some(10.0),
+        ema: 0.999,
+        threshold: Threshold::Fixed(0.2),
+        cpsl: None,
+        region: None,
+        sepico: None,
+        bida: None,
+        dida: None,
+        tent: false,
+    }
+}
+
+fn full() -> AdaptConfig {
+    AdaptConfig {
+        threshold: Threshold::Instance {
+            alpha: 0.5,
+            beta: 0.9,
+            gamma: 8.0,
+        },
+        cpsl: Some(Cpsl {
+            tau: 0.08,
+            eps: 0.05,
+            iters: 3,
+            queue: 300,
+            pixels: 128,
+            weight: 0.1,
+            prior_momentum: 0.99,
+            proto_momentum: 0.999,
+        }),
+        region: Some(Region {
+            smooth: 0.1,
+            entropy: 1.0,
+            consistency: 0.5,
+        }),
+        sepico: Some(Sepico {
+            tau: 100.0,
+            weight: 1.0,
+            reg: 1.0,
+            centroid_only: false,
+        }),
+        bida: Some(Bida {
+            tau: 0.1,
+            weight: 0.1,
+            momentum: 0.99,
+            ramp: 10,
+            per_class: 8,
+            check: true,
+        }),
+        dida: Some(Dida {
+            bank: 12,
+            momentum: 0.999,
+            weight: 0.5,
+        }),
+        ..base()
+    }
+}
+
+#[test]
+fn every_variant_steps_with_finite_bounded_state() {
+    let data = tempfile::tempdir().unwrap();
+    common::write_dataset(data.path(), 3, 64, 48);
+    let examples = Dataset::open(data.path(), &[])
+        .unwrap()
+        .load_all(3, 255, true);
+    let cfg = common::tiny_config(3);
+    let tensors = init_tensors(&cfg, &Device::Cpu, 0).unwrap();
+    let pre = PreprocessConfig::with_size(Some((64, 48)));
+    let model = Segformer::new(&cfg, tensors.clone()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 48, 64), &Device::Cpu).unwrap();
+    let strong = (&x * 0.9).unwrap();
+    let mut variants: Vec<(&str, AdaptConfig)> = vec![
+        ("plain", base()),
+        (
+            "tent",
+            AdaptConfig {
+                tent: true,
+                ..base()
+            },
+        ),
+        ("full", full()),
+    ];
+    let f = full();
+    variants.push((
+        "ias",
+        AdaptConfig {
+            threshold: f.threshold,
+            ..base()
+        },
+    ));
+    variants.push((
+        "cpsl",
+        AdaptConfig {
+            cpsl: f.cpsl,
+            ..base()
+        },
+    ));
+    variants.push((
+        "region",
+        AdaptConfig {
+            region: f.region,
+            ..base()
+        },
+    ));
+    variants.push((
+        "sepico",
+        AdaptConfig {
+            sepico: f.sepico,
+            ..base()
+        },
+    ));
+    variants.push((
+        "bida",
+        AdaptConfig {
+            bida: f.bida,
+            ..base()
+        },
+    ));
+    variants.push((
+        "dida",
+        AdaptConfig {
+            dida: f.dida,
+            ..base()
+        },
+    ));
+    for (name, ac) in variants {
+        let stats = SourceStats::compute(&model, &pre, &examples, 255).unwrap();
+        let mut a = Adapter::new(ac.clone(), &cfg, &tensors, stats).unwrap();
+        let before = a.teacher.tensors().unwrap()["decode_head.classifier.weight"]
+            .copy()
+            .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for _ in 0..3 {
+            let r = a.step(&x, &strong, &mut rng).unwrap();
+            assert!(r.total.is_finite(), "{name}: {r:?}");
+            assert!(r.terms.iter().all(|(_, v)| v.is_finite()), "{name}: {r:?}");
+        }
+        assert_eq!(a.opt.step_count(), 3, "{name}");
+        let after = &a.teacher.tensors().unwrap()["decode_head.classifier.weight"];
+        let moved = (after - &before)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        if name == "tent" {
+            assert_eq!(moved, 0.0, "TENT trains only norm affines");
+        } else {
+            assert!(moved > 0.0, "{name}: the teacher must follow the student");
+        }
+        if let Some(k) = ac.cpsl {
+            let q = a.queue.as_ref().unwrap().dim(0).unwrap();
+            assert!(q <= k.queue, "{name}: queue {q} over {}", k.queue);
+            let s: f32 = a.prior.iter().sum();
+            assert!((s - 1.0).abs() < 1e-3, "{name}: prior sums to {s}");
+        }
+        if let Some(d) = ac.dida {
+            assert_eq!(a.bank.as_ref().unwrap().len(), d.bank);
+        }
+    }
+}
