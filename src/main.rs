@@ -38,6 +38,8 @@ enum Cmd {
     Replay(ReplayArgs),
     /// Write what a source delivers into an MCAP file (ROS 2 CompressedImage, JPEG).
     Record(RecordArgs),
+    /// Serve a source while the student self-trains on it; write the adapted model.
+    Adapt(AdaptArgs),
 }
 
 /// `COL=VAL` (or `COL=LO..HI`) for filtering a manifest; repeatable, all must hold.
@@ -169,6 +171,43 @@ struct ReplayArgs {
 }
 
 #[derive(clap::Args)]
+struct AdaptArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    src: SourceArgs,
+    #[arg(long)]
+    out: PathBuf,
+    /// source-only, tent, plain, ias, cpsl, region, sepico, protocl, bida, dida, full
+    #[arg(long, default_value = "full")]
+    method: String,
+    /// Labelled folder to score on (labels are never trained on).
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    #[arg(long = "eval-where", value_parser = parse_where)]
+    eval_filter: Vec<(String, String)>,
+    /// Score every N training steps (0: only before and after).
+    #[arg(long, default_value_t = 0)]
+    eval_every: u64,
+    /// Training steps after each served frame, on the serving thread (reproducible); without it
+    /// a training thread runs beside serving.
+    #[arg(long)]
+    steps_per_frame: Option<u32>,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 16)]
+    ring: usize,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    realtime: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
 struct RecordArgs {
     #[command(flatten)]
     src: SourceArgs,
@@ -205,6 +244,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(a) => bench(a),
         Cmd::Replay(a) => replay(a),
         Cmd::Record(a) => record(a),
+        Cmd::Adapt(a) => adapt(a),
     }
 }
 
@@ -526,5 +566,105 @@ fn record(a: RecordArgs) -> Result<()> {
     }
     let n = rec.finish()?;
     println!("{n} frames written to {} ({bad} skipped)", a.out.display());
+    Ok(())
+}
+
+fn adapt(a: AdaptArgs) -> Result<()> {
+    let dev = Device::Cpu;
+    let files = weights::load_model_dir(&a.model, &dev)?;
+    let stats = segadapt::stats::SourceStats::load(&a.model, &dev)?;
+    let classes = files.config.class_names();
+    let ignore = u8::try_from(files.config.semantic_loss_ignore_index).unwrap_or(255);
+    let eval_set = match &a.eval_data {
+        Some(d) => {
+            let ds = Dataset::open(d, &a.eval_filter)?;
+            Some(ds.load_all(classes.len(), ignore, true))
+        }
+        None => None,
+    };
+    let map = LabelMap::identity(&classes, ignore);
+    let score = |m: &Segformer| -> Result<Option<f64>> {
+        Ok(match &eval_set {
+            Some(ex) => Some(segadapt::eval::evaluate(m, &files.preprocess, ex, &map, &dev)?.miou),
+            None => None,
+        })
+    };
+    let source_model = Segformer::new(&files.config, files.tensors.clone())?;
+    let before = score(&source_model)?;
+    drop(source_model);
+    let source_only = a.method == "source-only";
+    let mut cfg = segadapt::adapt::step::preset(if source_only { "plain" } else { &a.method })
+        .with_context(|| format!("--method {}: unknown (source-only, tent, plain, ias, cpsl, region, sepico, protocl, bida, dida, full)", a.method))?;
+    if let Some(lr) = a.lr {
+        cfg.lr = lr;
+    }
+    let adapter = segadapt::adapt::step::Adapter::new(cfg, &files.config, &files.tensors, stats)?;
+    let source = open_source(&a.src, classes.len(), ignore)?;
+    let online = segadapt::runtime::online::OnlineConfig {
+        pipeline: segadapt::runtime::PipelineConfig {
+            realtime: a.realtime,
+            queue: 2,
+        },
+        batch: a.batch,
+        ring: a.ring,
+        steps_per_frame: if source_only {
+            Some(0)
+        } else {
+            a.steps_per_frame
+        },
+        seed: a.seed,
+    };
+    let curve = std::sync::Mutex::new(Vec::new());
+    let eval_every = a.eval_every;
+    let (summary, adapter) = segadapt::runtime::online::run_online(
+        source,
+        adapter,
+        &files.preprocess,
+        &online,
+        stop_flag()?,
+        |item, model| {
+            segadapt::eval::predict_image(model, &files.preprocess, &item.frame.image, &dev)?;
+            Ok(())
+        },
+        |step, model| {
+            if eval_every > 0 && step % eval_every == 0 {
+                if let Ok(Some(m)) = score(model) {
+                    log::info!("step {step}: mIoU {m:.2}");
+                    curve.lock().expect("curve").push((step, m));
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let after = score(&adapter.teacher)?;
+    weights::save_model_dir(
+        &a.out,
+        &weights::ModelFiles {
+            config: files.config.clone(),
+            preprocess: files.preprocess.clone(),
+            tensors: adapter.teacher.tensors()?,
+        },
+    )?;
+    adapter.stats.save(&a.out)?;
+    let curve = curve.into_inner().expect("curve");
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "method": a.method, "summary": summary, "miou_source_only": before,
+                "miou_adapted": after, "curve": curve,
+            })
+        );
+    } else {
+        println!(
+            "{}: frames {} served {} dropped {}, {} training steps; latency p50 {:.1} ms p99 {:.1} ms",
+            a.method, summary.frames_in, summary.frames_served, summary.frames_dropped, summary.train_steps,
+            summary.latency_ms_p50, summary.latency_ms_p99
+        );
+        if let (Some(b), Some(c)) = (before, after) {
+            println!("mIoU source-only {b:.2} -> adapted {c:.2}");
+        }
+        println!("adapted model written to {}", a.out.display());
+    }
     Ok(())
 }

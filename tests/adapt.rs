@@ -178,3 +178,65 @@ fn every_variant_steps_with_finite_bounded_state() {
         }
     }
 }
+
+#[test]
+fn online_runner_serves_every_frame_and_trains_beside_it() {
+    use segadapt::runtime::online::{run_online, OnlineConfig};
+    use segadapt::runtime::PipelineConfig;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let data = tempfile::tempdir().unwrap();
+    common::write_dataset(data.path(), 5, 64, 48);
+    let examples = Dataset::open(data.path(), &[])
+        .unwrap()
+        .load_all(3, 255, true);
+    let cfg = common::tiny_config(3);
+    let tensors = init_tensors(&cfg, &Device::Cpu, 0).unwrap();
+    let pre = PreprocessConfig::with_size(Some((64, 48)));
+    let model = Segformer::new(&cfg, tensors.clone()).unwrap();
+    for steps_per_frame in [Some(2), None] {
+        let stats = SourceStats::compute(&model, &pre, &examples, 255).unwrap();
+        let adapter = Adapter::new(full(), &cfg, &tensors, stats).unwrap();
+        let opts = segadapt::source::SourceOptions {
+            fps: 30.0,
+            ..Default::default()
+        };
+        let source =
+            segadapt::source::open(&format!("folder:{}", data.path().display()), &opts).unwrap();
+        let oc = OnlineConfig {
+            pipeline: PipelineConfig {
+                realtime: false,
+                queue: 2,
+            },
+            batch: 2,
+            ring: 4,
+            steps_per_frame,
+            seed: 3,
+        };
+        let mut served = 0;
+        let (summary, adapter) = run_online(
+            source,
+            adapter,
+            &pre,
+            &oc,
+            Arc::new(AtomicBool::new(false)),
+            |item, m| {
+                served += 1;
+                segadapt::eval::predict_image(m, &pre, &item.frame.image, &Device::Cpu)
+                    .map(|_| ())?;
+                Ok(())
+            },
+            |_, _| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(
+            (summary.frames_in, summary.frames_served, served),
+            (5, 5, 5)
+        );
+        match steps_per_frame {
+            // The ring holds a batch from the second frame on: 4 frames x 2 steps.
+            Some(_) => assert_eq!(summary.train_steps, 8),
+            None => assert_eq!(summary.train_steps, adapter.step),
+        }
+    }
+}

@@ -11,3 +11,4 @@ pub mod region;
 pub mod sinkhorn;
 pub mod step;
 pub mod thresholds;
+pub mod views;

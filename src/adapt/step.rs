@@ -397,3 +397,110 @@ impl Adapter {
         })
     }
 }
+
+/// The method presets of the ablation: baselines, each component alone on top of plain
+/// mean-teacher self-training, and everything together.
+pub fn preset(name: &str) -> Option<AdaptConfig> {
+    let base = AdaptConfig {
+        lr: 6e-5,
+        head_lr_mult: 10.0,
+        weight_decay: 0.01,
+        max_grad_norm: Some(10.0),
+        ema: 0.999,
+        threshold: Threshold::Fixed(0.968),
+        cpsl: None,
+        region: None,
+        sepico: None,
+        bida: None,
+        dida: None,
+        tent: false,
+    };
+    let ias = Threshold::Instance {
+        alpha: 0.5,
+        beta: 0.9,
+        gamma: 8.0,
+    };
+    let cpsl = Cpsl {
+        tau: 0.08,
+        eps: 0.05,
+        iters: 3,
+        queue: 4096,
+        pixels: 256,
+        weight: 0.1,
+        prior_momentum: 0.99,
+        proto_momentum: 0.999,
+    };
+    let region = Region {
+        smooth: 0.1,
+        entropy: 1.0,
+        consistency: 0.5,
+    };
+    let sepico = Sepico {
+        tau: 100.0,
+        weight: 1.0,
+        reg: 1.0,
+        centroid_only: false,
+    };
+    let bida = Bida {
+        tau: 0.1,
+        weight: 0.1,
+        momentum: 0.99,
+        ramp: 500,
+        per_class: 16,
+        check: false,
+    };
+    let dida = Dida {
+        bank: 100,
+        momentum: 0.999,
+        weight: 0.5,
+    };
+    Some(match name {
+        "tent" => AdaptConfig {
+            tent: true,
+            lr: 1e-4,
+            ..base
+        },
+        "plain" => base,
+        "ias" => AdaptConfig {
+            threshold: ias,
+            ..base
+        },
+        "cpsl" => AdaptConfig {
+            cpsl: Some(cpsl),
+            ..base
+        },
+        "region" => AdaptConfig {
+            region: Some(region),
+            ..base
+        },
+        "sepico" => AdaptConfig {
+            sepico: Some(sepico),
+            ..base
+        },
+        "protocl" => AdaptConfig {
+            sepico: Some(Sepico {
+                centroid_only: true,
+                ..sepico
+            }),
+            ..base
+        },
+        "bida" => AdaptConfig {
+            bida: Some(bida),
+            ..base
+        },
+        "dida" => AdaptConfig {
+            dida: Some(dida),
+            ..base
+        },
+        "full" => AdaptConfig {
+            threshold: ias,
+            cpsl: Some(cpsl),
+            region: Some(region),
+            sepico: Some(sepico),
+            bida: Some(bida),
+            dida: Some(dida),
+            ..base
+        },
+        _ => return None,
+    })
+}

@@ -1,7 +1,7 @@
 //! Labelled image folders: listing and filtering by manifest, decoding with per-file errors,
 //! training augmentations, HF preprocessing, and label maps for cross-dataset scoring.
 
-mod augment;
+pub mod augment;
 mod dataset;
 mod label_map;
 mod preprocess;

@@ -2,6 +2,8 @@
 //! In real time the camera never waits: when serving falls behind, the oldest queued frame is
 //! dropped and counted. Replaying as fast as possible, capture waits instead (nothing dropped).
 
+pub mod online;
+
 use crate::source::{Frame, FrameSource, SourceError};
 use crossbeam::channel::{bounded, TrySendError};
 use serde::Serialize;
