@@ -152,6 +152,9 @@ struct SourceArgs {
     /// Camera capture size WxH (V4L2).
     #[arg(long, value_parser = parse_size)]
     camera_size: Option<(u32, u32)>,
+    /// Play the source this many times end to end.
+    #[arg(long, default_value_t = 1)]
+    loops: u32,
 }
 
 #[derive(clap::Args)]
@@ -493,6 +496,11 @@ fn open_source(
         ignore,
         camera_size: a.camera_size,
     };
+    if a.loops > 1 {
+        return Ok(Box::new(segadapt::source::Looped::open(
+            &a.source, &opts, a.loops,
+        )?));
+    }
     Ok(segadapt::source::open(&a.source, &opts)?)
 }
 

@@ -223,3 +223,22 @@ fn a_missing_camera_is_named_in_the_error() {
     assert!(e.contains("v4l:/dev/video-does-not-exist"), "{e}");
     assert!(e.contains("/dev/video-does-not-exist"), "{e}");
 }
+
+#[test]
+fn a_looped_source_replays_with_rising_sequence_and_time() {
+    let spec = format!("mcap:{}", fixture("recorded.mcap").display());
+    let opts = SourceOptions {
+        fps: 15.0,
+        ..Default::default()
+    };
+    let mut src = segadapt::source::Looped::open(&spec, &opts, 3).unwrap();
+    let mut got = Vec::new();
+    while let Some(f) = src.next_frame() {
+        got.push(f.unwrap());
+    }
+    assert_eq!(got.len(), 15);
+    assert!(got
+        .windows(2)
+        .all(|w| w[1].seq == w[0].seq + 1 && w[1].timestamp_ns > w[0].timestamp_ns));
+    assert_eq!(got[5].timestamp_ns, got[4].timestamp_ns + 66_666_666);
+}

@@ -115,3 +115,71 @@ pub fn open(spec: &str, opts: &SourceOptions) -> Result<Box<dyn FrameSource>, So
         other => Err(err(format!("unknown source kind {other:?}"))),
     }
 }
+
+/// A source replayed `loops` times end to end (an ablation's drive looped), with sequence
+/// numbers running on and timestamps shifted so they keep increasing.
+pub struct Looped {
+    spec: String,
+    opts: SourceOptions,
+    left: u32,
+    inner: Box<dyn FrameSource>,
+    seq: u64,
+    offset: u64,
+    last: u64,
+    step: u64,
+    damage: Vec<String>,
+}
+
+impl Looped {
+    pub fn open(spec: &str, opts: &SourceOptions, loops: u32) -> Result<Self, SourceError> {
+        Ok(Self {
+            spec: spec.to_string(),
+            opts: opts.clone(),
+            left: loops.max(1) - 1,
+            inner: open(spec, opts)?,
+            seq: 0,
+            offset: 0,
+            last: 0,
+            step: (1e9 / if opts.fps > 0.0 { opts.fps } else { 30.0 }) as u64,
+            damage: Vec::new(),
+        })
+    }
+}
+
+impl FrameSource for Looped {
+    fn spec(&self) -> &str {
+        &self.spec
+    }
+
+    fn next_frame(&mut self) -> Option<Result<Frame, SourceError>> {
+        loop {
+            match self.inner.next_frame() {
+                Some(Ok(mut f)) => {
+                    f.seq = self.seq;
+                    f.timestamp_ns += self.offset;
+                    self.seq += 1;
+                    self.last = f.timestamp_ns;
+                    return Some(Ok(f));
+                }
+                Some(Err(e)) => return Some(Err(e)),
+                None if self.left > 0 => {
+                    self.left -= 1;
+                    self.damage.extend(self.inner.damage());
+                    match open(&self.spec, &self.opts) {
+                        Ok(s) => self.inner = s,
+                        Err(e) => return Some(Err(e)),
+                    }
+                    // The next pass starts one frame period after the last frame.
+                    self.offset = self.last + self.step;
+                }
+                None => return None,
+            }
+        }
+    }
+
+    fn damage(&self) -> Vec<String> {
+        let mut d = self.damage.clone();
+        d.extend(self.inner.damage());
+        d
+    }
+}
