@@ -606,7 +606,15 @@ fn adapt(a: AdaptArgs) -> Result<()> {
     if let Some(lr) = a.lr {
         cfg.lr = lr;
     }
-    let adapter = segadapt::adapt::step::Adapter::new(cfg, &files.config, &files.tensors, stats)?;
+    // A restarted run continues from the adaptation state it saved.
+    let ckpts = segadapt::checkpoint::CheckpointDir::new(a.out.join("checkpoints"), 3);
+    let adapter = match ckpts.latest(&dev) {
+        Some(ck) => {
+            log::info!("resuming adaptation from {} (step {})", ck.path.display(), ck.step);
+            segadapt::adapt::step::Adapter::restore(cfg, &files.config, stats, &ck.tensors)?
+        }
+        None => segadapt::adapt::step::Adapter::new(cfg, &files.config, &files.tensors, stats)?,
+    };
     let source = open_source(&a.src, classes.len(), ignore)?;
     let online = segadapt::runtime::online::OnlineConfig {
         pipeline: segadapt::runtime::PipelineConfig {
@@ -645,6 +653,8 @@ fn adapt(a: AdaptArgs) -> Result<()> {
         },
     )?;
     let after = score(&adapter.teacher)?;
+    let meta = std::collections::HashMap::from([("method".to_string(), a.method.clone())]);
+    ckpts.save(adapter.step, &adapter.state()?, meta)?;
     weights::save_model_dir(
         &a.out,
         &weights::ModelFiles {

@@ -240,3 +240,51 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
         }
     }
 }
+
+#[test]
+fn a_restored_adapter_continues_exactly() {
+    let data = tempfile::tempdir().unwrap();
+    common::write_dataset(data.path(), 3, 64, 48);
+    let examples = Dataset::open(data.path(), &[])
+        .unwrap()
+        .load_all(3, 255, true);
+    let cfg = common::tiny_config(3);
+    let tensors = init_tensors(&cfg, &Device::Cpu, 0).unwrap();
+    let pre = PreprocessConfig::with_size(Some((64, 48)));
+    let model = Segformer::new(&cfg, tensors.clone()).unwrap();
+    let stats = || SourceStats::compute(&model, &pre, &examples, 255).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 48, 64), &Device::Cpu).unwrap();
+    let strong = (&x * 0.9).unwrap();
+    let mut a = Adapter::new(full(), &cfg, &tensors, stats()).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for _ in 0..2 {
+        a.step(&x, &strong, &mut rng).unwrap();
+    }
+    // Through a checkpoint file, as a restarted `adapt` reads it.
+    let dir = tempfile::tempdir().unwrap();
+    let ck = segadapt::checkpoint::CheckpointDir::new(dir.path(), 2);
+    ck.save(a.step, &a.state().unwrap(), Default::default())
+        .unwrap();
+    let loaded = ck.latest(&Device::Cpu).unwrap();
+    let mut b = Adapter::restore(full(), &cfg, stats(), &loaded.tensors).unwrap();
+    assert_eq!(b.step, 2);
+    let mut rng_b = rng.clone();
+    for _ in 0..2 {
+        a.step(&x, &strong, &mut rng).unwrap();
+        b.step(&x, &strong, &mut rng_b).unwrap();
+    }
+    let (sa, sb) = (a.state().unwrap(), b.state().unwrap());
+    assert_eq!(sa.keys().collect::<Vec<_>>(), sb.keys().collect::<Vec<_>>());
+    for (k, t) in &sa {
+        let d = (t.to_dtype(candle_core::DType::F64).unwrap()
+            - sb[k].to_dtype(candle_core::DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+        assert_eq!(d, 0.0, "{k} differs after restore");
+    }
+}

@@ -504,3 +504,78 @@ pub fn preset(name: &str) -> Option<AdaptConfig> {
         _ => return None,
     })
 }
+
+impl Adapter {
+    /// Everything a restarted run needs: both models, optimizer, thresholds, prototypes and
+    /// bias, bank, prior, queue and the step count.
+    pub fn state(&self) -> Result<TensorMap> {
+        let dev = candle_core::Device::Cpu;
+        let mut m = TensorMap::new();
+        for (k, v) in self.student.model.tensors()? {
+            m.insert(format!("student.{k}"), v);
+        }
+        for (k, v) in self.teacher.tensors()? {
+            m.insert(format!("teacher.{k}"), v);
+        }
+        m.extend(self.opt.state()?);
+        m.insert(
+            "adapt.thresholds".into(),
+            Tensor::new(self.thresholds.theta.as_slice(), &dev)?,
+        );
+        m.insert(
+            "adapt.prior".into(),
+            Tensor::new(self.prior.as_slice(), &dev)?,
+        );
+        m.insert("adapt.protos.target".into(), self.protos.target.clone());
+        m.insert("adapt.protos.bias".into(), self.protos.bias.clone());
+        if let Some(b) = &self.bank {
+            m.insert("adapt.bank.feats".into(), b.feats.clone());
+            m.insert(
+                "adapt.bank.labels".into(),
+                Tensor::new(b.labels.as_slice(), &dev)?,
+            );
+        }
+        if let Some(q) = &self.queue {
+            m.insert("adapt.queue".into(), q.clone());
+        }
+        m.insert("adapt.step".into(), Tensor::new(self.step as i64, &dev)?);
+        Ok(m)
+    }
+
+    /// Rebuilds an adapter from [`Adapter::state`]; `cfg` must switch on the same parts.
+    pub fn restore(
+        cfg: AdaptConfig,
+        model_cfg: &crate::config::SegformerConfig,
+        stats: SourceStats,
+        state: &TensorMap,
+    ) -> Result<Self> {
+        let part = |prefix: &str| -> TensorMap {
+            state
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+                .collect()
+        };
+        let get = |k: &str| {
+            state
+                .get(k)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg(format!("adaptation state lacks {k}")))
+        };
+        let mut a = Adapter::new(cfg, model_cfg, &part("student."), stats)?;
+        a.teacher = Segformer::new(model_cfg, part("teacher."))?;
+        a.opt.load_state(state)?;
+        a.thresholds.theta = get("adapt.thresholds")?.to_vec1()?;
+        a.prior = get("adapt.prior")?.to_vec1()?;
+        a.protos.target = get("adapt.protos.target")?;
+        a.protos.bias = get("adapt.protos.bias")?;
+        if let Some(b) = &mut a.bank {
+            b.feats = get("adapt.bank.feats")?;
+            b.labels = get("adapt.bank.labels")?.to_vec1()?;
+        }
+        a.queue = state.get("adapt.queue").cloned();
+        a.step = get("adapt.step")?
+            .to_dtype(DType::I64)?
+            .to_scalar::<i64>()? as u64;
+        Ok(a)
+    }
+}
