@@ -610,7 +610,11 @@ fn adapt(a: AdaptArgs) -> Result<()> {
     let ckpts = segadapt::checkpoint::CheckpointDir::new(a.out.join("checkpoints"), 3);
     let adapter = match ckpts.latest(&dev) {
         Some(ck) => {
-            log::info!("resuming adaptation from {} (step {})", ck.path.display(), ck.step);
+            log::info!(
+                "resuming adaptation from {} (step {})",
+                ck.path.display(),
+                ck.step
+            );
             segadapt::adapt::step::Adapter::restore(cfg, &files.config, stats, &ck.tensors)?
         }
         None => segadapt::adapt::step::Adapter::new(cfg, &files.config, &files.tensors, stats)?,

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::loss::{cross_entropy, flatten_pixels};
 use crate::model::ema::{detached_copy, ema_momentum, ema_update};
 use crate::model::weights::{save_model_dir, ModelFiles};
-use crate::model::{ops, Segformer, Student, TensorMap};
+use crate::model::{ops, with_prefix, Segformer, Student, TensorMap};
 use crate::optim::{AdamW, AdamWConfig, ParamGroup, PolySchedule, StepOutcome};
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
@@ -129,26 +129,15 @@ impl Trainer {
 
     /// Everything needed to resume: student and teacher weights, optimizer state.
     pub fn state(&self) -> Result<TensorMap> {
-        let mut m = TensorMap::new();
-        for (k, v) in self.student.model.tensors()? {
-            m.insert(format!("student.{k}"), v);
-        }
-        for (k, v) in self.teacher.tensors()? {
-            m.insert(format!("teacher.{k}"), v);
-        }
+        let mut m = crate::model::prefixed(self.student.model.tensors()?, "student.");
+        m.extend(crate::model::prefixed(self.teacher.tensors()?, "teacher."));
         m.extend(self.opt.state()?);
         Ok(m)
     }
 
     pub fn restore(cfg: &SegformerConfig, state: &TensorMap, tc: &TrainConfig) -> Result<Self> {
-        let part = |prefix: &str| -> TensorMap {
-            state
-                .iter()
-                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
-                .collect()
-        };
-        let mut tr = Trainer::new(cfg, &part("student."), tc)?;
-        tr.teacher = Segformer::new(cfg, part("teacher."))?;
+        let mut tr = Trainer::new(cfg, &with_prefix(state, "student."), tc)?;
+        tr.teacher = Segformer::new(cfg, with_prefix(state, "teacher."))?;
         tr.opt.load_state(state)?;
         Ok(tr)
     }

@@ -60,20 +60,8 @@ impl InstanceBank {
     /// leave their slots alone (DIDA's code decays them towards zero instead).
     pub fn update(&mut self, f: &Tensor, labels: &[u32]) -> Result<()> {
         let (k, d) = self.feats.dims2()?;
-        let fv: Vec<f32> = f.detach().flatten_all()?.to_vec1()?;
         let classes = self.labels.iter().copied().max().unwrap_or(0) as usize + 1;
-        let mut sum = vec![0f32; classes * d];
-        let mut n = vec![0f32; classes];
-        for (i, &l) in labels.iter().enumerate() {
-            let l = l as usize;
-            if l < classes {
-                n[l] += 1.0;
-                sum[l * d..(l + 1) * d]
-                    .iter_mut()
-                    .zip(&fv[i * d..(i + 1) * d])
-                    .for_each(|(a, b)| *a += b);
-            }
-        }
+        let (mean, n) = super::class_means(f, labels, classes)?;
         let m = self.momentum as f32;
         let mut bank: Vec<f32> = self.feats.flatten_all()?.to_vec1()?;
         for (s, &l) in self.labels.iter().enumerate() {
@@ -82,7 +70,7 @@ impl InstanceBank {
                 continue;
             }
             for j in 0..d {
-                bank[s * d + j] = m * bank[s * d + j] + (1.0 - m) * sum[l * d + j] / n[l];
+                bank[s * d + j] = m * bank[s * d + j] + (1.0 - m) * mean[l * d + j];
             }
         }
         self.feats = Tensor::from_vec(bank, (k, d), self.feats.device())?;

@@ -61,20 +61,7 @@ impl Prototypes {
     /// the bias towards their difference from the source prototypes.
     pub fn update(&mut self, f: &Tensor, labels: &[u32]) -> Result<()> {
         let (c, d) = self.source.dims2()?;
-        let fv: Vec<f32> = f.detach().flatten_all()?.to_vec1()?;
-        let mut sum = vec![0f32; c * d];
-        let mut n = vec![0f32; c];
-        for (i, &l) in labels.iter().enumerate() {
-            let l = l as usize;
-            if l >= c {
-                continue;
-            }
-            n[l] += 1.0;
-            sum[l * d..(l + 1) * d]
-                .iter_mut()
-                .zip(&fv[i * d..(i + 1) * d])
-                .for_each(|(a, b)| *a += b);
-        }
+        let (mean, n) = super::class_means(f, labels, c)?;
         let m = self.momentum as f32;
         let mut tgt: Vec<f32> = self.target.flatten_all()?.to_vec1()?;
         let src: Vec<f32> = self.source.flatten_all()?.to_vec1()?;
@@ -84,8 +71,7 @@ impl Prototypes {
                 continue;
             }
             for j in 0..d {
-                let mean = sum[k * d + j] / n[k];
-                tgt[k * d + j] = m * tgt[k * d + j] + (1.0 - m) * mean;
+                tgt[k * d + j] = m * tgt[k * d + j] + (1.0 - m) * mean[k * d + j];
                 bias[k * d + j] =
                     m * bias[k * d + j] + (1.0 - m) * (tgt[k * d + j] - src[k * d + j]);
             }

@@ -510,13 +510,8 @@ impl Adapter {
     /// bias, bank, prior, queue and the step count.
     pub fn state(&self) -> Result<TensorMap> {
         let dev = candle_core::Device::Cpu;
-        let mut m = TensorMap::new();
-        for (k, v) in self.student.model.tensors()? {
-            m.insert(format!("student.{k}"), v);
-        }
-        for (k, v) in self.teacher.tensors()? {
-            m.insert(format!("teacher.{k}"), v);
-        }
+        let mut m = crate::model::prefixed(self.student.model.tensors()?, "student.");
+        m.extend(crate::model::prefixed(self.teacher.tensors()?, "teacher."));
         m.extend(self.opt.state()?);
         m.insert(
             "adapt.thresholds".into(),
@@ -549,20 +544,19 @@ impl Adapter {
         stats: SourceStats,
         state: &TensorMap,
     ) -> Result<Self> {
-        let part = |prefix: &str| -> TensorMap {
-            state
-                .iter()
-                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
-                .collect()
-        };
         let get = |k: &str| {
             state
                 .get(k)
                 .cloned()
                 .ok_or_else(|| candle_core::Error::Msg(format!("adaptation state lacks {k}")))
         };
-        let mut a = Adapter::new(cfg, model_cfg, &part("student."), stats)?;
-        a.teacher = Segformer::new(model_cfg, part("teacher."))?;
+        let mut a = Adapter::new(
+            cfg,
+            model_cfg,
+            &crate::model::with_prefix(state, "student."),
+            stats,
+        )?;
+        a.teacher = Segformer::new(model_cfg, crate::model::with_prefix(state, "teacher."))?;
         a.opt.load_state(state)?;
         a.thresholds.theta = get("adapt.thresholds")?.to_vec1()?;
         a.prior = get("adapt.prior")?.to_vec1()?;

@@ -7,5 +7,8 @@ mod segformer;
 mod student;
 pub mod weights;
 
-pub use segformer::{init_tensors, param_specs, Init, ParamSpec, SegOutput, Segformer, TensorMap};
+pub use segformer::{
+    init_tensors, param_specs, prefixed, with_prefix, Init, ParamSpec, SegOutput, Segformer,
+    TensorMap,
+};
 pub use student::Student;

@@ -14,6 +14,20 @@ use std::sync::atomic::AtomicI64;
 /// Named tensors in HF's naming (`segformer.encoder.block.0.0.attention.self.query.weight`, ...).
 pub type TensorMap = BTreeMap<String, Tensor>;
 
+/// The entries of `map` under `prefix`, with the prefix taken off (`student.` -> a model map).
+pub fn with_prefix(map: &TensorMap, prefix: &str) -> TensorMap {
+    map.iter()
+        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+        .collect()
+}
+
+/// `map`'s entries with `prefix` put in front, for storing several models in one file.
+pub fn prefixed(map: TensorMap, prefix: &str) -> TensorMap {
+    map.into_iter()
+        .map(|(k, v)| (format!("{prefix}{k}"), v))
+        .collect()
+}
+
 /// How a tensor starts when training from scratch (the initialisation of the MiT reference code).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
