@@ -34,11 +34,12 @@ fn committed_model_scores_on_unseen_day_and_dusk_frames() {
     let model = Segformer::new(&files.config, files.tensors).unwrap();
     let map = LabelMap::identity(&classes, 11);
     // Every fourth frame keeps the test to a few seconds; the README gives full-set figures.
-    for (role, floor) in [("source-test", 30.0), ("target", 22.0)] {
+    for (role, floor) in [("source-test", 38.0), ("target", 33.0)] {
         let ds = Dataset::open(&data, &[("role".into(), role.into())]).unwrap();
         let mut ex = ds.load_all(classes.len(), 11, true);
         ex = ex.into_iter().step_by(4).collect();
         let s = segadapt::eval::evaluate(&model, &files.preprocess, &ex, &map, &dev).unwrap();
+        eprintln!("{role}: mIoU {:.2} on {} frames", s.miou, ex.len());
         assert!(s.miou >= floor, "{role}: mIoU {:.2} below {floor}", s.miou);
         assert!(
             s.pixel_accuracy > 70.0,
