@@ -10,7 +10,7 @@ use super::region;
 use super::sinkhorn::balanced_assignment;
 use super::thresholds::InstanceThresholds;
 use crate::loss::cross_entropy;
-use crate::model::ema::{detached_copy, ema_momentum, ema_update};
+use crate::model::ema::{detached_copy, ema_update};
 use crate::model::nn::log_softmax;
 use crate::model::{Segformer, Student, TensorMap};
 use crate::optim::{AdamW, AdamWConfig, ParamGroup, StepOutcome};
@@ -337,11 +337,8 @@ impl Adapter {
         if outcome == StepOutcome::NonFinite {
             return Ok(report);
         }
-        ema_update(
-            &self.teacher,
-            &self.student.model,
-            ema_momentum(self.cfg.ema, self.step),
-        )?;
+        // The teacher starts as a trained model, not a random one: no momentum warm-up.
+        ema_update(&self.teacher, &self.student.model, self.cfg.ema)?;
         // State that follows the teacher: prototypes, bank, queue, class prior.
         self.protos.update(&f_t, &labels)?;
         if let Some(bank) = &mut self.bank {
