@@ -41,6 +41,8 @@ pub struct BenchReport {
     pub threads: usize,
     pub infer: Timing,
     pub train_step: Timing,
+    /// One adaptation step with every component on (batch as given).
+    pub adapt_step: Timing,
     pub ema: Timing,
     /// Process peak RSS after the inference runs and after the training runs, MB.
     pub infer_peak_rss_mb: f64,
@@ -126,6 +128,29 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         Ok(())
     })?;
     let train_peak_rss_mb = rss_mb();
+    let adapt_step = {
+        // Source statistics from the random model on one random labelled frame.
+        let img = image::RgbImage::from_fn(spec.width as u32, spec.height as u32, |x, y| {
+            image::Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
+        });
+        let label: Vec<u8> = (0..spec.width * spec.height)
+            .map(|i| (i % spec.classes) as u8)
+            .collect();
+        let ex = crate::data::Example {
+            name: "bench".into(),
+            image: img,
+            label: Some(label),
+        };
+        let model = Segformer::new(&cfg, tensors.clone())?;
+        let stats = crate::stats::SourceStats::compute(&model, &tc.preprocess, &[ex], 255)?;
+        let full = crate::adapt::step::preset("full").expect("the full preset exists");
+        let mut adapter = crate::adapt::step::Adapter::new(full, &cfg, &tensors, stats)?;
+        let strong = (&x * 0.9)?;
+        time(spec, || {
+            adapter.step(&x, &strong, &mut rng)?;
+            Ok(())
+        })?
+    };
     let ema = time(spec, || {
         Ok(ema_update(&trainer.teacher, &trainer.student.model, 0.999)?)
     })?;
@@ -136,6 +161,7 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         threads: rayon::current_num_threads(),
         infer,
         train_step,
+        adapt_step,
         ema,
         infer_peak_rss_mb,
         train_peak_rss_mb,

@@ -447,7 +447,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             "{}",
             serde_json::json!({
                 "config": r.config, "size": r.size, "batch": r.batch, "threads": r.threads,
-                "infer_ms": r.infer.median_ms, "train_step_ms": r.train_step.median_ms, "ema_ms": r.ema.median_ms,
+                "infer_ms": r.infer.median_ms, "train_step_ms": r.train_step.median_ms, "adapt_step_ms": r.adapt_step.median_ms, "ema_ms": r.ema.median_ms,
                 "infer_peak_mb": r.infer.peak_mb, "train_peak_mb": r.train_step.peak_mb,
                 "peak_mb": r.infer.peak_mb.max(r.train_step.peak_mb),
                 "infer_peak_rss_mb": r.infer_peak_rss_mb, "train_peak_rss_mb": r.train_peak_rss_mb,
@@ -465,6 +465,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         for (name, t) in [
             ("inference (batch 1)", &r.infer),
             ("train step (fwd+CE+bwd+AdamW+EMA)", &r.train_step),
+            ("adaptation step (full)", &r.adapt_step),
             ("EMA update", &r.ema),
         ] {
             println!(
