@@ -364,7 +364,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let dev = Device::Cpu;
     let (model, pre) = load_model(&a.model, &dev)?;
     let classes = model.cfg.class_names();
-    let ignore = u8::try_from(model.cfg.semantic_loss_ignore_index).unwrap_or(255);
+    let ignore = model.cfg.ignore_label();
     let map = match &a.label_map {
         Some(p) => LabelMap::load(p, &classes)?,
         None => LabelMap::identity(&classes, ignore),
@@ -405,7 +405,7 @@ fn predict(a: PredictArgs) -> Result<()> {
     let (model, pre) = load_model(&a.model, &dev)?;
     let ds = Dataset::open(&a.data, &[])?;
     let classes = model.cfg.class_names();
-    let ignore = u8::try_from(model.cfg.semantic_loss_ignore_index).unwrap_or(255);
+    let ignore = model.cfg.ignore_label();
     let examples = ds.load_all(classes.len(), ignore, false);
     let mut conf = segadapt::metrics::Confusion::new(classes.len());
     let mut labelled = 0;
@@ -509,7 +509,7 @@ fn replay(a: ReplayArgs) -> Result<()> {
     let dev = Device::Cpu;
     let (model, pre) = load_model(&a.model, &dev)?;
     let classes = model.cfg.class_names();
-    let ignore = u8::try_from(model.cfg.semantic_loss_ignore_index).unwrap_or(255);
+    let ignore = model.cfg.ignore_label();
     let source = open_source(&a.src, classes.len(), ignore)?;
     let cfg = segadapt::runtime::PipelineConfig {
         realtime: a.realtime,
@@ -583,7 +583,7 @@ fn adapt(a: AdaptArgs) -> Result<()> {
     let files = weights::load_model_dir(&a.model, &dev)?;
     let stats = segadapt::stats::SourceStats::load(&a.model, &dev)?;
     let classes = files.config.class_names();
-    let ignore = u8::try_from(files.config.semantic_loss_ignore_index).unwrap_or(255);
+    let ignore = files.config.ignore_label();
     let eval_set = match &a.eval_data {
         Some(d) => {
             let ds = Dataset::open(d, &a.eval_filter)?;

@@ -43,7 +43,6 @@ fn full() -> AdaptConfig {
             pixels: 128,
             weight: 0.1,
             prior_momentum: 0.99,
-            proto_momentum: 0.999,
         }),
         region: Some(Region {
             smooth: 0.1,

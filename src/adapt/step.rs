@@ -39,7 +39,6 @@ pub struct Cpsl {
     pub pixels: usize,
     pub weight: f64,
     pub prior_momentum: f64,
-    pub proto_momentum: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -425,7 +424,6 @@ pub fn preset(name: &str) -> Option<AdaptConfig> {
         pixels: 256,
         weight: 0.1,
         prior_momentum: 0.99,
-        proto_momentum: 0.999,
     };
     let region = Region {
         smooth: 0.1,

@@ -166,6 +166,11 @@ impl SegformerConfig {
         crate::checkpoint::write_atomic(path, text.as_bytes())
     }
 
+    /// The ignore label as a label-image value (255 when the index does not fit in a byte).
+    pub fn ignore_label(&self) -> u8 {
+        u8::try_from(self.semantic_loss_ignore_index).unwrap_or(255)
+    }
+
     pub fn num_labels(&self) -> usize {
         self.id2label.len()
     }

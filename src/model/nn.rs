@@ -2,7 +2,7 @@
 //! strided patch convolution, batch norm with running statistics, dropout and drop path.
 
 use super::ops;
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 use rand::rngs::StdRng;
 use rand::Rng;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -162,11 +162,4 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     shifted.broadcast_sub(&lse)
-}
-
-pub fn is_float(t: &Tensor) -> bool {
-    matches!(
-        t.dtype(),
-        DType::F32 | DType::F16 | DType::BF16 | DType::F64
-    )
 }
