@@ -29,6 +29,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Numbered checkpoints `step-XXXXXXXX.safetensors` in one folder, the newest `keep` kept.
 /// Each is a single file written atomically, so a checkpoint is either whole or absent.
+#[derive(Debug, Clone)]
 pub struct CheckpointDir {
     pub dir: std::path::PathBuf,
     pub keep: usize,

@@ -62,3 +62,25 @@ impl Error {
         }
     }
 }
+
+/// Ok when `ok`, else a config error naming the key, the value and what is allowed.
+pub(crate) fn check(ok: bool, key: &str, value: impl std::fmt::Display, allowed: &str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(key, value, allowed))
+    }
+}
+
+pub(crate) fn positive(key: &str, v: f64) -> Result<()> {
+    check(v.is_finite() && v > 0.0, key, v, "a positive number")
+}
+
+pub(crate) fn unit(key: &str, v: f64) -> Result<()> {
+    check((0.0..=1.0).contains(&v), key, v, "a number in [0, 1]")
+}
+
+pub(crate) fn at_least(key: &str, v: usize, min: usize) -> Result<()> {
+    check(v >= min, key, v, &format!("an integer >= {min}"))
+}
+

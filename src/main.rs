@@ -40,6 +40,8 @@ enum Cmd {
     Record(RecordArgs),
     /// Serve a source while the student self-trains on it; write the adapted model.
     Adapt(AdaptArgs),
+    /// Print a profile's memory plan (each part's bytes, measured); non-zero when it does not fit.
+    Inspect(InspectArgs),
 }
 
 /// `COL=VAL` (or `COL=LO..HI`) for filtering a manifest; repeatable, all must hold.
@@ -179,10 +181,13 @@ struct AdaptArgs {
     model: PathBuf,
     #[command(flatten)]
     src: SourceArgs,
+    #[command(flatten)]
+    profile: ProfileArgs,
     #[arg(long)]
     out: PathBuf,
-    /// source-only, tent, plain, ias, cpsl, region, sepico, protocl, bida, dida, full
-    #[arg(long, default_value = "full")]
+    /// source-only, or: profile (its own switches), tent, plain, ias, hpla, cpsl, region,
+    /// sepico, protocl, bida, dida, full
+    #[arg(long, default_value = "profile")]
     method: String,
     /// Labelled folder to score on (labels are never trained on).
     #[arg(long)]
@@ -193,19 +198,59 @@ struct AdaptArgs {
     #[arg(long, default_value_t = 0)]
     eval_every: u64,
     /// Training steps after each served frame, on the serving thread (reproducible); without it
-    /// a training thread runs beside serving.
+    /// the profile's cadence holds.
     #[arg(long)]
     steps_per_frame: Option<u32>,
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
-    #[arg(long, default_value_t = 16)]
-    ring: usize,
-    #[arg(long)]
-    lr: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long)]
     realtime: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ProfileArgs {
+    /// Device profile (firmware-configs/*.toml).
+    #[arg(long, default_value = "firmware-configs/x86-64-cpu.toml")]
+    profile: PathBuf,
+    /// Run the profile on another device than it names (e.g. a Jetson profile's plan on cpu).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+impl ProfileArgs {
+    fn load(&self) -> Result<segadapt::config::Profile> {
+        let mut p = segadapt::config::Profile::load(&self.profile)?;
+        if let Some(d) = &self.device {
+            p.device.device = d.clone();
+            if d == "cpu" {
+                p.device.dtype = "f32".into();
+            }
+            p.validate()?;
+        }
+        if p.device.threads > 0 {
+            // Before candle's first parallel op builds its pool.
+            if rayon::ThreadPoolBuilder::new()
+                .num_threads(p.device.threads)
+                .build_global()
+                .is_err()
+            {
+                log::warn!("device.threads: the thread pool already runs; keeping it");
+            }
+        }
+        Ok(p)
+    }
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    profile: ProfileArgs,
+    #[arg(long, default_value = "models/camvid-day")]
+    model: PathBuf,
+    #[arg(long, default_value = "profile")]
+    method: String,
     #[arg(long)]
     json: bool,
 }
@@ -248,6 +293,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Replay(a) => replay(a),
         Cmd::Record(a) => record(a),
         Cmd::Adapt(a) => adapt(a),
+        Cmd::Inspect(a) => inspect(a),
     }
 }
 
@@ -578,116 +624,88 @@ fn record(a: RecordArgs) -> Result<()> {
     Ok(())
 }
 
+fn load_eval(
+    data: &Option<PathBuf>,
+    filter: &[(String, String)],
+    model: &std::path::Path,
+) -> Result<Option<Vec<segadapt::data::Example>>> {
+    let Some(d) = data else { return Ok(None) };
+    let cfg = SegformerConfig::load(&model.join("config.json"))?;
+    let ex = Dataset::open(d, filter)?.load_all(cfg.num_labels(), cfg.ignore_label(), true);
+    if ex.is_empty() {
+        bail!("{}: no labelled frames to score", d.display());
+    }
+    Ok(Some(ex))
+}
+
 fn adapt(a: AdaptArgs) -> Result<()> {
+    let profile = a.profile.load()?;
+    let cfg = SegformerConfig::load(&a.model.join("config.json"))?;
+    let session = segadapt::runtime::session::Session {
+        model: a.model.clone(),
+        profile,
+        method: a.method.clone(),
+        out: a.out.clone(),
+        eval: load_eval(&a.eval_data, &a.eval_filter, &a.model)?,
+        eval_every: a.eval_every,
+        steps_per_frame: a.steps_per_frame,
+        seed: a.seed,
+        realtime: a.realtime,
+        adapt: None,
+        before: None,
+    };
+    let source = open_source(&a.src, cfg.num_labels(), cfg.ignore_label())?;
+    let r = session.run(source, stop_flag()?)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let s = &r.summary;
+    println!(
+        "{}: frames {} served {} dropped {}; {} training steps (median {:.0} ms), {} skipped, {} rollbacks, {} budget waits; latency p50 {:.1} ms p99 {:.1} ms",
+        a.method, s.frames_in, s.frames_served, s.frames_dropped, s.train_steps, s.step_ms_p50,
+        s.steps_skipped, s.rollbacks, s.budget_waits, s.latency_ms_p50, s.latency_ms_p99
+    );
+    println!(
+        "memory: heap peak {:.0} MB, resident peak {} (budget {:.0} MB)",
+        r.peak_heap_mb,
+        r.peak_rss_mb.map_or("n/a".into(), |v| format!("{v:.0} MB")),
+        r.plan.budget as f64 / (1 << 20) as f64
+    );
+    if let (Some(b), Some(c)) = (&r.source_only, &r.adapted) {
+        println!("mIoU source-only {:.2} -> adapted {:.2}", b.miou, c.miou);
+    }
+    println!("adapted model written to {}", a.out.display());
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let profile = a.profile.load()?;
     let dev = Device::Cpu;
     let files = weights::load_model_dir(&a.model, &dev)?;
     let stats = segadapt::stats::SourceStats::load(&a.model, &dev)?;
-    let classes = files.config.class_names();
-    let ignore = files.config.ignore_label();
-    let eval_set = match &a.eval_data {
-        Some(d) => {
-            let ds = Dataset::open(d, &a.eval_filter)?;
-            Some(ds.load_all(classes.len(), ignore, true))
-        }
-        None => None,
-    };
-    let map = LabelMap::identity(&classes, ignore);
-    let score = |m: &Segformer| -> Result<Option<f64>> {
-        Ok(match &eval_set {
-            Some(ex) => Some(segadapt::eval::evaluate(m, &files.preprocess, ex, &map, &dev)?.miou),
-            None => None,
-        })
-    };
-    let source_model = Segformer::new(&files.config, files.tensors.clone())?;
-    let before = score(&source_model)?;
-    drop(source_model);
-    let source_only = a.method == "source-only";
-    let mut cfg = segadapt::adapt::step::preset(if source_only { "plain" } else { &a.method })
-        .with_context(|| format!("--method {}: unknown (source-only, tent, plain, ias, cpsl, region, sepico, protocl, bida, dida, full)", a.method))?;
-    if let Some(lr) = a.lr {
-        cfg.lr = lr;
-    }
-    // A restarted run continues from the adaptation state it saved.
-    let ckpts = segadapt::checkpoint::CheckpointDir::new(a.out.join("checkpoints"), 3);
-    let adapter = match ckpts.latest(&dev) {
-        Some(ck) => {
-            log::info!(
-                "resuming adaptation from {} (step {})",
-                ck.path.display(),
-                ck.step
-            );
-            segadapt::adapt::step::Adapter::restore(cfg, &files.config, stats, &ck.tensors)?
-        }
-        None => segadapt::adapt::step::Adapter::new(cfg, &files.config, &files.tensors, stats)?,
-    };
-    let source = open_source(&a.src, classes.len(), ignore)?;
-    let online = segadapt::runtime::online::OnlineConfig {
-        pipeline: segadapt::runtime::PipelineConfig {
-            realtime: a.realtime,
-            queue: 2,
-        },
-        batch: a.batch,
-        ring: a.ring,
-        steps_per_frame: if source_only {
-            Some(0)
-        } else {
-            a.steps_per_frame
-        },
-        seed: a.seed,
-    };
-    let curve = std::sync::Mutex::new(Vec::new());
-    let eval_every = a.eval_every;
-    let (summary, adapter) = segadapt::runtime::online::run_online(
-        source,
-        adapter,
-        &files.preprocess,
-        &online,
-        stop_flag()?,
-        |item, model| {
-            segadapt::eval::predict_image(model, &files.preprocess, &item.frame.image, &dev)?;
-            Ok(())
-        },
-        |step, model| {
-            if eval_every > 0 && step % eval_every == 0 {
-                if let Ok(Some(m)) = score(model) {
-                    log::info!("step {step}: mIoU {m:.2}");
-                    curve.lock().expect("curve").push((step, m));
-                }
-            }
-            Ok(())
+    let cfg = segadapt::adapt::AdaptConfig::for_method(&profile.adapt, &a.method)
+        .with_context(|| format!("--method {}: unknown", a.method))?;
+    let plan = segadapt::budget::plan(
+        &profile,
+        &files.config,
+        &cfg,
+        &mut segadapt::budget::Calibrator {
+            model: &files.config,
+            tensors: &files.tensors,
+            stats: &stats,
+            adapt: &cfg,
+            input: (profile.input.width, profile.input.height),
         },
     )?;
-    let after = score(&adapter.teacher)?;
-    let meta = std::collections::HashMap::from([("method".to_string(), a.method.clone())]);
-    ckpts.save(adapter.step, &adapter.state()?, meta)?;
-    weights::save_model_dir(
-        &a.out,
-        &weights::ModelFiles {
-            config: files.config.clone(),
-            preprocess: files.preprocess.clone(),
-            tensors: adapter.teacher.tensors()?,
-        },
-    )?;
-    adapter.stats.save(&a.out)?;
-    let curve = curve.into_inner().expect("curve");
     if a.json {
         println!(
             "{}",
-            serde_json::json!({
-                "method": a.method, "summary": summary, "miou_source_only": before,
-                "miou_adapted": after, "curve": curve,
-            })
+            serde_json::json!({"plan": plan, "fits": plan.problems().is_empty(), "problems": plan.problems()})
         );
     } else {
-        println!(
-            "{}: frames {} served {} dropped {}, {} training steps; latency p50 {:.1} ms p99 {:.1} ms",
-            a.method, summary.frames_in, summary.frames_served, summary.frames_dropped, summary.train_steps,
-            summary.latency_ms_p50, summary.latency_ms_p99
-        );
-        if let (Some(b), Some(c)) = (before, after) {
-            println!("mIoU source-only {b:.2} -> adapted {c:.2}");
-        }
-        println!("adapted model written to {}", a.out.display());
+        print!("{}", plan.table());
     }
+    plan.check()?;
     Ok(())
 }

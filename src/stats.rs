@@ -12,6 +12,7 @@ use std::path::Path;
 pub const FILE: &str = "source_stats.safetensors";
 
 /// Per-class statistics of the fused decoder embedding on labelled source frames.
+#[derive(Clone)]
 pub struct SourceStats {
     /// [C, D] class means of the embedding.
     pub mean: Tensor,

@@ -5,71 +5,31 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
-use segadapt::adapt::step::{AdaptConfig, Adapter, Bida, Cpsl, Dida, Region, Sepico, Threshold};
+use segadapt::adapt::step::Adapter;
+use segadapt::adapt::AdaptConfig;
 use segadapt::config::PreprocessConfig;
 use segadapt::data::Dataset;
 use segadapt::model::{init_tensors, Segformer};
 use segadapt::stats::SourceStats;
 
-fn base() -> AdaptConfig {
-    AdaptConfig {
-        lr: 1e-4,
-        head_lr_mult: 10.0,
-        weight_decay: 0.01,
-        max_grad_norm: Some(10.0),
-        ema: 0.999,
-        threshold: Threshold::Fixed(0.2),
-        cpsl: None,
-        region: None,
-        sepico: None,
-        bida: None,
-        dida: None,
-        tent: false,
-    }
-}
-
+/// Every component on, sized for the tiny model.
 fn full() -> AdaptConfig {
-    AdaptConfig {
-        threshold: Threshold::Instance {
-            alpha: 0.5,
-            beta: 0.9,
-            gamma: 8.0,
-        },
-        cpsl: Some(Cpsl {
-            tau: 0.08,
-            eps: 0.05,
-            iters: 3,
-            queue: 300,
-            pixels: 128,
-            weight: 0.1,
-            prior_momentum: 0.99,
-        }),
-        region: Some(Region {
-            smooth: 0.1,
-            entropy: 1.0,
-            consistency: 0.5,
-        }),
-        sepico: Some(Sepico {
-            tau: 100.0,
-            weight: 1.0,
-            reg: 1.0,
-            centroid_only: false,
-        }),
-        bida: Some(Bida {
-            tau: 0.1,
-            weight: 0.1,
-            momentum: 0.99,
-            ramp: 10,
-            per_class: 8,
-            check: true,
-        }),
-        dida: Some(Dida {
-            bank: 12,
-            momentum: 0.999,
-            weight: 0.5,
-        }),
-        ..base()
-    }
+    let mut c = AdaptConfig {
+        lr: 1e-4,
+        threshold: 0.2,
+        ..Default::default()
+    };
+    c.cpsl.queue = 300;
+    c.cpsl.pixels = 128;
+    c.bida.ramp = 10;
+    c.bida.per_class = 8;
+    c.bida.check = true;
+    c.dida.bank = 12;
+    c.hpla.pool = 3;
+    c.hpla.hard = 2;
+    // Random weights give erratic predictions: the monitor has its own test.
+    c.guard.collapse = false;
+    c
 }
 
 #[test]
@@ -85,60 +45,10 @@ fn every_variant_steps_with_finite_bounded_state() {
     let model = Segformer::new(&cfg, tensors.clone()).unwrap();
     let x = Tensor::randn(0f32, 1.0, (2, 3, 48, 64), &Device::Cpu).unwrap();
     let strong = (&x * 0.9).unwrap();
-    let mut variants: Vec<(&str, AdaptConfig)> = vec![
-        ("plain", base()),
-        (
-            "tent",
-            AdaptConfig {
-                tent: true,
-                ..base()
-            },
-        ),
-        ("full", full()),
-    ];
-    let f = full();
-    variants.push((
-        "ias",
-        AdaptConfig {
-            threshold: f.threshold,
-            ..base()
-        },
-    ));
-    variants.push((
-        "cpsl",
-        AdaptConfig {
-            cpsl: f.cpsl,
-            ..base()
-        },
-    ));
-    variants.push((
-        "region",
-        AdaptConfig {
-            region: f.region,
-            ..base()
-        },
-    ));
-    variants.push((
-        "sepico",
-        AdaptConfig {
-            sepico: f.sepico,
-            ..base()
-        },
-    ));
-    variants.push((
-        "bida",
-        AdaptConfig {
-            bida: f.bida,
-            ..base()
-        },
-    ));
-    variants.push((
-        "dida",
-        AdaptConfig {
-            dida: f.dida,
-            ..base()
-        },
-    ));
+    let variants: Vec<(&str, AdaptConfig)> = segadapt::adapt::config::METHODS
+        .iter()
+        .map(|m| (*m, AdaptConfig::for_method(&full(), m).unwrap()))
+        .collect();
     for (name, ac) in variants {
         let stats = SourceStats::compute(&model, &pre, &examples, 255).unwrap();
         let mut a = Adapter::new(ac.clone(), &cfg, &tensors, stats).unwrap();
@@ -146,11 +56,13 @@ fn every_variant_steps_with_finite_bounded_state() {
             .copy()
             .unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut r = Default::default();
         for _ in 0..3 {
-            let r = a.step(&x, &strong, &mut rng).unwrap();
+            r = a.step(&x, &strong, &mut rng).unwrap();
             assert!(r.total.is_finite(), "{name}: {r:?}");
             assert!(r.terms.iter().all(|(_, v)| v.is_finite()), "{name}: {r:?}");
         }
+        let r: segadapt::adapt::step::StepReport = r;
         assert_eq!(a.opt.step_count(), 3, "{name}");
         let after = &a.teacher.tensors().unwrap()["decode_head.classifier.weight"];
         let moved = (after - &before)
@@ -166,15 +78,30 @@ fn every_variant_steps_with_finite_bounded_state() {
         } else {
             assert!(moved > 0.0, "{name}: the teacher must follow the student");
         }
-        if let Some(k) = ac.cpsl {
+        if ac.cpsl.on {
             let q = a.queue.as_ref().unwrap().dim(0).unwrap();
-            assert!(q <= k.queue, "{name}: queue {q} over {}", k.queue);
+            assert!(q <= ac.cpsl.queue, "{name}: queue {q} over {}", ac.cpsl.queue);
             let s: f32 = a.prior.iter().sum();
             assert!((s - 1.0).abs() < 1e-3, "{name}: prior sums to {s}");
         }
-        if let Some(d) = ac.dida {
-            assert_eq!(a.bank.as_ref().unwrap().len(), d.bank);
+        if ac.dida.on {
+            assert_eq!(a.bank.as_ref().unwrap().len(), ac.dida.bank);
         }
+        if ac.hpla.on {
+            assert_eq!(a.paste.as_ref().unwrap().len(), ac.hpla.pool);
+        }
+        let terms: Vec<&str> = r.terms.iter().map(|(k, _)| *k).collect();
+        let expected = [
+            (ac.region.on, "entropy"),
+            (ac.sepico.on, "sepico"),
+            (ac.cpsl.on, "cpsl_consist"),
+            (ac.bida.on, "bida"),
+            (ac.dida.on, "dida"),
+        ];
+        for (on, term) in expected.into_iter().filter(|_| !ac.tent) {
+            assert_eq!(terms.contains(&term), on, "{name}: {terms:?}");
+        }
+        assert!(!ac.tent || terms == ["entropy"], "{name}: {terms:?}");
     }
 }
 
@@ -208,9 +135,14 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
                 queue: 2,
             },
             batch: 2,
+            crop: Some((48, 32)),
             ring: 4,
             steps_per_frame,
+            every: 1,
             seed: 3,
+            checkpoints: None,
+            checkpoint_every: 0,
+            step_budget: None,
         };
         let mut served = 0;
         let (summary, adapter) = run_online(

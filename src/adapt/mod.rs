@@ -6,12 +6,17 @@
 
 pub mod bank;
 pub mod bidirectional;
+pub mod config;
 pub mod contrast;
+pub mod guard;
+pub mod hpla;
 pub mod region;
 pub mod sinkhorn;
 pub mod step;
 pub mod thresholds;
 pub mod views;
+
+pub use config::AdaptConfig;
 
 /// Per-class means of the rows of `f` [N, D] under `labels` (values >= `classes` skipped):
 /// the flattened [classes, D] means and each class's row count (0: absent, mean left at 0).

@@ -5,7 +5,8 @@
 use crate::model::nn::log_softmax;
 use candle_core::{DType, Result, Tensor, D};
 
-fn masked_mean(per_pixel: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// Mean of `per_pixel` [N] over the pixels where `mask` (u8 [N]) is set; 0 when none is.
+pub(crate) fn masked_mean(per_pixel: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let w = mask.to_dtype(DType::F32)?;
     let n = w.sum_all()?.to_scalar::<f32>()?;
     if n == 0.0 {

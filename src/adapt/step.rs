@@ -4,6 +4,9 @@
 //! Target labels never enter here.
 
 use super::bank::InstanceBank;
+use super::guard::{stochastic_restore, CollapseMonitor};
+use super::hpla::CopyPaste;
+use super::AdaptConfig;
 use super::bidirectional::{bidirectional_loss, sample_source_pixels, Prototypes};
 use super::contrast::{cosine, dist_cl, proto_cl, proto_reg};
 use super::region;
@@ -21,79 +24,6 @@ use rand::Rng;
 
 pub const IGNORE: u32 = 255;
 
-/// How confident pixels are chosen.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Threshold {
-    /// Plain mean-teacher self-training: one fixed confidence for every class.
-    Fixed(f32),
-    /// HIAST's instance-adaptive per-class thresholds.
-    Instance { alpha: f32, beta: f32, gamma: f32 },
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct Cpsl {
-    pub tau: f64,
-    pub eps: f32,
-    pub iters: usize,
-    pub queue: usize,
-    pub pixels: usize,
-    pub weight: f64,
-    pub prior_momentum: f64,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct Region {
-    pub smooth: f64,
-    pub entropy: f64,
-    pub consistency: f64,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct Sepico {
-    pub tau: f64,
-    pub weight: f64,
-    pub reg: f64,
-    /// ProtoCL (centroids only) instead of DistCL.
-    pub centroid_only: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct Bida {
-    pub tau: f64,
-    pub weight: f64,
-    pub momentum: f64,
-    pub ramp: u64,
-    pub per_class: usize,
-    /// Keep only pseudo labels that label transfer agrees with.
-    pub check: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct Dida {
-    pub bank: usize,
-    pub momentum: f64,
-    pub weight: f64,
-}
-
-/// What one step does; each component is off when `None`.
-#[derive(Debug, Clone)]
-pub struct AdaptConfig {
-    pub lr: f64,
-    pub head_lr_mult: f64,
-    pub weight_decay: f64,
-    pub max_grad_norm: Option<f64>,
-    pub ema: f64,
-    pub threshold: Threshold,
-    pub cpsl: Option<Cpsl>,
-    pub region: Option<Region>,
-    pub sepico: Option<Sepico>,
-    pub bida: Option<Bida>,
-    pub dida: Option<Dida>,
-    /// TENT instead of self-training: entropy of the model's own predictions, only the norm
-    /// layers' affine parameters train, no teacher.
-    pub tent: bool,
-}
-
 /// Loss terms of the last step, for logs and tests.
 #[derive(Debug, Clone, Default)]
 pub struct StepReport {
@@ -102,6 +32,9 @@ pub struct StepReport {
     /// Share of pixels kept as pseudo labels.
     pub kept: f32,
     pub outcome: Option<StepOutcome>,
+    /// The teacher's predictions left their running band: nothing was updated, and the runner
+    /// should roll back.
+    pub collapsed: bool,
 }
 
 pub struct Adapter {
@@ -112,12 +45,25 @@ pub struct Adapter {
     pub thresholds: InstanceThresholds,
     pub protos: Prototypes,
     pub bank: Option<InstanceBank>,
+    pub paste: Option<CopyPaste>,
+    pub monitor: CollapseMonitor,
+    /// Source values of the trainable parameters, kept for CoTTA's stochastic restore.
+    source: Vec<Tensor>,
     /// Running estimate of the target class distribution (CPSL's r).
     pub prior: Vec<f32>,
     /// Teacher features [Q, D] of past pixels for the Sinkhorn assignment (FIFO).
     pub queue: Option<Tensor>,
     pub stats: SourceStats,
     pub step: u64,
+}
+
+/// Copies of the student's parameters as they are now (the source weights at start).
+fn opt_source(student: &Student) -> Result<Vec<Tensor>> {
+    student
+        .vars
+        .iter()
+        .map(|(_, v)| v.as_tensor().copy())
+        .collect()
 }
 
 fn is_norm_affine(name: &str) -> bool {
@@ -149,36 +95,43 @@ impl Adapter {
             vars,
             AdamWConfig {
                 weight_decay: cfg.weight_decay,
-                max_grad_norm: cfg.max_grad_norm,
+                max_grad_norm: Some(cfg.max_grad_norm),
                 ..Default::default()
             },
         )?;
         let c = model_cfg.num_labels();
-        let (alpha, beta, gamma) = match cfg.threshold {
-            Threshold::Instance { alpha, beta, gamma } => (alpha, beta, gamma),
-            Threshold::Fixed(_) => (0.5, 0.9, 8.0),
-        };
-        let bida = cfg.bida.map(|b| (b.momentum, b.ramp)).unwrap_or((0.99, 0));
-        let protos = Prototypes::new(&stats.prototypes, bida.0, bida.1)?;
-        let bank = match cfg.dida {
-            Some(d) => Some(InstanceBank::from_source(
+        let protos = Prototypes::new(&stats.prototypes, cfg.bida.momentum, cfg.bida.ramp)?;
+        let bank = match cfg.dida.on {
+            true => Some(InstanceBank::from_source(
                 &stats.mean,
                 &stats.prior,
                 &stats.count,
-                d.bank,
-                d.momentum,
+                cfg.dida.bank,
+                cfg.dida.momentum,
             )?),
-            None => None,
+            false => None,
+        };
+        let paste = cfg
+            .hpla
+            .on
+            .then(|| CopyPaste::new(c, cfg.hpla.pool, cfg.hpla.hard, cfg.hpla.rounds));
+        let source = match cfg.guard.restore > 0.0 {
+            true => opt_source(&student)?,
+            false => Vec::new(),
         };
         let prior = stats.prior.to_vec1::<f32>()?;
+        let i = &cfg.ias;
         Ok(Self {
+            thresholds: InstanceThresholds::new(c, 0.9, i.alpha, i.beta, i.gamma),
+            monitor: CollapseMonitor::new(c, cfg.guard.band, cfg.guard.warmup),
             cfg,
             student,
             teacher,
             opt,
-            thresholds: InstanceThresholds::new(c, 0.9, alpha, beta, gamma),
             protos,
             bank,
+            paste,
+            source,
             prior,
             queue: None,
             stats,
@@ -200,58 +153,104 @@ impl Adapter {
         let f_t = t_out.embed.reshape((n, d))?; // [N, D]
 
         // Pseudo labels: CPSL prototype rectification, then the confidence selection.
-        let scores = if self.cfg.cpsl.is_some() {
-            let tau = self.cfg.cpsl.map(|k| k.tau).unwrap_or(0.08);
-            let wgt =
-                candle_nn::ops::softmax_last_dim(&(cosine(&f_t, &self.protos.target)? / tau)?)?;
-            (wgt * &p_t)?
+        let cpsl = self.cfg.cpsl.clone();
+        let proto_t = if cpsl.on {
+            Some(candle_nn::ops::softmax_last_dim(
+                &(cosine(&f_t, &self.protos.target)? / cpsl.tau)?,
+            )?)
         } else {
-            p_t.clone()
+            None
+        };
+        let scores = match &proto_t {
+            Some(wgt) => (wgt * &p_t)?,
+            None => p_t.clone(),
         };
         let pred: Vec<u32> = scores.argmax(D::Minus1)?.to_vec1()?;
         let conf: Vec<f32> = p_t.max(D::Minus1)?.to_vec1()?;
+
+        if self.cfg.guard.collapse {
+            let mut shares = vec![0f64; c];
+            pred.iter().for_each(|&p| shares[p as usize] += 1.0 / n as f64);
+            let mean_conf = conf.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            if self.monitor.observe(&shares, mean_conf) {
+                return Ok(StepReport {
+                    collapsed: true,
+                    ..Default::default()
+                });
+            }
+        }
+
         let pred_u8: Vec<u8> = pred.iter().map(|&p| p as u8).collect();
-        let mut keep = match self.cfg.threshold {
-            Threshold::Fixed(t) => conf.iter().map(|&p| p >= t).collect::<Vec<bool>>(),
-            Threshold::Instance { .. } => {
-                let per = h * w;
-                for i in 0..b {
-                    self.thresholds.update(
-                        &conf[i * per..(i + 1) * per],
-                        &pred_u8[i * per..(i + 1) * per],
-                    );
-                }
-                self.thresholds.select(&conf, &pred_u8)
+        let mut keep = if self.cfg.ias.on {
+            let per = h * w;
+            for i in 0..b {
+                self.thresholds.update(
+                    &conf[i * per..(i + 1) * per],
+                    &pred_u8[i * per..(i + 1) * per],
+                );
             }
+            self.thresholds.select(&conf, &pred_u8)
+        } else {
+            conf.iter()
+                .map(|&p| p >= self.cfg.threshold)
+                .collect::<Vec<bool>>()
         };
-        if let Some(bd) = self.cfg.bida {
-            if bd.check {
-                let (transfer, _) = self.protos.transfer(&f_t, self.step)?;
-                let transfer: Vec<u32> = transfer.to_vec1()?;
-                keep.iter_mut()
-                    .zip(transfer.iter().zip(&pred))
-                    .for_each(|(k, (t, p))| *k &= t == p);
-            }
+        if self.cfg.bida.on && self.cfg.bida.check {
+            let (transfer, _) = self.protos.transfer(&f_t, self.step)?;
+            let transfer: Vec<u32> = transfer.to_vec1()?;
+            keep.iter_mut()
+                .zip(transfer.iter().zip(&pred))
+                .for_each(|(k, (t, p))| *k &= t == p);
         }
         let labels: Vec<u32> = pred
             .iter()
             .zip(&keep)
             .map(|(&p, &k)| if k { p } else { IGNORE })
             .collect();
-        let kept = keep.iter().filter(|&&k| k).count() as f32 / n.max(1) as f32;
         let dev = weak.device();
-        let y = Tensor::from_vec(labels.clone(), n, dev)?;
-        let keep_t = Tensor::from_vec(keep.iter().map(|&k| k as u8).collect::<Vec<_>>(), n, dev)?;
-        let ignored_t =
-            Tensor::from_vec(keep.iter().map(|&k| (!k) as u8).collect::<Vec<_>>(), n, dev)?;
+
+        // HPLA: hard-class pixels of recent frames pasted into the student's view.
+        let mut train_labels = labels.clone();
+        let mut pasted = vec![false; n];
+        let mut strong = strong.clone();
+        if let Some(cp) = &mut self.paste {
+            cp.update_confidence(&conf, &labels);
+            let dims = strong.dims().to_vec();
+            let plane = dims[1] * dims[2] * dims[3];
+            let original: Vec<f32> = strong.flatten_all()?.to_vec1()?;
+            let mut img = original.clone();
+            for i in 0..b {
+                let r = cp.paste(
+                    &mut img[i * plane..(i + 1) * plane],
+                    &mut train_labels[i * h * w..(i + 1) * h * w],
+                    (h, w),
+                    rng,
+                );
+                pasted[i * h * w..(i + 1) * h * w].copy_from_slice(&r.mask);
+            }
+            for i in 0..b {
+                cp.push(
+                    original[i * plane..(i + 1) * plane].to_vec(),
+                    labels[i * h * w..(i + 1) * h * w].to_vec(),
+                );
+            }
+            strong = Tensor::from_vec(img, dims, dev)?;
+        }
+        let keep_train: Vec<bool> = keep.iter().zip(&pasted).map(|(k, p)| *k || *p).collect();
+        let kept = keep_train.iter().filter(|&&k| k).count() as f32 / n.max(1) as f32;
+        let y = Tensor::from_vec(train_labels.clone(), n, dev)?;
+        let mask = |v: &[bool]| Tensor::from_vec(v.iter().map(|&k| k as u8).collect(), n, dev);
+        let keep_t = mask(&keep_train)?;
+        let ignored_t = mask(&keep_train.iter().map(|k| !k).collect::<Vec<_>>())?;
 
         // Student on the strong view.
-        let s_out = self.student.model.forward(strong, Some(rng))?;
+        let s_out = self.student.model.forward(&strong, Some(rng))?;
         let logits = s_out.logits.reshape((n, c))?;
         let f_s = s_out.embed.reshape((n, d))?;
         let mut terms: Vec<(&'static str, Tensor)> =
             vec![("ce", cross_entropy(&logits, &y, None, IGNORE)?)];
-        if let Some(r) = self.cfg.region {
+        let r = self.cfg.region.clone();
+        if r.on {
             terms.push(("smooth", (region::smoothing(&logits, &keep_t)? * r.smooth)?));
             terms.push((
                 "entropy",
@@ -262,8 +261,9 @@ impl Adapter {
                 (region::consistency(&logits, &p_t, &ignored_t)? * r.consistency)?,
             ));
         }
-        if let Some(sp) = self.cfg.sepico {
-            let l = if sp.centroid_only {
+        let sp = self.cfg.sepico.clone();
+        if sp.on {
+            let l = if sp.variant == "proto" {
                 proto_cl(&f_s, &y, &self.stats.mean, sp.tau, IGNORE)?
             } else {
                 dist_cl(&f_s, &y, &self.stats.mean, &self.stats.var, sp.tau, IGNORE)?
@@ -275,30 +275,46 @@ impl Adapter {
             ));
         }
         let mut picked: Option<Tensor> = None;
-        if let Some(k) = self.cfg.cpsl {
-            let idx: Vec<u32> = (0..k.pixels.min(n))
-                .map(|_| rng.random_range(0..n as u32))
+        if cpsl.on {
+            // Self-labeling: Sinkhorn assignments of teacher features (with the queue) towards
+            // the running target prior supervise the student's prototype scores. Pasted pixels
+            // have no teacher feature of their own and are left out.
+            let free: Vec<u32> = (0..n as u32).filter(|&i| !pasted[i as usize]).collect();
+            let idx: Vec<u32> = (0..cpsl.pixels.min(free.len()))
+                .map(|_| free[rng.random_range(0..free.len())])
                 .collect();
-            let idx = Tensor::new(idx.as_slice(), dev)?;
-            let ft = f_t.index_select(&idx, 0)?;
-            let all = match &self.queue {
-                Some(q) => Tensor::cat(&[q, &ft], 0)?,
-                None => ft.clone(),
-            };
-            let rows = all.dim(0)?;
-            let sc: Vec<f32> = cosine(&all, &self.protos.target)?
-                .flatten_all()?
-                .to_vec1()?;
-            let q = balanced_assignment(&sc, rows, &self.prior, k.eps, k.iters);
-            let m = ft.dim(0)?;
-            let q = Tensor::from_vec(q[(rows - m) * c..].to_vec(), (m, c), dev)?;
-            let fs = f_s.index_select(&idx, 0)?;
-            let lp = log_softmax(&(cosine(&fs, &self.protos.target)? / k.tau)?)?;
-            let l = (q * lp)?.sum(D::Minus1)?.mean_all()?.neg()?;
-            terms.push(("cpsl", (l * k.weight)?));
-            picked = Some(ft);
+            if !idx.is_empty() {
+                let idx = Tensor::new(idx.as_slice(), dev)?;
+                let ft = f_t.index_select(&idx, 0)?;
+                let all = match &self.queue {
+                    Some(q) => Tensor::cat(&[q, &ft], 0)?,
+                    None => ft.clone(),
+                };
+                let rows = all.dim(0)?;
+                let sc: Vec<f32> = cosine(&all, &self.protos.target)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let q = balanced_assignment(&sc, rows, &self.prior, cpsl.eps, cpsl.iters);
+                let m = ft.dim(0)?;
+                let q = Tensor::from_vec(q[(rows - m) * c..].to_vec(), (m, c), dev)?;
+                let fs = f_s.index_select(&idx, 0)?;
+                let lp = log_softmax(&(cosine(&fs, &self.protos.target)? / cpsl.tau)?)?;
+                let l = (q * lp)?.sum(D::Minus1)?.mean_all()?.neg()?;
+                terms.push(("cpsl", (l * cpsl.weight)?));
+                picked = Some(ft);
+            }
+            if cpsl.consistency > 0.0 {
+                let pt = proto_t.as_ref().expect("computed when CPSL is on");
+                let ls = log_softmax(&(cosine(&f_s, &self.protos.target)? / cpsl.tau)?)?;
+                let lt = pt.clamp(1e-8, 1.0)?.log()?;
+                let kl = (pt * (lt - ls)?)?.sum(D::Minus1)?;
+                let free_t = mask(&pasted.iter().map(|p| !p).collect::<Vec<_>>())?;
+                let l = region::masked_mean(&kl, &free_t)?;
+                terms.push(("cpsl_consist", (l * cpsl.consistency)?));
+            }
         }
-        if let Some(bd) = self.cfg.bida {
+        let bd = self.cfg.bida.clone();
+        if bd.on {
             let (fs_src, ys) = sample_source_pixels(
                 &self.stats.mean,
                 &self.stats.var,
@@ -309,9 +325,12 @@ impl Adapter {
             let l = bidirectional_loss(&f_s, &y, &fs_src, &ys, &self.protos, bd.tau, IGNORE)?;
             terms.push(("bida", (l * bd.weight)?));
         }
-        if let (Some(dd), Some(bank)) = (self.cfg.dida, &self.bank) {
+        if let Some(bank) = &self.bank {
             let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-            terms.push(("dida", bank.instance_loss(&f_t, &f_s, &probs, dd.weight)?));
+            terms.push((
+                "dida",
+                bank.instance_loss(&f_t, &f_s, &probs, self.cfg.dida.weight)?,
+            ));
         }
         let mut total = terms[0].1.clone();
         for (_, t) in &terms[1..] {
@@ -332,10 +351,12 @@ impl Adapter {
                 .collect(),
             kept,
             outcome: Some(outcome),
+            collapsed: false,
         };
         if outcome == StepOutcome::NonFinite {
             return Ok(report);
         }
+        self.restore_towards_source(rng)?;
         // The teacher starts as a trained model, not a random one: no momentum warm-up.
         ema_update(&self.teacher, &self.student.model, self.cfg.ema)?;
         // State that follows the teacher: prototypes, bank, queue, class prior.
@@ -343,21 +364,23 @@ impl Adapter {
         if let Some(bank) = &mut self.bank {
             bank.update(&f_t, &labels)?;
         }
-        if let (Some(k), Some(ft)) = (self.cfg.cpsl, picked) {
+        if let Some(ft) = picked {
             let q = match self.queue.take() {
                 Some(q) => Tensor::cat(&[&q, &ft], 0)?,
                 None => ft,
             };
             let len = q.dim(0)?;
-            self.queue = Some(if len > k.queue {
-                q.narrow(0, len - k.queue, k.queue)?.copy()?
+            self.queue = Some(if len > cpsl.queue {
+                q.narrow(0, len - cpsl.queue, cpsl.queue)?.copy()?
             } else {
                 q
             });
+        }
+        if cpsl.on {
             let mut hist = vec![0f32; c];
             pred.iter()
                 .for_each(|&p| hist[p as usize] += 1.0 / n as f32);
-            let m = k.prior_momentum as f32;
+            let m = cpsl.prior_momentum as f32;
             self.prior
                 .iter_mut()
                 .zip(&hist)
@@ -365,6 +388,14 @@ impl Adapter {
         }
         self.step += 1;
         Ok(report)
+    }
+
+    fn restore_towards_source(&self, rng: &mut StdRng) -> Result<()> {
+        if self.source.is_empty() {
+            return Ok(());
+        }
+        let vars: Vec<candle_core::Var> = self.student.vars.iter().map(|(_, v)| v.clone()).collect();
+        stochastic_restore(&vars, &self.source, self.cfg.guard.restore, rng)
     }
 
     /// TENT: minimise the entropy of the model's own predictions; only norm affines move.
@@ -390,114 +421,9 @@ impl Adapter {
             terms: vec![("entropy", v)],
             kept: 1.0,
             outcome: Some(outcome),
+            collapsed: false,
         })
     }
-}
-
-/// The method presets of the ablation: baselines, each component alone on top of plain
-/// mean-teacher self-training, and everything together.
-pub fn preset(name: &str) -> Option<AdaptConfig> {
-    let base = AdaptConfig {
-        lr: 6e-5,
-        head_lr_mult: 10.0,
-        weight_decay: 0.01,
-        max_grad_norm: Some(10.0),
-        ema: 0.999,
-        threshold: Threshold::Fixed(0.968),
-        cpsl: None,
-        region: None,
-        sepico: None,
-        bida: None,
-        dida: None,
-        tent: false,
-    };
-    let ias = Threshold::Instance {
-        alpha: 0.5,
-        beta: 0.9,
-        gamma: 8.0,
-    };
-    let cpsl = Cpsl {
-        tau: 0.08,
-        eps: 0.05,
-        iters: 3,
-        queue: 4096,
-        pixels: 256,
-        weight: 0.1,
-        prior_momentum: 0.99,
-    };
-    let region = Region {
-        smooth: 0.1,
-        entropy: 1.0,
-        consistency: 0.5,
-    };
-    let sepico = Sepico {
-        tau: 100.0,
-        weight: 1.0,
-        reg: 1.0,
-        centroid_only: false,
-    };
-    let bida = Bida {
-        tau: 0.1,
-        weight: 0.1,
-        momentum: 0.99,
-        ramp: 500,
-        per_class: 16,
-        check: false,
-    };
-    let dida = Dida {
-        bank: 100,
-        momentum: 0.999,
-        weight: 0.5,
-    };
-    Some(match name {
-        "tent" => AdaptConfig {
-            tent: true,
-            lr: 1e-4,
-            ..base
-        },
-        "plain" => base,
-        "ias" => AdaptConfig {
-            threshold: ias,
-            ..base
-        },
-        "cpsl" => AdaptConfig {
-            cpsl: Some(cpsl),
-            ..base
-        },
-        "region" => AdaptConfig {
-            region: Some(region),
-            ..base
-        },
-        "sepico" => AdaptConfig {
-            sepico: Some(sepico),
-            ..base
-        },
-        "protocl" => AdaptConfig {
-            sepico: Some(Sepico {
-                centroid_only: true,
-                ..sepico
-            }),
-            ..base
-        },
-        "bida" => AdaptConfig {
-            bida: Some(bida),
-            ..base
-        },
-        "dida" => AdaptConfig {
-            dida: Some(dida),
-            ..base
-        },
-        "full" => AdaptConfig {
-            threshold: ias,
-            cpsl: Some(cpsl),
-            region: Some(region),
-            sepico: Some(sepico),
-            bida: Some(bida),
-            dida: Some(dida),
-            ..base
-        },
-        _ => return None,
-    })
 }
 
 impl Adapter {
@@ -528,8 +454,20 @@ impl Adapter {
         if let Some(q) = &self.queue {
             m.insert("adapt.queue".into(), q.clone());
         }
+        if let Some(p) = &self.paste {
+            for (k, t) in p.state()? {
+                m.insert(format!("adapt.hpla.{k}"), t);
+            }
+        }
         m.insert("adapt.step".into(), Tensor::new(self.step as i64, &dev)?);
         Ok(m)
+    }
+
+    /// Goes back to a saved state in place (the collapse monitor starts over).
+    pub fn rollback(&mut self, state: &TensorMap) -> Result<()> {
+        let cfg = self.teacher.cfg.clone();
+        *self = Adapter::restore(self.cfg.clone(), &cfg, self.stats.clone(), state)?;
+        Ok(())
     }
 
     /// Rebuilds an adapter from [`Adapter::state`]; `cfg` must switch on the same parts.
@@ -562,6 +500,9 @@ impl Adapter {
             b.labels = get("adapt.bank.labels")?.to_vec1()?;
         }
         a.queue = state.get("adapt.queue").cloned();
+        if let Some(p) = &mut a.paste {
+            p.load_state(|k| state.get(&format!("adapt.hpla.{k}")).cloned())?;
+        }
         a.step = get("adapt.step")?
             .to_dtype(DType::I64)?
             .to_scalar::<i64>()? as u64;

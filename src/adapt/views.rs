@@ -9,20 +9,28 @@ use image::RgbImage;
 use rand::rngs::StdRng;
 use rand::Rng;
 
-/// Builds ([B, 3, H, W] weak, [B, 3, H, W] strong) at the model's input size.
+/// Builds ([B, 3, H, W] weak, [B, 3, H, W] strong) at the model's input size, or a random
+/// `crop` (width, height) of it.
 pub fn views(
     frames: &[&RgbImage],
     pre: &PreprocessConfig,
+    crop: Option<(usize, usize)>,
     rng: &mut StdRng,
     dev: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let (w0, h0) = frames.first().map(|f| f.dimensions()).unwrap_or((1, 1));
-    let (w, h) = pre.input_size(w0 as usize, h0 as usize);
+    let (iw, ih) = pre.input_size(w0 as usize, h0 as usize);
+    let (w, h) = crop.map_or((iw, ih), |(cw, ch)| (cw.min(iw), ch.min(ih)));
     let plane = 3 * w * h;
     let mut weak = vec![0f32; frames.len() * plane];
     let mut strong = vec![0f32; frames.len() * plane];
     for (i, f) in frames.iter().enumerate() {
-        let mut img = resize_rgb(f, w as u32, h as u32);
+        let mut img = resize_rgb(f, iw as u32, ih as u32);
+        if (w, h) != (iw, ih) {
+            let x = rng.random_range(0..=iw - w) as u32;
+            let y = rng.random_range(0..=ih - h) as u32;
+            img = image::imageops::crop_imm(&img, x, y, w as u32, h as u32).to_image();
+        }
         if rng.random_bool(0.5) {
             image::imageops::flip_horizontal_in_place(&mut img);
         }

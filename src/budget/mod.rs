@@ -1,8 +1,13 @@
-//! Memory accounting. For now: a counting global allocator for live and peak heap bytes.
+//! Memory accounting: a counting global allocator for live and peak heap bytes, measured
+//! step and serving peaks, and the plan that fits a profile's parts into its budget.
 
 mod alloc;
+pub mod measure;
+pub mod plan;
 
 pub use alloc::{current_bytes, peak_bytes, reset_peak, tune_malloc, CountingAlloc};
+pub use measure::Calibrator;
+pub use plan::{plan, Measure, Plan};
 
 /// The process's peak resident set (VmHWM) in bytes; None where /proc is not available.
 pub fn peak_rss_bytes() -> Option<usize> {

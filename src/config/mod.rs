@@ -2,6 +2,8 @@
 
 mod model;
 mod preprocess;
+mod profile;
 
 pub use model::SegformerConfig;
-pub use preprocess::PreprocessConfig;
+pub use preprocess::{PreprocessConfig, Size};
+pub use profile::{DeviceSection, InputSection, MemorySection, Profile, TrainSection};

@@ -3,6 +3,7 @@
 //! dropped and counted. Replaying as fast as possible, capture waits instead (nothing dropped).
 
 pub mod online;
+pub mod session;
 
 use crate::source::{Frame, FrameSource, SourceError};
 use crossbeam::channel::{bounded, TrySendError};
@@ -30,6 +31,14 @@ pub struct Summary {
     pub latency_ms_p50: f64,
     pub latency_ms_p99: f64,
     pub train_steps: u64,
+    /// Median wall time of one adaptation step (views, step, bookkeeping).
+    pub step_ms_p50: f64,
+    /// Steps skipped for a non-finite loss or gradient.
+    pub steps_skipped: u64,
+    /// Collapses caught by the monitor (each rolled back to the newest checkpoint).
+    pub rollbacks: u64,
+    /// Times a step waited because memory would have passed the budget.
+    pub budget_waits: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub miou: Option<f64>,
     /// Damage found in the recording (truncation, corrupt records).
@@ -149,9 +158,9 @@ pub fn run<E>(
         frame_errors: errors.load(Ordering::Relaxed),
         latency_ms_p50: percentile(&latencies, 0.5),
         latency_ms_p99: percentile(&latencies, 0.99),
-        train_steps: 0,
         miou: None,
         damage,
         wall_s: start.elapsed().as_secs_f64(),
+        ..Default::default()
     })
 }

@@ -5,6 +5,7 @@
 
 use super::{run, Arrived, PipelineConfig, Summary};
 use crate::adapt::step::Adapter;
+use crate::checkpoint::CheckpointDir;
 use crate::adapt::views::views;
 use crate::config::PreprocessConfig;
 use crate::model::ema::detached_copy;
@@ -22,12 +23,36 @@ use std::sync::{Arc, Mutex, RwLock};
 pub struct OnlineConfig {
     pub pipeline: PipelineConfig,
     pub batch: usize,
+    /// Training crop (width, height) of the resized frame; None: the whole frame.
+    pub crop: Option<(usize, usize)>,
     /// Recent frames kept for training.
     pub ring: usize,
-    /// Some(k): k steps after each served frame, on the serving thread (reproducible).
-    /// None: a training thread steps whenever the ring has a batch.
+    /// Some(k): k steps after every `every`-th served frame, on the serving thread
+    /// (reproducible). None: a training thread steps whenever the ring has a batch.
     pub steps_per_frame: Option<u32>,
+    pub every: u32,
     pub seed: u64,
+    /// Save the adaptation state here every `checkpoint_every` steps; a collapse rolls back to
+    /// the newest one.
+    pub checkpoints: Option<Arc<CheckpointDir>>,
+    pub checkpoint_every: u64,
+    /// A step waits while live heap bytes plus its measured activation peak would pass this.
+    pub step_budget: Option<StepBudget>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StepBudget {
+    pub limit_bytes: usize,
+    pub activation_bytes: usize,
+}
+
+/// What training did beside serving, for the run's summary.
+#[derive(Debug, Default)]
+struct Counters {
+    skipped: AtomicU64,
+    rollbacks: AtomicU64,
+    budget_waits: AtomicU64,
+    step_ms: Mutex<Vec<f64>>,
 }
 
 /// The model serving predictions, replaced after every training step.
@@ -39,13 +64,28 @@ fn publish(slot: &Published, adapter: &Adapter) -> crate::Result<()> {
     Ok(())
 }
 
+fn save(adapter: &Adapter, cfg: &OnlineConfig) -> crate::Result<()> {
+    if let Some(dir) = &cfg.checkpoints {
+        dir.save(adapter.step, &adapter.state()?, Default::default())?;
+    }
+    Ok(())
+}
+
+/// One training step if the ring holds a batch and memory allows; true when the student moved.
 fn train_once(
     adapter: &mut Adapter,
     ring: &Mutex<VecDeque<RgbImage>>,
     cfg: &OnlineConfig,
     pre: &PreprocessConfig,
     rng: &mut StdRng,
+    counters: &Counters,
 ) -> crate::Result<bool> {
+    if let Some(b) = cfg.step_budget {
+        if crate::budget::current_bytes() + b.activation_bytes > b.limit_bytes {
+            counters.budget_waits.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+    }
     let batch: Vec<RgbImage> = {
         let r = ring.lock().expect("ring");
         if r.len() < cfg.batch {
@@ -56,13 +96,43 @@ fn train_once(
             .collect()
     };
     let refs: Vec<&RgbImage> = batch.iter().collect();
-    let (weak, strong) = views(&refs, pre, rng, &Device::Cpu)?;
+    let (weak, strong) = views(&refs, pre, cfg.crop, rng, &Device::Cpu)?;
+    let t0 = std::time::Instant::now();
     let rep = adapter.step(&weak, &strong, rng)?;
+    counters
+        .step_ms
+        .lock()
+        .expect("step times")
+        .push(t0.elapsed().as_secs_f64() * 1e3);
+    if rep.collapsed {
+        counters.rollbacks.fetch_add(1, Ordering::Relaxed);
+        let ck = cfg.checkpoints.as_ref().and_then(|d| d.latest(&Device::Cpu));
+        match ck {
+            Some(ck) => {
+                log::warn!(
+                    "step {}: predictions left their running band; rolling back to {}",
+                    adapter.step,
+                    ck.path.display()
+                );
+                adapter.rollback(&ck.tensors)?;
+            }
+            None => log::warn!(
+                "step {}: predictions left their running band; no checkpoint to roll back to, step skipped",
+                adapter.step
+            ),
+        }
+        return Ok(true);
+    }
     if rep.outcome == Some(crate::optim::StepOutcome::NonFinite) {
+        counters.skipped.fetch_add(1, Ordering::Relaxed);
         log::warn!(
             "adaptation step {}: non-finite loss or gradient, skipped",
             adapter.step
         );
+        return Ok(false);
+    }
+    if cfg.checkpoint_every > 0 && adapter.step % cfg.checkpoint_every == 0 {
+        save(adapter, cfg)?;
     }
     Ok(true)
 }
@@ -91,33 +161,57 @@ pub fn run_online(
         r.push_back(img.clone());
     };
     let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let counters = Counters::default();
+    // The state a first collapse rolls back to.
+    if cfg.checkpoints.as_ref().is_some_and(|d| d.latest(&Device::Cpu).is_none()) {
+        save(&adapter, cfg)?;
+    }
+    let fill = |mut s: Summary, steps: u64| {
+        s.train_steps = steps;
+        s.steps_skipped = counters.skipped.load(Ordering::Relaxed);
+        s.rollbacks = counters.rollbacks.load(Ordering::Relaxed);
+        s.budget_waits = counters.budget_waits.load(Ordering::Relaxed);
+        let mut t = counters.step_ms.lock().expect("step times").clone();
+        t.sort_by(|a, b| a.total_cmp(b));
+        s.step_ms_p50 = super::percentile(&t, 0.5);
+        s
+    };
     if let Some(k) = cfg.steps_per_frame {
+        let mut served = 0u64;
         let summary = run(source, &cfg.pipeline, stop, |item| -> crate::Result<()> {
             let model = slot.read().expect("model slot").clone();
             serve(item, &model)?;
             push(&item.frame.image);
+            served += 1;
+            if served % cfg.every.max(1) as u64 != 0 {
+                return Ok(());
+            }
             for _ in 0..k {
-                if train_once(&mut adapter, &ring, cfg, pre, &mut rng)? {
+                if train_once(&mut adapter, &ring, cfg, pre, &mut rng, &counters)? {
                     publish(&slot, &adapter)?;
                     after_step(adapter.step, &slot.read().expect("model slot"))?;
                 }
             }
             Ok(())
         })?;
-        let mut summary = summary;
-        summary.train_steps = adapter.step;
-        return Ok((summary, adapter));
+        let steps = adapter.step;
+        return Ok((fill(summary, steps), adapter));
     }
     let done = Arc::new(AtomicBool::new(false));
     let steps = Arc::new(AtomicU64::new(0));
     let result = std::thread::scope(|s| -> crate::Result<(Summary, Adapter)> {
         let trainer = {
-            let (ring, slot, done, steps) =
-                (ring.clone(), slot.clone(), done.clone(), steps.clone());
+            let (ring, slot, done, steps, counters) = (
+                ring.clone(),
+                slot.clone(),
+                done.clone(),
+                steps.clone(),
+                &counters,
+            );
             let cfg = cfg.clone();
             s.spawn(move || -> crate::Result<Adapter> {
                 while !done.load(Ordering::Relaxed) {
-                    if train_once(&mut adapter, &ring, &cfg, pre, &mut rng)? {
+                    if train_once(&mut adapter, &ring, &cfg, pre, &mut rng, counters)? {
                         publish(&slot, &adapter)?;
                         steps.store(adapter.step, Ordering::Relaxed);
                         after_step(adapter.step, &slot.read().expect("model slot"))?;
@@ -138,9 +232,7 @@ pub fn run_online(
         let adapter = trainer
             .join()
             .map_err(|_| crate::Error::Invalid("training thread panicked".into()))??;
-        let mut summary = summary?;
-        summary.train_steps = steps.load(Ordering::Relaxed);
-        Ok((summary, adapter))
+        Ok((fill(summary?, steps.load(Ordering::Relaxed)), adapter))
     });
     result
 }

@@ -56,3 +56,27 @@ pub fn write_dataset(root: &Path, n: usize, w: u32, h: u32) {
     }
     std::fs::write(root.join("manifest.csv"), manifest).unwrap();
 }
+
+/// A model folder (config, preprocessor, random weights, source statistics from `data`) as
+/// `adapt` reads it.
+pub fn write_model_dir(dir: &Path, cfg: &SegformerConfig, data: &Path, size: (usize, usize)) {
+    use segadapt::model::{init_tensors, weights, Segformer};
+    let dev = candle_core::Device::Cpu;
+    let tensors = init_tensors(cfg, &dev, 0).unwrap();
+    let pre = segadapt::config::PreprocessConfig::with_size(Some(size));
+    let examples = segadapt::data::Dataset::open(data, &[])
+        .unwrap()
+        .load_all(cfg.num_labels(), 255, true);
+    let model = Segformer::new(cfg, tensors.clone()).unwrap();
+    let stats = segadapt::stats::SourceStats::compute(&model, &pre, &examples, 255).unwrap();
+    weights::save_model_dir(
+        dir,
+        &weights::ModelFiles {
+            config: cfg.clone(),
+            preprocess: pre,
+            tensors,
+        },
+    )
+    .unwrap();
+    stats.save(dir).unwrap();
+}

@@ -1,0 +1,370 @@
+//! What an adaptation step does: which components are on and their hyperparameters, as the
+//! profile's `[adapt]` table gives them (defaults from `design/methods.md`), and the ablation's
+//! method switches.
+
+use crate::error::{at_least, check, positive, unit, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptConfig {
+    pub lr: f64,
+    pub head_lr_mult: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub ema: f64,
+    /// Fixed confidence threshold of plain self-training (used when `ias` is off).
+    pub threshold: f32,
+    pub ias: Ias,
+    pub hpla: Hpla,
+    pub cpsl: Cpsl,
+    pub region: Region,
+    pub sepico: Sepico,
+    pub bida: Bida,
+    pub dida: Dida,
+    pub guard: Guard,
+    /// TENT instead of self-training: entropy of the model's own predictions, only the norm
+    /// layers' affine parameters train, no teacher. Set by the `tent` method.
+    #[serde(skip)]
+    pub tent: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ias {
+    pub on: bool,
+    pub alpha: f32,
+    pub beta: f32,
+    pub gamma: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hpla {
+    pub on: bool,
+    /// Recent pseudo-labelled frames kept to paste from.
+    pub pool: usize,
+    /// How many of the least confident classes count as hard.
+    pub hard: usize,
+    pub rounds: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cpsl {
+    pub on: bool,
+    pub tau: f64,
+    pub eps: f32,
+    pub iters: usize,
+    pub queue: usize,
+    pub pixels: usize,
+    pub weight: f64,
+    pub consistency: f64,
+    pub prior_momentum: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Region {
+    pub on: bool,
+    pub smooth: f64,
+    pub entropy: f64,
+    pub consistency: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sepico {
+    pub on: bool,
+    /// "dist" (DistCL) or "proto" (ProtoCL, centroids only).
+    pub variant: String,
+    pub tau: f64,
+    pub weight: f64,
+    pub reg: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Bida {
+    pub on: bool,
+    pub tau: f64,
+    pub weight: f64,
+    pub momentum: f64,
+    pub ramp: u64,
+    pub per_class: usize,
+    pub check: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dida {
+    pub on: bool,
+    pub bank: usize,
+    pub momentum: f64,
+    pub weight: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Guard {
+    /// Roll back when a step's class histogram or confidence leaves its running band.
+    pub collapse: bool,
+    /// Band half-width in running standard deviations.
+    pub band: f64,
+    /// Steps before the band is trusted.
+    pub warmup: u64,
+    /// CoTTA stochastic restore: each weight goes back to its source value with this probability.
+    pub restore: f64,
+}
+
+impl Default for AdaptConfig {
+    fn default() -> Self {
+        Self {
+            lr: 6e-5,
+            head_lr_mult: 10.0,
+            weight_decay: 0.01,
+            max_grad_norm: 10.0,
+            ema: 0.999,
+            threshold: 0.968,
+            ias: Ias::default(),
+            hpla: Hpla::default(),
+            cpsl: Cpsl::default(),
+            region: Region::default(),
+            sepico: Sepico::default(),
+            bida: Bida::default(),
+            dida: Dida::default(),
+            guard: Guard::default(),
+            tent: false,
+        }
+    }
+}
+
+impl Default for Ias {
+    fn default() -> Self {
+        Self {
+            on: true,
+            alpha: 0.5,
+            beta: 0.9,
+            gamma: 8.0,
+        }
+    }
+}
+
+impl Default for Hpla {
+    fn default() -> Self {
+        Self {
+            on: true,
+            pool: 8,
+            hard: 5,
+            rounds: 3,
+        }
+    }
+}
+
+impl Default for Cpsl {
+    fn default() -> Self {
+        Self {
+            on: true,
+            tau: 0.08,
+            eps: 0.05,
+            iters: 3,
+            queue: 4096,
+            pixels: 256,
+            weight: 0.1,
+            consistency: 5.0,
+            prior_momentum: 0.99,
+        }
+    }
+}
+
+impl Default for Region {
+    fn default() -> Self {
+        Self {
+            on: true,
+            smooth: 0.1,
+            entropy: 1.0,
+            consistency: 0.5,
+        }
+    }
+}
+
+impl Default for Sepico {
+    fn default() -> Self {
+        Self {
+            on: true,
+            variant: "dist".into(),
+            tau: 100.0,
+            weight: 1.0,
+            reg: 1.0,
+        }
+    }
+}
+
+impl Default for Bida {
+    fn default() -> Self {
+        Self {
+            on: true,
+            tau: 0.1,
+            weight: 0.1,
+            momentum: 0.99,
+            ramp: 500,
+            per_class: 16,
+            check: false,
+        }
+    }
+}
+
+impl Default for Dida {
+    fn default() -> Self {
+        Self {
+            on: true,
+            bank: 100,
+            momentum: 0.999,
+            weight: 0.5,
+        }
+    }
+}
+
+impl Default for Guard {
+    fn default() -> Self {
+        Self {
+            collapse: true,
+            band: 6.0,
+            warmup: 20,
+            restore: 0.0,
+        }
+    }
+}
+
+impl AdaptConfig {
+    pub fn validate(&self) -> Result<()> {
+        positive("adapt.lr", self.lr)?;
+        positive("adapt.head_lr_mult", self.head_lr_mult)?;
+        check(
+            self.weight_decay >= 0.0 && self.weight_decay < 1.0,
+            "adapt.weight_decay",
+            self.weight_decay,
+            "a number in [0, 1)",
+        )?;
+        positive("adapt.max_grad_norm", self.max_grad_norm)?;
+        check(
+            (0.0..1.0).contains(&self.ema),
+            "adapt.ema",
+            self.ema,
+            "a momentum in [0, 1)",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.threshold),
+            "adapt.threshold",
+            self.threshold,
+            "a confidence in [0, 1]",
+        )?;
+        let s = &self.ias;
+        unit("adapt.ias.alpha", s.alpha as f64)?;
+        unit("adapt.ias.beta", s.beta as f64)?;
+        positive("adapt.ias.gamma", s.gamma as f64)?;
+        at_least("adapt.hpla.pool", self.hpla.pool, 1)?;
+        at_least("adapt.hpla.hard", self.hpla.hard, 1)?;
+        at_least("adapt.hpla.rounds", self.hpla.rounds, 1)?;
+        let c = &self.cpsl;
+        positive("adapt.cpsl.tau", c.tau)?;
+        positive("adapt.cpsl.eps", c.eps as f64)?;
+        at_least("adapt.cpsl.iters", c.iters, 1)?;
+        at_least("adapt.cpsl.pixels", c.pixels, 1)?;
+        check(
+            c.queue >= c.pixels,
+            "adapt.cpsl.queue",
+            c.queue,
+            "at least adapt.cpsl.pixels",
+        )?;
+        check(c.weight >= 0.0, "adapt.cpsl.weight", c.weight, ">= 0")?;
+        check(
+            c.consistency >= 0.0,
+            "adapt.cpsl.consistency",
+            c.consistency,
+            ">= 0",
+        )?;
+        check(
+            (0.0..1.0).contains(&c.prior_momentum),
+            "adapt.cpsl.prior_momentum",
+            c.prior_momentum,
+            "a momentum in [0, 1)",
+        )?;
+        let r = &self.region;
+        for (k, v) in [
+            ("adapt.region.smooth", r.smooth),
+            ("adapt.region.entropy", r.entropy),
+            ("adapt.region.consistency", r.consistency),
+        ] {
+            check(v >= 0.0 && v.is_finite(), k, v, ">= 0")?;
+        }
+        let p = &self.sepico;
+        check(
+            p.variant == "dist" || p.variant == "proto",
+            "adapt.sepico.variant",
+            &p.variant,
+            "\"dist\" (DistCL) or \"proto\" (ProtoCL)",
+        )?;
+        positive("adapt.sepico.tau", p.tau)?;
+        check(p.weight >= 0.0, "adapt.sepico.weight", p.weight, ">= 0")?;
+        check(p.reg >= 0.0, "adapt.sepico.reg", p.reg, ">= 0")?;
+        let b = &self.bida;
+        positive("adapt.bida.tau", b.tau)?;
+        check(b.weight >= 0.0, "adapt.bida.weight", b.weight, ">= 0")?;
+        check(
+            (0.0..1.0).contains(&b.momentum),
+            "adapt.bida.momentum",
+            b.momentum,
+            "a momentum in [0, 1)",
+        )?;
+        at_least("adapt.bida.per_class", b.per_class, 1)?;
+        let d = &self.dida;
+        at_least("adapt.dida.bank", d.bank, 1)?;
+        check(
+            (0.0..1.0).contains(&d.momentum),
+            "adapt.dida.momentum",
+            d.momentum,
+            "a momentum in [0, 1)",
+        )?;
+        check(d.weight >= 0.0, "adapt.dida.weight", d.weight, ">= 0")?;
+        let g = &self.guard;
+        positive("adapt.guard.band", g.band)?;
+        unit("adapt.guard.restore", g.restore)?;
+        Ok(())
+    }
+}
+
+/// The ablation's rows by name. `profile` keeps the profile's switches; `plain` is mean-teacher
+/// self-training with the fixed threshold; a component's name is plain plus that component;
+/// `full` switches every component on. Hyperparameters always come from `base`.
+pub const METHODS: &[&str] = &[
+    "profile", "tent", "plain", "ias", "hpla", "cpsl", "region", "sepico", "protocl", "bida",
+    "dida", "full",
+];
+
+impl AdaptConfig {
+    pub fn for_method(base: &AdaptConfig, method: &str) -> Option<AdaptConfig> {
+        let mut c = base.clone();
+        if method == "profile" {
+            return Some(c);
+        }
+        let all = method == "full";
+        c.ias.on = all || method == "ias";
+        c.hpla.on = all || method == "hpla";
+        c.cpsl.on = all || method == "cpsl";
+        c.region.on = all || method == "region";
+        c.sepico.on = all || method == "sepico" || method == "protocl";
+        if method == "protocl" {
+            c.sepico.variant = "proto".into();
+        }
+        c.bida.on = all || method == "bida";
+        c.dida.on = all || method == "dida";
+        c.tent = method == "tent";
+        METHODS.contains(&method).then_some(c)
+    }
+
+    /// Every component off: plain mean-teacher self-training.
+    pub fn plain() -> AdaptConfig {
+        Self::for_method(&Self::default(), "plain").expect("plain is a method")
+    }
+}

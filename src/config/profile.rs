@@ -1,0 +1,212 @@
+//! A device profile (`firmware-configs/*.toml`): where segadapt runs, at what size and cadence,
+//! inside which memory budget, and which adaptation components are on with their settings.
+
+use crate::adapt::AdaptConfig;
+use crate::error::{at_least, check, positive, Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub device: DeviceSection,
+    pub input: InputSection,
+    pub train: TrainSection,
+    pub memory: MemorySection,
+    #[serde(default)]
+    pub adapt: AdaptConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    pub name: String,
+    /// "cpu" or "cuda:N".
+    pub device: String,
+    /// CUDA compute capability as major*10+minor (87 Orin, 72 Xavier); 0 on CPU.
+    #[serde(default)]
+    pub compute_capability: u32,
+    /// Serving precision: f32, f16 or bf16. Training always keeps f32 master weights.
+    #[serde(default = "f32_name")]
+    pub dtype: String,
+    /// CPU worker threads (0: all cores).
+    #[serde(default)]
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSection {
+    /// Frames are resized to this size for serving and training.
+    pub width: usize,
+    pub height: usize,
+    /// The camera's frame rate.
+    pub fps: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Random crop of the resized frame that one training sample uses.
+    pub crop_width: usize,
+    pub crop_height: usize,
+    pub batch: usize,
+    /// Train after every N-th served frame (0: a training thread steps as fast as it can).
+    #[serde(default)]
+    pub every: u32,
+    /// A longer step is logged and counted as over budget.
+    pub max_step_ms: u64,
+    /// Recent frames kept for training.
+    pub ring: usize,
+    /// Adaptation checkpoints: every N steps, keeping the last `keep`.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+/// The runtime's whole slice of memory, and each part's share of it (MB, 1 MB = 2^20 bytes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySection {
+    pub total_mb: f64,
+    /// Student, teacher and the published serving copy.
+    pub models_mb: f64,
+    /// Gradients and the optimizer's two moments.
+    pub optimizer_mb: f64,
+    /// A training step's live intermediates, measured.
+    pub activations_mb: f64,
+    /// Serving: one forward at input size, measured, and the frame ring.
+    pub serving_mb: f64,
+    /// Bank, queue, prototypes, thresholds, source statistics, replay buffer.
+    pub state_mb: f64,
+}
+
+fn f32_name() -> String {
+    "f32".into()
+}
+fn default_checkpoint_every() -> u64 {
+    100
+}
+fn default_keep() -> usize {
+    3
+}
+
+impl Profile {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text).map_err(|e| match e {
+            Error::Config {
+                key,
+                value,
+                allowed,
+            } => Error::Config {
+                key: format!("{}: {key}", path.display()),
+                value,
+                allowed,
+            },
+            other => Error::data(path, other.to_string()),
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let p: Profile = toml::from_str(text).map_err(|e| {
+            // toml names the key and the line; keep its message whole.
+            Error::config("profile", "?", e.to_string().trim().replace('\n', " "))
+        })?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// The CUDA ordinal, or None on CPU.
+    pub fn cuda_ordinal(&self) -> Option<usize> {
+        self.device.device.strip_prefix("cuda:")?.parse().ok()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let d = &self.device;
+        check(!d.name.is_empty(), "device.name", "\"\"", "a non-empty name")?;
+        let cuda = self.cuda_ordinal();
+        check(
+            d.device == "cpu" || cuda.is_some(),
+            "device.device",
+            &d.device,
+            "\"cpu\" or \"cuda:N\"",
+        )?;
+        if cuda.is_some() {
+            check(
+                (30..=120).contains(&d.compute_capability),
+                "device.compute_capability",
+                d.compute_capability,
+                "a CUDA compute capability such as 87 (Orin) or 72 (Xavier)",
+            )?;
+        }
+        match d.dtype.as_str() {
+            "f32" => {}
+            "f16" => check(cuda.is_some(), "device.dtype", "f16", "f32 on cpu")?,
+            "bf16" => check(
+                cuda.is_some() && d.compute_capability >= 80,
+                "device.dtype",
+                "bf16",
+                "f32 or f16: bf16 needs CUDA compute capability 80 or more (not Xavier, sm_72)",
+            )?,
+            other => check(false, "device.dtype", other, "f32, f16 or bf16")?,
+        }
+        check(d.threads <= 1024, "device.threads", d.threads, "0 (all cores) to 1024")?;
+
+        let i = &self.input;
+        for (k, v) in [("input.width", i.width), ("input.height", i.height)] {
+            check((32..=4096).contains(&v), k, v, "32 to 4096 pixels")?;
+        }
+        check(
+            i.fps.is_finite() && i.fps > 0.0 && i.fps <= 240.0,
+            "input.fps",
+            i.fps,
+            "a frame rate in (0, 240]",
+        )?;
+
+        let t = &self.train;
+        check(
+            t.crop_width >= 32 && t.crop_width <= i.width,
+            "train.crop_width",
+            t.crop_width,
+            "32 to input.width pixels",
+        )?;
+        check(
+            t.crop_height >= 32 && t.crop_height <= i.height,
+            "train.crop_height",
+            t.crop_height,
+            "32 to input.height pixels",
+        )?;
+        check((1..=64).contains(&t.batch), "train.batch", t.batch, "1 to 64")?;
+        check(t.max_step_ms > 0, "train.max_step_ms", t.max_step_ms, "more than 0")?;
+        check(
+            t.ring >= t.batch,
+            "train.ring",
+            t.ring,
+            "at least train.batch frames",
+        )?;
+        at_least("train.keep", t.keep, 1)?;
+
+        let m = &self.memory;
+        for (k, v) in [
+            ("memory.total_mb", m.total_mb),
+            ("memory.models_mb", m.models_mb),
+            ("memory.optimizer_mb", m.optimizer_mb),
+            ("memory.activations_mb", m.activations_mb),
+            ("memory.serving_mb", m.serving_mb),
+            ("memory.state_mb", m.state_mb),
+        ] {
+            positive(k, v)?;
+        }
+        let shares = m.models_mb + m.optimizer_mb + m.activations_mb + m.serving_mb + m.state_mb;
+        check(
+            shares <= m.total_mb + 1e-9,
+            "memory.total_mb",
+            m.total_mb,
+            &format!("at least the sum of the shares ({shares:.0} MB)"),
+        )?;
+        self.adapt.validate()
+    }
+}
+

@@ -1,0 +1,216 @@
+//! One adaptation run as `segadapt adapt` does it: a model folder and a device profile, the
+//! memory plan checked, serving with training beside it, scored before and after, written out.
+
+use super::online::{run_online, OnlineConfig, StepBudget};
+use super::{PipelineConfig, Summary};
+use crate::adapt::step::Adapter;
+use crate::adapt::AdaptConfig;
+use crate::budget::{plan, Calibrator, Plan};
+use crate::checkpoint::CheckpointDir;
+use crate::config::Profile;
+use crate::data::{Example, LabelMap};
+use crate::error::{Error, Result};
+use crate::metrics::Scores;
+use crate::model::{weights, Segformer};
+use crate::source::FrameSource;
+use crate::stats::SourceStats;
+use candle_core::Device;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+pub struct Session {
+    pub model: PathBuf,
+    pub profile: Profile,
+    /// One of [`crate::adapt::config::METHODS`], or "source-only".
+    pub method: String,
+    pub out: PathBuf,
+    /// Labelled frames to score on; never trained on.
+    pub eval: Option<Vec<Example>>,
+    /// Score every N steps (0: only before and after).
+    pub eval_every: u64,
+    /// Overrides the profile's cadence: k steps after each frame on the serving thread.
+    pub steps_per_frame: Option<u32>,
+    pub seed: u64,
+    pub realtime: bool,
+    /// Adaptation settings after the profile's, e.g. from a tuning file.
+    pub adapt: Option<AdaptConfig>,
+    /// Source-only scores computed earlier (the ablation scores them once).
+    pub before: Option<Scores>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub method: String,
+    pub seed: u64,
+    pub summary: Summary,
+    pub source_only: Option<Scores>,
+    pub adapted: Option<Scores>,
+    /// (step, mIoU) every `eval_every` steps.
+    pub curve: Vec<(u64, f64)>,
+    pub plan: Plan,
+    /// Heap peak of the whole run (counting allocator) and the process's resident peak.
+    pub peak_heap_mb: f64,
+    pub peak_rss_mb: Option<f64>,
+}
+
+impl Session {
+    pub fn run(&self, source: Box<dyn FrameSource>, stop: Arc<AtomicBool>) -> Result<Report> {
+        let dev = Device::Cpu;
+        let p = &self.profile;
+        if p.cuda_ordinal().is_some() {
+            return Err(Error::config(
+                "device.device",
+                &p.device.device,
+                "cpu in this build: adaptation on CUDA is not wired yet (run the profile's plan on CPU with --device cpu)",
+            ));
+        }
+        if p.device.dtype != "f32" {
+            return Err(Error::config(
+                "device.dtype",
+                &p.device.dtype,
+                "f32 in this build (half-precision serving is not implemented yet)",
+            ));
+        }
+        let mut files = weights::load_model_dir(&self.model, &dev)?;
+        files.preprocess.size = Some(crate::config::Size {
+            width: p.input.width,
+            height: p.input.height,
+        });
+        files.preprocess.do_resize = true;
+        let pre = files.preprocess.clone();
+        let stats = SourceStats::load(&self.model, &dev)?;
+        let classes = files.config.class_names();
+        let map = LabelMap::identity(&classes, files.config.ignore_label());
+        let score = |m: &Segformer| -> Result<Option<Scores>> {
+            match &self.eval {
+                Some(ex) => Ok(Some(crate::eval::evaluate(m, &pre, ex, &map, &dev)?)),
+                None => Ok(None),
+            }
+        };
+        let source_only = self.method == "source-only";
+        let base = self.adapt.clone().unwrap_or_else(|| p.adapt.clone());
+        let method = if source_only { "plain" } else { &self.method };
+        let cfg = AdaptConfig::for_method(&base, method).ok_or_else(|| {
+            Error::config(
+                "method",
+                &self.method,
+                format!(
+                    "source-only or one of {}",
+                    crate::adapt::config::METHODS.join(", ")
+                ),
+            )
+        })?;
+
+        let plan = plan(
+            p,
+            &files.config,
+            &cfg,
+            &mut Calibrator {
+                model: &files.config,
+                tensors: &files.tensors,
+                stats: &stats,
+                adapt: &cfg,
+                input: (p.input.width, p.input.height),
+            },
+        )?;
+        log::info!("{}", plan.table().trim_end());
+        plan.check()?;
+
+        let before = match &self.before {
+            Some(s) => Some(s.clone()),
+            None => score(&Segformer::new(&files.config, files.tensors.clone())?)?,
+        };
+        // A restarted run continues from the adaptation state it saved.
+        let ckpts = Arc::new(CheckpointDir::new(self.out.join("checkpoints"), p.train.keep));
+        let adapter = match ckpts.latest(&dev) {
+            Some(ck) => {
+                log::info!(
+                    "resuming adaptation from {} (step {})",
+                    ck.path.display(),
+                    ck.step
+                );
+                Adapter::restore(cfg, &files.config, stats, &ck.tensors)?
+            }
+            None => Adapter::new(cfg, &files.config, &files.tensors, stats)?,
+        };
+        let act = plan
+            .parts
+            .iter()
+            .find(|x| x.name == "activations")
+            .map_or(0, |x| x.bytes);
+        let online = OnlineConfig {
+            pipeline: PipelineConfig {
+                realtime: self.realtime,
+                queue: 2,
+            },
+            batch: plan.batch,
+            crop: Some(plan.crop),
+            ring: p.train.ring,
+            steps_per_frame: match (source_only, self.steps_per_frame, p.train.every) {
+                (true, _, _) => Some(0),
+                (false, Some(k), _) => Some(k),
+                (false, None, 0) => None,
+                (false, None, _) => Some(1),
+            },
+            every: if self.steps_per_frame.is_some() {
+                1
+            } else {
+                p.train.every.max(1)
+            },
+            seed: self.seed,
+            checkpoints: Some(ckpts.clone()),
+            checkpoint_every: p.train.checkpoint_every,
+            step_budget: Some(StepBudget {
+                limit_bytes: plan.budget,
+                activation_bytes: act,
+            }),
+        };
+        let curve = Mutex::new(Vec::new());
+        crate::budget::reset_peak();
+        let (summary, adapter) = run_online(
+            source,
+            adapter,
+            &pre,
+            &online,
+            stop,
+            |item, model| {
+                crate::eval::predict_image(model, &pre, &item.frame.image, &dev)?;
+                Ok(())
+            },
+            |step, model| {
+                if self.eval_every > 0 && step % self.eval_every == 0 {
+                    if let Some(s) = score(model)? {
+                        log::info!("step {step}: mIoU {:.2}", s.miou);
+                        curve.lock().expect("curve").push((step, s.miou));
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        let peak_heap_mb = crate::budget::peak_bytes() as f64 / (1 << 20) as f64;
+        let adapted = score(&adapter.teacher)?;
+        ckpts.save(adapter.step, &adapter.state()?, Default::default())?;
+        weights::save_model_dir(
+            &self.out,
+            &weights::ModelFiles {
+                config: files.config.clone(),
+                preprocess: files.preprocess.clone(),
+                tensors: adapter.teacher.tensors()?,
+            },
+        )?;
+        adapter.stats.save(&self.out)?;
+        Ok(Report {
+            method: self.method.clone(),
+            seed: self.seed,
+            summary,
+            source_only: before,
+            adapted,
+            curve: curve.into_inner().expect("curve"),
+            plan,
+            peak_heap_mb,
+            peak_rss_mb: crate::budget::peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
+        })
+    }
+}
