@@ -14,6 +14,7 @@ fn main() {
         classes: 19,
         warmup: 2,
         reps: 5,
+        ops: false,
     };
     let r = segadapt::bench::run(&spec).expect("benchmark runs");
     println!(

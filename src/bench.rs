@@ -22,6 +22,16 @@ pub struct BenchSpec {
     pub classes: usize,
     pub warmup: usize,
     pub reps: usize,
+    /// Also profile the training step by phase, model part and kernel.
+    pub ops: bool,
+}
+
+/// One row of the per-op profile: milliseconds and calls per training step.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpTime {
+    pub name: String,
+    pub ms_per_step: f64,
+    pub calls_per_step: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -47,6 +57,8 @@ pub struct BenchReport {
     /// Process peak RSS after the inference runs and after the training runs, MB.
     pub infer_peak_rss_mb: f64,
     pub train_peak_rss_mb: f64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ops: Vec<OpTime>,
 }
 
 fn rss_mb() -> f64 {
@@ -128,6 +140,23 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         Ok(())
     })?;
     let train_peak_rss_mb = rss_mb();
+    let mut ops = Vec::new();
+    if spec.ops {
+        crate::profile::enable(true);
+        for _ in 0..spec.reps {
+            trainer.step(&x, &y, &mut rng)?;
+        }
+        crate::profile::enable(false);
+        let n = spec.reps.max(1) as f64;
+        ops = crate::profile::take()
+            .into_iter()
+            .map(|(name, ms, calls)| OpTime {
+                name: name.to_string(),
+                ms_per_step: ms / n,
+                calls_per_step: calls as f64 / n,
+            })
+            .collect();
+    }
     let adapt_step = {
         // Source statistics from the random model on one random labelled frame.
         let img = image::RgbImage::from_fn(spec.width as u32, spec.height as u32, |x, y| {
@@ -167,5 +196,6 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         ema,
         infer_peak_rss_mb,
         train_peak_rss_mb,
+        ops,
     })
 }

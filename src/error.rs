@@ -64,7 +64,12 @@ impl Error {
 }
 
 /// Ok when `ok`, else a config error naming the key, the value and what is allowed.
-pub(crate) fn check(ok: bool, key: &str, value: impl std::fmt::Display, allowed: &str) -> Result<()> {
+pub(crate) fn check(
+    ok: bool,
+    key: &str,
+    value: impl std::fmt::Display,
+    allowed: &str,
+) -> Result<()> {
     if ok {
         Ok(())
     } else {
@@ -83,4 +88,3 @@ pub(crate) fn unit(key: &str, v: f64) -> Result<()> {
 pub(crate) fn at_least(key: &str, v: usize, min: usize) -> Result<()> {
     check(v >= min, key, v, &format!("an integer >= {min}"))
 }
-

@@ -1,6 +1,7 @@
 //! segadapt: a SegFormer teacher-student runtime that keeps adapting on the vehicle.
 //! Data flows frames -> model -> pseudo labels -> losses -> optimizer -> checkpoints.
 
+pub mod ablation;
 pub mod adapt;
 pub mod bench;
 pub mod budget;
@@ -13,6 +14,7 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod profile;
 pub mod report;
 pub mod runtime;
 pub mod source;

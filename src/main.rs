@@ -30,6 +30,9 @@ enum Cmd {
     Train(TrainArgs),
     /// Per-class IoU, mIoU and pixel accuracy of a model on a labelled folder.
     Eval(EvalArgs),
+    /// The demo: adapt the committed day model on the bundled dusk clip; print source-only
+    /// against adapted mIoU and write overlays of both.
+    Demo(DemoArgs),
     /// Segment a folder of frames and write class masks and colour overlays.
     Predict(PredictArgs),
     /// Time inference and a training step; print medians and peak memory.
@@ -40,6 +43,8 @@ enum Cmd {
     Record(RecordArgs),
     /// Serve a source while the student self-trains on it; write the adapted model.
     Adapt(AdaptArgs),
+    /// Adapt with each method over several seeds on a labelled target stream; print the table.
+    Ablate(AblateArgs),
     /// Print a profile's memory plan (each part's bytes, measured); non-zero when it does not fit.
     Inspect(InspectArgs),
 }
@@ -136,6 +141,9 @@ struct BenchArgs {
     warmup: usize,
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Profile the training step: time per phase, model part and kernel.
+    #[arg(long)]
+    ops: bool,
     #[arg(long)]
     json: bool,
 }
@@ -244,6 +252,34 @@ impl ProfileArgs {
 }
 
 #[derive(clap::Args)]
+struct AblateArgs {
+    #[arg(long, default_value = "models/camvid-day")]
+    model: PathBuf,
+    #[command(flatten)]
+    profile: ProfileArgs,
+    /// Labelled folder: the target frames are streamed, and their labels only score.
+    #[arg(long, default_value = "../shared/data/camvid")]
+    data: PathBuf,
+    #[arg(long = "where", value_parser = parse_where, default_value = "role=target")]
+    filter: Vec<(String, String)>,
+    #[arg(long, default_value_t = 1.0)]
+    fps: f64,
+    /// Passes over the stream.
+    #[arg(long, default_value_t = 2)]
+    loops: u32,
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    seeds: Vec<u64>,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "source-only,tent,plain,ias,hpla,cpsl,region,sepico,protocl,bida,dida,full"
+    )]
+    methods: Vec<String>,
+    #[arg(long, default_value = "runs/ablation")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct InspectArgs {
     #[command(flatten)]
     profile: ProfileArgs,
@@ -263,6 +299,22 @@ struct RecordArgs {
     out: PathBuf,
     #[arg(long, default_value = "/camera/image/compressed")]
     topic: String,
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    #[arg(long, default_value = "models/camvid-day")]
+    model: PathBuf,
+    /// Labelled frames: streamed to adapt on, their labels only score.
+    #[arg(long, default_value = "assets/dusk-clip")]
+    data: PathBuf,
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// Passes over the clip.
+    #[arg(long, default_value_t = 10)]
+    loops: u32,
+    #[command(flatten)]
+    profile: ProfileArgs,
 }
 
 #[derive(clap::Args)]
@@ -288,12 +340,14 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => train(a),
         Cmd::Eval(a) => eval(a),
+        Cmd::Demo(a) => demo(a),
         Cmd::Predict(a) => predict(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Replay(a) => replay(a),
         Cmd::Record(a) => record(a),
         Cmd::Adapt(a) => adapt(a),
         Cmd::Inspect(a) => inspect(a),
+        Cmd::Ablate(a) => ablate(a),
     }
 }
 
@@ -447,33 +501,94 @@ fn eval(a: EvalArgs) -> Result<()> {
 }
 
 fn predict(a: PredictArgs) -> Result<()> {
+    let (n, miou) = segment_folder(&a.model, &a.data, &a.out)?;
+    println!(
+        "{n} frames segmented; masks and overlays in {}",
+        a.out.display()
+    );
+    if let Some((labelled, m)) = miou {
+        println!("mIoU on {labelled} labelled frames: {m:.2}");
+    }
+    Ok(())
+}
+
+/// Masks and overlays of every frame of `data` into `out`; the frame count and, where labels
+/// exist, (labelled frames, mIoU).
+fn segment_folder(
+    model_dir: &std::path::Path,
+    data: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<(usize, Option<(usize, f64)>)> {
     let dev = Device::Cpu;
-    let (model, pre) = load_model(&a.model, &dev)?;
-    let ds = Dataset::open(&a.data, &[])?;
+    let (model, pre) = load_model(model_dir, &dev)?;
     let classes = model.cfg.class_names();
     let ignore = model.cfg.ignore_label();
-    let examples = ds.load_all(classes.len(), ignore, false);
+    let examples = Dataset::open(data, &[])?.load_all(classes.len(), ignore, false);
     let mut conf = segadapt::metrics::Confusion::new(classes.len());
     let mut labelled = 0;
     for ex in &examples {
         let pred = segadapt::eval::predict_image(&model, &pre, &ex.image, &dev)?;
-        segadapt::report::write_outputs(&a.out, &ex.name, &ex.image, &pred, classes.len())?;
+        segadapt::report::write_outputs(out, &ex.name, &ex.image, &pred, classes.len())?;
         if let Some(l) = &ex.label {
             conf.add(&pred, l, &[ignore]);
             labelled += 1;
         }
     }
+    let miou = (labelled > 0).then(|| (labelled, conf.scores(&classes).miou));
+    Ok((examples.len(), miou))
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let model_out = a.out.join("adapted-model");
+    // The demo always starts from the committed source model.
+    if model_out.exists() {
+        std::fs::remove_dir_all(&model_out)?;
+    }
+    let cfg = SegformerConfig::load(&a.model.join("config.json"))?;
+    let eval = load_eval(&Some(a.data.clone()), &[], &a.model)?.map(Arc::new);
+    let session = segadapt::runtime::session::Session {
+        model: a.model.clone(),
+        profile: a.profile.load()?,
+        method: "profile".into(),
+        out: model_out.clone(),
+        eval,
+        eval_every: 0,
+        steps_per_frame: Some(1),
+        seed: 0,
+        realtime: false,
+        adapt: None,
+        before: None,
+    };
+    let opts = segadapt::source::SourceOptions {
+        fps: 1.0,
+        num_classes: cfg.num_labels(),
+        ignore: cfg.ignore_label(),
+        ..Default::default()
+    };
+    let spec = format!("folder:{}", a.data.display());
+    let source = segadapt::source::Looped::open(&spec, &opts, a.loops)?;
+    let r = session.run(Box::new(source), stop_flag()?)?;
+    segment_folder(&a.model, &a.data, &a.out.join("source-only"))?;
+    segment_folder(&model_out, &a.data, &a.out.join("adapted"))?;
     println!(
-        "{} frames segmented; masks and overlays in {}",
-        examples.len(),
-        a.out.display()
+        "{} dusk frames served {} times, {} adaptation steps (median {:.0} ms), heap peak {:.0} MB",
+        r.summary.frames_in / a.loops.max(1) as u64,
+        a.loops,
+        r.summary.train_steps,
+        r.summary.step_ms_p50,
+        r.peak_heap_mb
     );
-    if labelled > 0 {
+    if let (Some(b), Some(c)) = (&r.source_only, &r.adapted) {
         println!(
-            "mIoU on {labelled} labelled frames: {:.2}",
-            conf.scores(&classes).miou
+            "mIoU on the clip: source-only {:.2} -> adapted {:.2}",
+            b.miou, c.miou
         );
     }
+    println!(
+        "overlays in {0}/source-only and {0}/adapted; the adapted model in {1}",
+        a.out.display(),
+        model_out.display()
+    );
     Ok(())
 }
 
@@ -486,6 +601,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         classes: a.classes,
         warmup: a.warmup,
         reps: a.reps,
+        ops: a.ops,
     };
     let r = segadapt::bench::run(&spec)?;
     if a.json {
@@ -497,6 +613,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 "infer_peak_mb": r.infer.peak_mb, "train_peak_mb": r.train_step.peak_mb,
                 "peak_mb": r.infer.peak_mb.max(r.train_step.peak_mb),
                 "infer_peak_rss_mb": r.infer_peak_rss_mb, "train_peak_rss_mb": r.train_peak_rss_mb,
+                "ops": r.ops,
             })
         );
     } else {
@@ -518,6 +635,16 @@ fn bench(a: BenchArgs) -> Result<()> {
                 "{name:<28} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
                 t.median_ms, t.min_ms, t.max_ms, t.peak_mb
             );
+        }
+        if !r.ops.is_empty() {
+            println!("\ntraining step profile (per step; phases hold the model parts and kernels run in them)");
+            println!("{:<28} {:>10} {:>8}", "", "ms", "calls");
+            for o in &r.ops {
+                println!(
+                    "{:<28} {:>10.1} {:>8.0}",
+                    o.name, o.ms_per_step, o.calls_per_step
+                );
+            }
         }
     }
     Ok(())
@@ -646,7 +773,7 @@ fn adapt(a: AdaptArgs) -> Result<()> {
         profile,
         method: a.method.clone(),
         out: a.out.clone(),
-        eval: load_eval(&a.eval_data, &a.eval_filter, &a.model)?,
+        eval: load_eval(&a.eval_data, &a.eval_filter, &a.model)?.map(Arc::new),
         eval_every: a.eval_every,
         steps_per_frame: a.steps_per_frame,
         seed: a.seed,
@@ -707,5 +834,29 @@ fn inspect(a: InspectArgs) -> Result<()> {
         print!("{}", plan.table());
     }
     plan.check()?;
+    Ok(())
+}
+
+fn ablate(a: AblateArgs) -> Result<()> {
+    let ab = segadapt::ablation::Ablation {
+        model: a.model,
+        profile: a.profile.load()?,
+        data: a.data,
+        filter: a.filter,
+        fps: a.fps,
+        loops: a.loops,
+        methods: a.methods,
+        seeds: a.seeds,
+        out: a.out.clone(),
+    };
+    let rows = ab.run(stop_flag()?)?;
+    let table = segadapt::ablation::markdown(&rows);
+    std::fs::create_dir_all(&a.out)?;
+    std::fs::write(a.out.join("ablation.md"), &table)?;
+    std::fs::write(
+        a.out.join("ablation.json"),
+        serde_json::to_string_pretty(&rows)?,
+    )?;
+    print!("{table}");
     Ok(())
 }

@@ -102,18 +102,29 @@ impl Trainer {
     ) -> Result<StepStats> {
         let t = self.opt.step_count();
         let (_, _, h, w) = images.dims4()?;
-        let out = self.student.model.forward(images, Some(rng))?;
-        let up = ops::resize_bilinear(&out.logits, h, w)?;
-        let loss = cross_entropy(&flatten_pixels(&up)?, labels, None, self.ignore)?;
+        let out = {
+            let _t = crate::profile::scope("step: forward");
+            self.student.model.forward(images, Some(rng))?
+        };
+        let loss = {
+            let _t = crate::profile::scope("step: loss");
+            let up = ops::resize_bilinear(&out.logits, h, w)?;
+            cross_entropy(&flatten_pixels(&up)?, labels, None, self.ignore)?
+        };
         let loss_v = loss.to_scalar::<f32>()?;
-        let grads = loss.backward()?;
+        let grads = {
+            let _t = crate::profile::scope("step: backward");
+            loss.backward()?
+        };
         let lr = self.schedule.lr(t);
         let outcome = if loss_v.is_finite() {
+            let _t = crate::profile::scope("step: optimizer");
             self.opt.step(&grads, lr)?
         } else {
             StepOutcome::NonFinite
         };
         if matches!(outcome, StepOutcome::Applied { .. }) {
+            let _t = crate::profile::scope("step: EMA");
             ema_update(
                 &self.teacher,
                 &self.student.model,

@@ -80,7 +80,11 @@ fn every_variant_steps_with_finite_bounded_state() {
         }
         if ac.cpsl.on {
             let q = a.queue.as_ref().unwrap().dim(0).unwrap();
-            assert!(q <= ac.cpsl.queue, "{name}: queue {q} over {}", ac.cpsl.queue);
+            assert!(
+                q <= ac.cpsl.queue,
+                "{name}: queue {q} over {}",
+                ac.cpsl.queue
+            );
             let s: f32 = a.prior.iter().sum();
             assert!((s - 1.0).abs() < 1e-3, "{name}: prior sums to {s}");
         }

@@ -77,16 +77,18 @@ fn every_profile_adapts_under_its_budget_and_small_budgets_are_refused() {
             p.train.batch = 1;
         }
         let out = root.path().join(format!("out-{name}"));
-        let source = segadapt::source::open(
-            &format!("folder:{}", frames.display()),
-            &Default::default(),
-        )
-        .unwrap();
+        let source =
+            segadapt::source::open(&format!("folder:{}", frames.display()), &Default::default())
+                .unwrap();
         let r = session(&model, p.clone(), &out)
             .run(source, Arc::new(AtomicBool::new(false)))
             .unwrap();
         assert!(r.summary.train_steps >= 2, "{name}: {:?}", r.summary);
-        assert!(r.plan.problems().is_empty(), "{name}: {:?}", r.plan.problems());
+        assert!(
+            r.plan.problems().is_empty(),
+            "{name}: {:?}",
+            r.plan.problems()
+        );
         let budget_mb = p.memory.total_mb;
         assert!(
             r.peak_heap_mb < budget_mb,
@@ -123,11 +125,26 @@ fn bad_profiles_are_refused_naming_key_value_and_what_is_allowed() {
     for (edit, needle) in [
         (("[device]", "[device]\ncolour = 1"), "colour"),
         (("batch = 1", "batch = 0"), "train.batch = 0: 1 to 64"),
-        (("dtype = \"f32\"", "dtype = \"bf16\""), "bf16 needs CUDA compute capability 80"),
-        (("total_mb = 1400", "total_mb = 100"), "memory.total_mb = 100"),
-        (("ias.on = true", "ias.on = true\nias.alpha = 2.0"), "adapt.ias.alpha = 2"),
-        (("device = \"cuda:0\"", "device = \"tpu\""), "\"cpu\" or \"cuda:N\""),
-        (("[adapt]", "[adapt]\nsepico.variant = \"mean\""), "adapt.sepico.variant"),
+        (
+            ("dtype = \"f32\"", "dtype = \"bf16\""),
+            "bf16 needs CUDA compute capability 80",
+        ),
+        (
+            ("total_mb = 1400", "total_mb = 100"),
+            "memory.total_mb = 100",
+        ),
+        (
+            ("ias.on = true", "ias.on = true\nias.alpha = 2.0"),
+            "adapt.ias.alpha = 2",
+        ),
+        (
+            ("device = \"cuda:0\"", "device = \"tpu\""),
+            "\"cpu\" or \"cuda:N\"",
+        ),
+        (
+            ("[adapt]", "[adapt]\nsepico.variant = \"mean\""),
+            "adapt.sepico.variant",
+        ),
     ] {
         let text = good.replacen(edit.0, edit.1, 1);
         assert_ne!(text, good, "{edit:?} changed nothing");

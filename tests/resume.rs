@@ -12,7 +12,10 @@ fn steps(dir: &std::path::Path) -> Vec<u64> {
             rd.filter_map(|e| e.ok())
                 .filter_map(|e| {
                     let n = e.file_name().to_string_lossy().into_owned();
-                    n.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()
+                    n.strip_prefix("step-")?
+                        .strip_suffix(".safetensors")?
+                        .parse()
+                        .ok()
                 })
                 .collect()
         })

@@ -88,7 +88,10 @@ impl CopyPaste {
             let (p, hw) = (self.pool.len(), first.labels.len());
             let img: Vec<f32> = self.pool.iter().flat_map(|e| e.image.clone()).collect();
             let lab: Vec<u32> = self.pool.iter().flat_map(|e| e.labels.clone()).collect();
-            out.push(("images", Tensor::from_vec(img, (p, first.image.len()), dev)?));
+            out.push((
+                "images",
+                Tensor::from_vec(img, (p, first.image.len()), dev)?,
+            ));
             out.push(("labels", Tensor::from_vec(lab, (p, hw), dev)?));
         }
         Ok(out)
@@ -215,7 +218,11 @@ mod tests {
                 for xx in 0..w * s {
                     let i = ch * plane + yy * w * s + xx;
                     let pasted = lab[(yy / s) * w + xx / s] == 2;
-                    assert_eq!(img[i], if pasted { src_img[i] } else { -1.0 }, "{ch} {yy} {xx}");
+                    assert_eq!(
+                        img[i],
+                        if pasted { src_img[i] } else { -1.0 },
+                        "{ch} {yy} {xx}"
+                    );
                 }
             }
         }

@@ -4,14 +4,14 @@
 //! Target labels never enter here.
 
 use super::bank::InstanceBank;
-use super::guard::{stochastic_restore, CollapseMonitor};
-use super::hpla::CopyPaste;
-use super::AdaptConfig;
 use super::bidirectional::{bidirectional_loss, sample_source_pixels, Prototypes};
 use super::contrast::{cosine, dist_cl, proto_cl, proto_reg};
+use super::guard::{stochastic_restore, CollapseMonitor};
+use super::hpla::CopyPaste;
 use super::region;
 use super::sinkhorn::balanced_assignment;
 use super::thresholds::InstanceThresholds;
+use super::AdaptConfig;
 use crate::loss::cross_entropy;
 use crate::model::ema::{detached_copy, ema_update};
 use crate::model::nn::log_softmax;
@@ -170,7 +170,8 @@ impl Adapter {
 
         if self.cfg.guard.collapse {
             let mut shares = vec![0f64; c];
-            pred.iter().for_each(|&p| shares[p as usize] += 1.0 / n as f64);
+            pred.iter()
+                .for_each(|&p| shares[p as usize] += 1.0 / n as f64);
             let mean_conf = conf.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
             if self.monitor.observe(&shares, mean_conf) {
                 return Ok(StepReport {
@@ -394,7 +395,8 @@ impl Adapter {
         if self.source.is_empty() {
             return Ok(());
         }
-        let vars: Vec<candle_core::Var> = self.student.vars.iter().map(|(_, v)| v.clone()).collect();
+        let vars: Vec<candle_core::Var> =
+            self.student.vars.iter().map(|(_, v)| v.clone()).collect();
         stochastic_restore(&vars, &self.source, self.cfg.guard.restore, rng)
     }
 

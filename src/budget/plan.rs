@@ -66,7 +66,10 @@ pub fn plan(
     let mem = &profile.memory;
     let f32s = 4usize;
     let specs = crate::model::param_specs(model);
-    let params: usize = specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
+    let params: usize = specs
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>())
+        .sum();
     let trainable: usize = specs
         .iter()
         .filter(|s| s.trainable)
@@ -120,8 +123,10 @@ pub fn plan(
     let parts = vec![
         Part {
             name: "models",
-            holds: format!("{copies} copies of {params} parameters (student, teacher, served{})",
-                if copies > 3 { ", source" } else { "" }),
+            holds: format!(
+                "{copies} copies of {params} parameters (student, teacher, served{})",
+                if copies > 3 { ", source" } else { "" }
+            ),
             bytes: copies * params * f32s,
             share: share(mem.models_mb),
         },

@@ -125,7 +125,12 @@ impl Profile {
 
     pub fn validate(&self) -> Result<()> {
         let d = &self.device;
-        check(!d.name.is_empty(), "device.name", "\"\"", "a non-empty name")?;
+        check(
+            !d.name.is_empty(),
+            "device.name",
+            "\"\"",
+            "a non-empty name",
+        )?;
         let cuda = self.cuda_ordinal();
         check(
             d.device == "cpu" || cuda.is_some(),
@@ -152,7 +157,12 @@ impl Profile {
             )?,
             other => check(false, "device.dtype", other, "f32, f16 or bf16")?,
         }
-        check(d.threads <= 1024, "device.threads", d.threads, "0 (all cores) to 1024")?;
+        check(
+            d.threads <= 1024,
+            "device.threads",
+            d.threads,
+            "0 (all cores) to 1024",
+        )?;
 
         let i = &self.input;
         for (k, v) in [("input.width", i.width), ("input.height", i.height)] {
@@ -178,8 +188,18 @@ impl Profile {
             t.crop_height,
             "32 to input.height pixels",
         )?;
-        check((1..=64).contains(&t.batch), "train.batch", t.batch, "1 to 64")?;
-        check(t.max_step_ms > 0, "train.max_step_ms", t.max_step_ms, "more than 0")?;
+        check(
+            (1..=64).contains(&t.batch),
+            "train.batch",
+            t.batch,
+            "1 to 64",
+        )?;
+        check(
+            t.max_step_ms > 0,
+            "train.max_step_ms",
+            t.max_step_ms,
+            "more than 0",
+        )?;
         check(
             t.ring >= t.batch,
             "train.ring",
@@ -209,4 +229,3 @@ impl Profile {
         self.adapt.validate()
     }
 }
-

@@ -35,10 +35,13 @@ impl InplaceOp2 for Blend {
             bail!("ema-blend: teacher must be f32");
         };
         let (k, j) = (self.alpha, 1.0 - self.alpha);
+        // Memory-bound: large tensors are split over the cores, small ones are not worth it.
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
         dst[a..b]
-            .iter_mut()
-            .zip(src)
-            .for_each(|(t, s)| *t = k * *t + j * s);
+            .par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(t, s)| *t = k * *t + j * s));
         Ok(())
     }
 }

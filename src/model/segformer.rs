@@ -432,7 +432,10 @@ impl Segformer {
         let mut h = x.permute((0, 2, 3, 1))?.contiguous()?; // [B, H, W, 3]
         let mut feats = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
-            let (e, (hh, ww)) = stage.embed.forward(&h)?; // [B, N, C]
+            let (e, (hh, ww)) = {
+                let _t = crate::profile::scope("model: patch embed");
+                stage.embed.forward(&h)? // [B, N, C]
+            };
             let mut s = stage.embed_norm.forward(&e)?;
             for block in &stage.blocks {
                 s = block.forward(&s, hh, ww, cfg, train.as_deref_mut())?;
@@ -442,6 +445,7 @@ impl Segformer {
             h = s.reshape((s.dim(0)?, hh, ww, c))?; // [B, h_i, w_i, C_i]
             feats.push(h.clone());
         }
+        let _t = crate::profile::scope("model: decode head");
         let d = &self.decoder;
         let (b, h1, w1, _) = feats[0].dims4()?;
         let mut ups = Vec::with_capacity(feats.len());
@@ -495,6 +499,7 @@ impl Attention {
         cfg: &SegformerConfig,
         mut train: Option<&mut StdRng>,
     ) -> Result<Tensor> {
+        let _t = crate::profile::scope("model: attention");
         let (b, n, c) = x.dims3()?;
         let hd = c / self.heads;
         let split = |t: Tensor| -> Result<Tensor> {
@@ -535,6 +540,7 @@ impl MixFfn {
         cfg: &SegformerConfig,
         mut train: Option<&mut StdRng>,
     ) -> Result<Tensor> {
+        let _t = crate::profile::scope("model: mix-ffn");
         let (b, n, _) = x.dims3()?;
         let y = self.dense1.forward(x)?; // [B, N, 4C]
         let hm = y.dim(2)?;

@@ -5,8 +5,8 @@
 
 use super::{run, Arrived, PipelineConfig, Summary};
 use crate::adapt::step::Adapter;
-use crate::checkpoint::CheckpointDir;
 use crate::adapt::views::views;
+use crate::checkpoint::CheckpointDir;
 use crate::config::PreprocessConfig;
 use crate::model::ema::detached_copy;
 use crate::model::Segformer;
@@ -106,7 +106,10 @@ fn train_once(
         .push(t0.elapsed().as_secs_f64() * 1e3);
     if rep.collapsed {
         counters.rollbacks.fetch_add(1, Ordering::Relaxed);
-        let ck = cfg.checkpoints.as_ref().and_then(|d| d.latest(&Device::Cpu));
+        let ck = cfg
+            .checkpoints
+            .as_ref()
+            .and_then(|d| d.latest(&Device::Cpu));
         match ck {
             Some(ck) => {
                 log::warn!(
@@ -163,7 +166,11 @@ pub fn run_online(
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let counters = Counters::default();
     // The state a first collapse rolls back to.
-    if cfg.checkpoints.as_ref().is_some_and(|d| d.latest(&Device::Cpu).is_none()) {
+    if cfg
+        .checkpoints
+        .as_ref()
+        .is_some_and(|d| d.latest(&Device::Cpu).is_none())
+    {
         save(&adapter, cfg)?;
     }
     let fill = |mut s: Summary, steps: u64| {

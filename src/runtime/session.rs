@@ -27,7 +27,7 @@ pub struct Session {
     pub method: String,
     pub out: PathBuf,
     /// Labelled frames to score on; never trained on.
-    pub eval: Option<Vec<Example>>,
+    pub eval: Option<Arc<Vec<Example>>>,
     /// Score every N steps (0: only before and after).
     pub eval_every: u64,
     /// Overrides the profile's cadence: k steps after each frame on the serving thread.
@@ -123,7 +123,10 @@ impl Session {
             None => score(&Segformer::new(&files.config, files.tensors.clone())?)?,
         };
         // A restarted run continues from the adaptation state it saved.
-        let ckpts = Arc::new(CheckpointDir::new(self.out.join("checkpoints"), p.train.keep));
+        let ckpts = Arc::new(CheckpointDir::new(
+            self.out.join("checkpoints"),
+            p.train.keep,
+        ));
         let adapter = match ckpts.latest(&dev) {
             Some(ck) => {
                 log::info!(

@@ -64,9 +64,10 @@ pub fn write_model_dir(dir: &Path, cfg: &SegformerConfig, data: &Path, size: (us
     let dev = candle_core::Device::Cpu;
     let tensors = init_tensors(cfg, &dev, 0).unwrap();
     let pre = segadapt::config::PreprocessConfig::with_size(Some(size));
-    let examples = segadapt::data::Dataset::open(data, &[])
-        .unwrap()
-        .load_all(cfg.num_labels(), 255, true);
+    let examples =
+        segadapt::data::Dataset::open(data, &[])
+            .unwrap()
+            .load_all(cfg.num_labels(), 255, true);
     let model = Segformer::new(cfg, tensors.clone()).unwrap();
     let stats = segadapt::stats::SourceStats::compute(&model, &pre, &examples, 255).unwrap();
     weights::save_model_dir(

@@ -56,6 +56,7 @@ impl CustomOp2 for AddBias {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(s1, l1, "add-bias")?;
         let b = as_f32(s2, l2, "add-bias")?;
         let d = last_dim(l1);
@@ -94,6 +95,7 @@ impl CustomOp1 for ColumnSum {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(st, l, "column-sum")?;
         let d = last_dim(l);
         Ok((CpuStorage::F32(column_sums(x, d)), Shape::from(d)))
@@ -134,6 +136,7 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(s1, l1, "layer-norm-affine")?;
         let w = as_f32(s2, l2, "layer-norm-affine")?;
         let b = as_f32(s3, l3, "layer-norm-affine")?;
@@ -185,6 +188,7 @@ impl CustomOp3 for LayerNormInputGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(s1, l1, "layer-norm-affine-dx")?;
         let w = as_f32(s2, l2, "layer-norm-affine-dx")?;
         let g = as_f32(s3, l3, "layer-norm-affine-dx")?;
@@ -228,6 +232,7 @@ impl CustomOp2 for LayerNormParamGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(s1, l1, "layer-norm-affine-dwb")?;
         let g = as_f32(s2, l2, "layer-norm-affine-dwb")?;
         let d = last_dim(l1);

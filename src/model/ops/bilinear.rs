@@ -76,6 +76,7 @@ impl CustomOp1 for Bilinear {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(st, l, "resize-bilinear")?;
         let (n, h, w, c) = l.shape().dims4()?;
         let (ty, tx) = (axis_taps(h, self.out_h), axis_taps(w, self.out_w));
@@ -132,6 +133,7 @@ impl CustomOp1 for BilinearGrad {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let g = as_f32(st, l, "resize-bilinear-grad")?;
         let (n, oh, ow, c) = l.shape().dims4()?;
         let (ry, rx) = (axis_readers(self.h, oh), axis_readers(self.w, ow));

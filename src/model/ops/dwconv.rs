@@ -107,6 +107,7 @@ impl CustomOp2 for DwConv {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(s1, l1, "depthwise3x3")?;
         let w = as_f32(s2, l2, "depthwise3x3")?;
         let (_, h, wd, c) = l1.shape().dims4()?;
@@ -145,6 +146,7 @@ impl CustomOp2 for DwConvWeightGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(s1, l1, "depthwise3x3-wgrad")?;
         let g = as_f32(s2, l2, "depthwise3x3-wgrad")?;
         let (b, h, wd, c) = l1.shape().dims4()?;

@@ -24,6 +24,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(st, l, "gelu-erf")?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(CHUNK)
@@ -56,6 +57,7 @@ impl CustomOp2 for GeluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(s1, l1, "gelu-erf-grad")?;
         let g = as_f32(s2, l2, "gelu-erf-grad")?;
         let mut out = vec![0f32; x.len()];
@@ -109,6 +111,7 @@ impl CustomOp2 for SoftmaxXent {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(s1, l1, "softmax-xent")?;
         let y = labels_u32(s2, l2)?;
         let (p, c) = l1.shape().dims2()?;
@@ -170,6 +173,7 @@ impl candle_core::CustomOp3 for SoftmaxXentGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(s1, l1, "softmax-xent-grad")?;
         let y = labels_u32(s2, l2)?;
         let g = as_f32(s3, l3, "softmax-xent-grad")?;

@@ -72,6 +72,7 @@ impl CustomOp1 for Im2Col {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(st, l, "im2col")?;
         let (b, h, w, c) = l.shape().dims4()?;
         let Geometry { k, s, p } = self.0;
@@ -126,6 +127,7 @@ impl CustomOp1 for Col2Im {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let g = as_f32(st, l, "col2im")?;
         let (b, h, w, c) = self.dims;
         let Geometry { k, s, p } = self.geo;

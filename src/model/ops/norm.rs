@@ -39,6 +39,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
         let x = as_f32(st, l, "softmax-last-dim")?;
         let d = l.shape().dims()[l.shape().rank() - 1];
         let mut out = vec![0f32; x.len()];
