@@ -137,6 +137,11 @@ impl Ablation {
                 let source = Looped::open(&spec, &opts, self.loops)
                     .map_err(|e| Error::Invalid(e.to_string()))?;
                 let r = s.run(Box::new(source), stop.clone())?;
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(Error::Invalid(format!(
+                        "stopped during {method} seed {seed}; the table would be incomplete"
+                    )));
+                }
                 log::info!(
                     "{method} seed {seed}: mIoU {:.2} -> {:.2}",
                     r.source_only.as_ref().map_or(f64::NAN, |s| s.miou),

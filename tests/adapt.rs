@@ -45,10 +45,17 @@ fn every_variant_steps_with_finite_bounded_state() {
     let model = Segformer::new(&cfg, tensors.clone()).unwrap();
     let x = Tensor::randn(0f32, 1.0, (2, 3, 48, 64), &Device::Cpu).unwrap();
     let strong = (&x * 0.9).unwrap();
-    let variants: Vec<(&str, AdaptConfig)> = segadapt::adapt::config::METHODS
+    let mut variants: Vec<(&str, AdaptConfig)> = segadapt::adapt::config::METHODS
         .iter()
         .map(|m| (*m, AdaptConfig::for_method(&full(), m).unwrap()))
         .collect();
+    variants.push((
+        "full, norms only",
+        AdaptConfig {
+            train: "norm".into(),
+            ..full()
+        },
+    ));
     for (name, ac) in variants {
         let stats = SourceStats::compute(&model, &pre, &examples, 255).unwrap();
         let mut a = Adapter::new(ac.clone(), &cfg, &tensors, stats).unwrap();
@@ -73,8 +80,13 @@ fn every_variant_steps_with_finite_bounded_state() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        if name == "tent" {
-            assert_eq!(moved, 0.0, "TENT trains only norm affines");
+        if ac.tent || ac.train == "norm" {
+            assert_eq!(moved, 0.0, "{name}: only norm affines train");
+            assert!(a
+                .student
+                .vars
+                .iter()
+                .all(|(n, _)| segadapt::adapt::step::is_norm_affine(n)));
         } else {
             assert!(moved > 0.0, "{name}: the teacher must follow the student");
         }

@@ -305,3 +305,32 @@ fn bias_add_matches_broadcast_add() {
         1e-5,
     );
 }
+
+#[test]
+fn batch_norm_rows_matches_the_composed_batch_norm_with_gradients() {
+    use segadapt::model::nn::BatchNorm;
+    let bn = |w: &Tensor, b: &Tensor| BatchNorm {
+        w: w.clone(),
+        b: b.clone(),
+        running_mean: Tensor::zeros(7, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        running_var: Tensor::ones(7, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        num_batches: Default::default(),
+        eps: 1e-5,
+        momentum: 0.1,
+    };
+    let x = ((rand(&[300, 7], 21) * 3.0).unwrap() + 0.5).unwrap();
+    same_op(
+        &[x, rand(&[7], 22), rand(&[7], 23)],
+        |t| bn(&t[1], &t[2]).forward(&t[0], true).unwrap(),
+        |t| bn(&t[1], &t[2]).forward_generic(&t[0], true).unwrap(),
+        1e-4,
+    );
+    // The running statistics move the same way.
+    let (w, b) = (rand(&[7], 24), rand(&[7], 25));
+    let x = rand(&[50, 7], 26);
+    let (fast, slow) = (bn(&w, &b), bn(&w, &b));
+    fast.forward(&x, true).unwrap();
+    slow.forward_generic(&x, true).unwrap();
+    assert!(max_diff(&fast.running_mean, &slow.running_mean) < 1e-6);
+    assert!(max_diff(&fast.running_var, &slow.running_var) < 1e-6);
+}

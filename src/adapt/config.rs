@@ -13,6 +13,9 @@ pub struct AdaptConfig {
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub ema: f64,
+    /// Which student parameters train: "all", or "norm" (the norm layers' affine parameters
+    /// only, as TENT; the rest stays at its source values).
+    pub train: String,
     /// Fixed confidence threshold of plain self-training (used when `ias` is off).
     pub threshold: f32,
     pub ias: Ias,
@@ -125,6 +128,7 @@ impl Default for AdaptConfig {
             weight_decay: 0.01,
             max_grad_norm: 10.0,
             ema: 0.999,
+            train: "all".into(),
             threshold: 0.968,
             ias: Ias::default(),
             hpla: Hpla::default(),
@@ -258,6 +262,12 @@ impl AdaptConfig {
             "adapt.threshold",
             self.threshold,
             "a confidence in [0, 1]",
+        )?;
+        check(
+            self.train == "all" || self.train == "norm",
+            "adapt.train",
+            &self.train,
+            "\"all\" or \"norm\"",
         )?;
         let s = &self.ias;
         unit("adapt.ias.alpha", s.alpha as f64)?;

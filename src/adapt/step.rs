@@ -13,7 +13,7 @@ use super::sinkhorn::balanced_assignment;
 use super::thresholds::InstanceThresholds;
 use super::AdaptConfig;
 use crate::loss::cross_entropy;
-use crate::model::ema::{detached_copy, ema_update};
+use crate::model::ema::{detached_copy, ema_update, ema_update_where};
 use crate::model::nn::log_softmax;
 use crate::model::{Segformer, Student, TensorMap};
 use crate::optim::{AdamW, AdamWConfig, ParamGroup, StepOutcome};
@@ -66,7 +66,8 @@ fn opt_source(student: &Student) -> Result<Vec<Tensor>> {
         .collect()
 }
 
-fn is_norm_affine(name: &str) -> bool {
+/// The norm layers' affine parameters (LayerNorms and the decode head's BatchNorm).
+pub fn is_norm_affine(name: &str) -> bool {
     name.contains("norm") && !name.contains("running")
 }
 
@@ -77,12 +78,13 @@ impl Adapter {
         tensors: &TensorMap,
         stats: SourceStats,
     ) -> Result<Self> {
-        let student = Student::new(model_cfg, tensors)?;
+        let norms_only = cfg.tent || cfg.train == "norm";
+        let student =
+            Student::with_trainable(model_cfg, tensors, |n| !norms_only || is_norm_affine(n))?;
         let teacher = Segformer::new(model_cfg, detached_copy(&student.model)?)?;
         let vars = student
             .vars
             .iter()
-            .filter(|(n, _)| !cfg.tent || is_norm_affine(n))
             .map(|(n, v)| {
                 (
                     n.clone(),
@@ -359,7 +361,10 @@ impl Adapter {
         }
         self.restore_towards_source(rng)?;
         // The teacher starts as a trained model, not a random one: no momentum warm-up.
-        ema_update(&self.teacher, &self.student.model, self.cfg.ema)?;
+        let norms_only = self.cfg.train == "norm";
+        ema_update_where(&self.teacher, &self.student.model, self.cfg.ema, |n| {
+            !norms_only || is_norm_affine(n)
+        })?;
         // State that follows the teacher: prototypes, bank, queue, class prior.
         self.protos.update(&f_t, &labels)?;
         if let Some(bank) = &mut self.bank {

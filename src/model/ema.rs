@@ -48,10 +48,24 @@ impl InplaceOp2 for Blend {
 
 /// One EMA step of `teacher` towards `student` with momentum `alpha` (already warmed up).
 pub fn ema_update(teacher: &Segformer, student: &Segformer, alpha: f64) -> Result<()> {
+    ema_update_where(teacher, student, alpha, |_| true)
+}
+
+/// As [`ema_update`], blending only the parameters `trained` names: the others are equal in
+/// both models already, and blending them would only add rounding.
+pub fn ema_update_where(
+    teacher: &Segformer,
+    student: &Segformer,
+    alpha: f64,
+    trained: impl Fn(&str) -> bool,
+) -> Result<()> {
     let (t, s) = (teacher.raw_tensors(), student.raw_tensors());
     for spec in param_specs(&teacher.cfg) {
         let (tt, st) = (&t[&spec.name], &s[&spec.name]);
         if spec.trainable {
+            if !trained(&spec.name) {
+                continue;
+            }
             blend(tt, st, alpha)?;
         } else if spec.shape.is_empty() {
             continue; // the BatchNorm counter is informational

@@ -79,6 +79,23 @@ pub struct BatchNorm {
 
 impl BatchNorm {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train && x.device().is_cpu() && x.rank() == 2 {
+            let x = x.contiguous()?;
+            let (p, c) = x.dims2()?;
+            let (mean, var) = super::ops::column_stats(&x.flatten_all()?.to_vec1::<f32>()?, c);
+            let dev = x.device();
+            self.update_running(
+                &Tensor::from_slice(&mean, (1, c), dev)?,
+                &Tensor::from_slice(&var, (1, c), dev)?,
+                p,
+            )?;
+            return super::ops::batch_norm_rows(&x, &self.w, &self.b, &mean, &var, self.eps);
+        }
+        self.forward_generic(x, train)
+    }
+
+    /// The same from candle's broadcast ops: other devices, eval mode, and the test reference.
+    pub fn forward_generic(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (mean, var) = if train {
             let p = x.dim(0)?;
             let mean = x.mean_keepdim(0)?;

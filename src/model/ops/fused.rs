@@ -5,6 +5,26 @@ use super::{as_f32, MIN_CHUNK};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+/// erf in f32 as a rational function on [-4, 4] (Eigen's `generic_fast_erf_float`; outside it
+/// erf is +-1 in f32). Branch-free, so the GELU loops vectorise; within 1e-6 of libm's erff
+/// (checked in the tests).
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2.mul_add(-2.726_142_3e-10, 2.770_681_4e-8);
+    p = x2.mul_add(p, -2.101_024e-6);
+    p = x2.mul_add(p, -5.692_506_4e-5);
+    p = x2.mul_add(p, -7.349_906_3e-4);
+    p = x2.mul_add(p, -2.954_6e-3);
+    p = x2.mul_add(p, -1.609_603_3e-2);
+    let mut q = x2.mul_add(-1.456_607_2e-5, -2.133_740_6e-4);
+    q = x2.mul_add(q, -1.682_827e-3);
+    q = x2.mul_add(q, -7.373_329e-3);
+    q = x2.mul_add(q, -1.426_473_9e-2);
+    x * p / q
+}
+
 /// GELU with the exact erf form, as HF's `"gelu"`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
@@ -31,7 +51,7 @@ impl CustomOp1 for Gelu {
             .zip(x.par_chunks(CHUNK))
             .for_each(|(o, x)| {
                 for (o, &v) in o.iter_mut().zip(x) {
-                    *o = 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2));
+                    *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
                 }
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -66,7 +86,7 @@ impl CustomOp2 for GeluGrad {
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
             .for_each(|(o, (x, g))| {
                 for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
-                    let cdf = 0.5 * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2));
+                    let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
                     let pdf = inv_sqrt_2pi * (-0.5 * v * v).exp();
                     *o = gv * (cdf + v * pdf);
                 }
@@ -195,5 +215,17 @@ impl candle_core::CustomOp3 for SoftmaxXentGrad {
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fast_erf_matches_libm() {
+        let worst = (-60_000..=60_000)
+            .map(|i| i as f32 / 10_000.0)
+            .map(|x| (super::erf(x) - libm::erff(x)).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-6, "max error {worst}");
     }
 }
