@@ -174,7 +174,7 @@ pub fn markdown(rows: &[Row]) -> String {
         .iter()
         .find(|r| r.method == "source-only")
         .map(|r| r.mean());
-    let mut s = String::from("| method | mIoU mean ± half-range | vs source-only | per seed | after each pass (seed 1) | ms/step | heap peak MB |");
+    let mut s = String::from("| method | mIoU mean ± half-range | vs source-only | per seed | after each pass (first seed) | ms/step | heap peak MB |");
     for c in &classes {
         s += &format!(" {c} |");
     }

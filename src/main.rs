@@ -609,7 +609,8 @@ fn bench(a: BenchArgs) -> Result<()> {
             "{}",
             serde_json::json!({
                 "config": r.config, "size": r.size, "batch": r.batch, "threads": r.threads,
-                "infer_ms": r.infer.median_ms, "train_step_ms": r.train_step.median_ms, "adapt_step_ms": r.adapt_step.median_ms, "ema_ms": r.ema.median_ms,
+                "infer_ms": r.infer.median_ms, "train_step_ms": r.train_step.median_ms, "adapt_step_ms": r.adapt_step.median_ms, "adapt_step_norm_ms": r.adapt_step_norm.median_ms,
+                "adapt_peak_mb": r.adapt_step.peak_mb, "adapt_norm_peak_mb": r.adapt_step_norm.peak_mb, "ema_ms": r.ema.median_ms,
                 "infer_peak_mb": r.infer.peak_mb, "train_peak_mb": r.train_step.peak_mb,
                 "peak_mb": r.infer.peak_mb.max(r.train_step.peak_mb),
                 "infer_peak_rss_mb": r.infer_peak_rss_mb, "train_peak_rss_mb": r.train_peak_rss_mb,
@@ -629,6 +630,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             ("inference (batch 1)", &r.infer),
             ("train step (fwd+CE+bwd+AdamW+EMA)", &r.train_step),
             ("adaptation step (full)", &r.adapt_step),
+            ("adaptation step (full, norms train)", &r.adapt_step_norm),
             ("EMA update", &r.ema),
         ] {
             println!(

@@ -55,6 +55,8 @@ def main():
     w, h = (int(v) for v in a.size.split("x"))
     hidden, depths, dec = SIZES[a.config]
     cfg = SegformerConfig(hidden_sizes=hidden, depths=depths, decoder_hidden_size=dec, num_labels=a.classes)
+    # Peak RSS once torch is loaded and before any tensor exists: what the library itself takes.
+    base_rss = peak_rss_mb()
     model = SegformerForSemanticSegmentation(cfg)
 
     model.eval()
@@ -107,6 +109,7 @@ def main():
         "ema_ms": em[0],
         "infer_peak_rss_mb": inf_rss,
         "train_peak_rss_mb": tr_rss,
+        "base_rss_mb": base_rss,
     }
     if a.json:
         print(json.dumps(out))
