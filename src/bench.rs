@@ -164,28 +164,32 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
     })?;
     // The adaptation step's peak is its own: models, optimizer, state and activations.
     drop(trainer);
+    // Source statistics from the random model on one random labelled frame.
+    let img = image::RgbImage::from_fn(spec.width as u32, spec.height as u32, |x, y| {
+        image::Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
+    });
+    let label: Vec<u8> = (0..spec.width * spec.height)
+        .map(|i| (i % spec.classes) as u8)
+        .collect();
+    let ex = crate::data::Example {
+        name: "bench".into(),
+        image: img,
+        label: Some(label),
+    };
+    let stats = crate::stats::SourceStats::compute(
+        &Segformer::new(&cfg, tensors.clone())?,
+        &tc.preprocess,
+        &[ex],
+        255,
+    )?;
     let adapt_step = |train: &str| -> Result<Timing> {
-        // Source statistics from the random model on one random labelled frame.
-        let img = image::RgbImage::from_fn(spec.width as u32, spec.height as u32, |x, y| {
-            image::Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
-        });
-        let label: Vec<u8> = (0..spec.width * spec.height)
-            .map(|i| (i % spec.classes) as u8)
-            .collect();
-        let ex = crate::data::Example {
-            name: "bench".into(),
-            image: img,
-            label: Some(label),
-        };
-        let model = Segformer::new(&cfg, tensors.clone())?;
-        let stats = crate::stats::SourceStats::compute(&model, &tc.preprocess, &[ex], 255)?;
         let mut full = crate::adapt::AdaptConfig {
             train: train.into(),
             ..Default::default()
         };
         // A collapse would skip the step's work and flatter the figure.
         full.guard.collapse = false;
-        let mut adapter = crate::adapt::step::Adapter::new(full, &cfg, &tensors, stats)?;
+        let mut adapter = crate::adapt::step::Adapter::new(full, &cfg, &tensors, stats.clone())?;
         let strong = (&x * 0.9)?;
         let mut rng = StdRng::seed_from_u64(1);
         time(spec, || {

@@ -815,18 +815,8 @@ fn inspect(a: InspectArgs) -> Result<()> {
     let stats = segadapt::stats::SourceStats::load(&a.model, &dev)?;
     let cfg = segadapt::adapt::AdaptConfig::for_method(&profile.adapt, &a.method)
         .with_context(|| format!("--method {}: unknown", a.method))?;
-    let plan = segadapt::budget::plan(
-        &profile,
-        &files.config,
-        &cfg,
-        &mut segadapt::budget::Calibrator {
-            model: &files.config,
-            tensors: &files.tensors,
-            stats: &stats,
-            adapt: &cfg,
-            input: (profile.input.width, profile.input.height),
-        },
-    )?;
+    let plan =
+        segadapt::budget::measured_plan(&profile, &files.config, &files.tensors, &stats, &cfg)?;
     if a.json {
         println!(
             "{}",

@@ -86,7 +86,7 @@ fn every_variant_steps_with_finite_bounded_state() {
                 .student
                 .vars
                 .iter()
-                .all(|(n, _)| segadapt::adapt::step::is_norm_affine(n)));
+                .all(|(n, _)| segadapt::adapt::config::is_norm_affine(n)));
         } else {
             assert!(moved > 0.0, "{name}: the teacher must follow the student");
         }

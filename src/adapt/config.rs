@@ -352,7 +352,18 @@ pub const METHODS: &[&str] = &[
     "dida", "full",
 ];
 
+/// The norm layers' affine parameters (LayerNorms and the decode head's BatchNorm).
+pub fn is_norm_affine(name: &str) -> bool {
+    name.contains("norm") && !name.contains("running")
+}
+
 impl AdaptConfig {
+    /// Whether the student parameter `name` trains: every one, or only the norm affines under
+    /// TENT and `train = "norm"`.
+    pub fn trains(&self, name: &str) -> bool {
+        !(self.tent || self.train == "norm") || is_norm_affine(name)
+    }
+
     pub fn for_method(base: &AdaptConfig, method: &str) -> Option<AdaptConfig> {
         let mut c = base.clone();
         if method == "profile" {

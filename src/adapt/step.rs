@@ -66,11 +66,6 @@ fn opt_source(student: &Student) -> Result<Vec<Tensor>> {
         .collect()
 }
 
-/// The norm layers' affine parameters (LayerNorms and the decode head's BatchNorm).
-pub fn is_norm_affine(name: &str) -> bool {
-    name.contains("norm") && !name.contains("running")
-}
-
 impl Adapter {
     pub fn new(
         cfg: AdaptConfig,
@@ -78,9 +73,7 @@ impl Adapter {
         tensors: &TensorMap,
         stats: SourceStats,
     ) -> Result<Self> {
-        let norms_only = cfg.tent || cfg.train == "norm";
-        let student =
-            Student::with_trainable(model_cfg, tensors, |n| !norms_only || is_norm_affine(n))?;
+        let student = Student::with_trainable(model_cfg, tensors, |n| cfg.trains(n))?;
         let teacher = Segformer::new(model_cfg, detached_copy(&student.model)?)?;
         let vars = student
             .vars
@@ -361,9 +354,8 @@ impl Adapter {
         }
         self.restore_towards_source(rng)?;
         // The teacher starts as a trained model, not a random one: no momentum warm-up.
-        let norms_only = self.cfg.train == "norm";
         ema_update_where(&self.teacher, &self.student.model, self.cfg.ema, |n| {
-            !norms_only || is_norm_affine(n)
+            self.cfg.trains(n)
         })?;
         // State that follows the teacher: prototypes, bank, queue, class prior.
         self.protos.update(&f_t, &labels)?;

@@ -61,3 +61,25 @@ impl Measure for Calibrator<'_> {
         })
     }
 }
+
+/// The profile's plan for `model` with the step and serving peaks measured here.
+pub fn measured_plan(
+    profile: &crate::config::Profile,
+    model: &SegformerConfig,
+    tensors: &TensorMap,
+    stats: &SourceStats,
+    adapt: &AdaptConfig,
+) -> Result<super::Plan> {
+    super::plan(
+        profile,
+        model,
+        adapt,
+        &mut Calibrator {
+            model,
+            tensors,
+            stats,
+            adapt,
+            input: (profile.input.width, profile.input.height),
+        },
+    )
+}

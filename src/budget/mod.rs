@@ -6,7 +6,7 @@ pub mod measure;
 pub mod plan;
 
 pub use alloc::{current_bytes, peak_bytes, reset_peak, tune_malloc, CountingAlloc};
-pub use measure::Calibrator;
+pub use measure::{measured_plan, Calibrator};
 pub use plan::{plan, Measure, Plan};
 
 /// The process's peak resident set (VmHWM) in bytes; None where /proc is not available.

@@ -70,10 +70,9 @@ pub fn plan(
         .iter()
         .map(|s| s.shape.iter().product::<usize>())
         .sum();
-    let norms_only = adapt.tent || adapt.train == "norm";
     let trainable: usize = specs
         .iter()
-        .filter(|s| s.trainable && (!norms_only || crate::adapt::step::is_norm_affine(&s.name)))
+        .filter(|s| s.trainable && adapt.trains(&s.name))
         .map(|s| s.shape.iter().product::<usize>())
         .sum();
     let c = model.num_labels();

@@ -33,7 +33,7 @@ pub struct OnlineConfig {
     pub every: u32,
     pub seed: u64,
     /// Save the adaptation state here every `checkpoint_every` steps; a collapse rolls back to
-    /// the newest one.
+    /// the newest one (the caller saves the starting state when the folder has none).
     pub checkpoints: Option<Arc<CheckpointDir>>,
     pub checkpoint_every: u64,
     /// A step waits while live heap bytes plus its measured activation peak would pass this.
@@ -165,14 +165,6 @@ pub fn run_online(
     };
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let counters = Counters::default();
-    // The state a first collapse rolls back to.
-    if cfg
-        .checkpoints
-        .as_ref()
-        .is_some_and(|d| d.latest(&Device::Cpu).is_none())
-    {
-        save(&adapter, cfg)?;
-    }
     let fill = |mut s: Summary, steps: u64| {
         s.train_steps = steps;
         s.steps_skipped = counters.skipped.load(Ordering::Relaxed);

@@ -5,7 +5,7 @@ use super::online::{run_online, OnlineConfig, StepBudget};
 use super::{PipelineConfig, Summary};
 use crate::adapt::step::Adapter;
 use crate::adapt::AdaptConfig;
-use crate::budget::{plan, Calibrator, Plan};
+use crate::budget::{measured_plan, Plan};
 use crate::checkpoint::CheckpointDir;
 use crate::config::Profile;
 use crate::data::{Example, LabelMap};
@@ -103,18 +103,7 @@ impl Session {
             )
         })?;
 
-        let plan = plan(
-            p,
-            &files.config,
-            &cfg,
-            &mut Calibrator {
-                model: &files.config,
-                tensors: &files.tensors,
-                stats: &stats,
-                adapt: &cfg,
-                input: (p.input.width, p.input.height),
-            },
-        )?;
+        let plan = measured_plan(p, &files.config, &files.tensors, &stats, &cfg)?;
         log::info!("{}", plan.table().trim_end());
         plan.check()?;
 
@@ -136,7 +125,12 @@ impl Session {
                 );
                 Adapter::restore(cfg, &files.config, stats, &ck.tensors)?
             }
-            None => Adapter::new(cfg, &files.config, &files.tensors, stats)?,
+            None => {
+                let a = Adapter::new(cfg, &files.config, &files.tensors, stats)?;
+                // The state a first collapse rolls back to.
+                ckpts.save(a.step, &a.state()?, Default::default())?;
+                a
+            }
         };
         let act = plan
             .parts

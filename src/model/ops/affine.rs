@@ -2,7 +2,7 @@
 //! parameter gradients as parallel column sums: candle's broadcast ops reduce these through its
 //! generic strided sum, one of the slowest parts of a training step.
 
-use super::{as_f32, MIN_CHUNK};
+use super::{as_f32, fold_rows, MIN_CHUNK};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
@@ -12,25 +12,13 @@ fn last_dim(l: &Layout) -> usize {
     l.shape().dims().last().copied().unwrap_or(1)
 }
 
-/// Sums rows of a [N, D] slice into [D], in parallel over row blocks.
+/// Sums rows of a [N, D] slice into [D].
 fn column_sums(x: &[f32], d: usize) -> Vec<f32> {
-    x.par_chunks(d * 64)
-        .fold(
-            || vec![0f32; d],
-            |mut acc, block| {
-                for row in block.chunks_exact(d) {
-                    acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
-                }
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f32; d],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+    fold_rows(x.len() / d, d, |acc, r| {
+        acc.iter_mut()
+            .zip(&x[r * d..(r + 1) * d])
+            .for_each(|(a, v)| *a += v)
+    })
 }
 
 /// `x + b` with `b` [D] broadcast over the rows of `x` [..., D].
@@ -236,29 +224,14 @@ impl CustomOp2 for LayerNormParamGrad {
         let x = as_f32(s1, l1, "layer-norm-affine-dwb")?;
         let g = as_f32(s2, l2, "layer-norm-affine-dwb")?;
         let d = last_dim(l1);
-        let acc = x
-            .par_chunks(d * 64)
-            .zip(g.par_chunks(d * 64))
-            .fold(
-                || vec![0f32; 2 * d],
-                |mut acc, (xb, gb)| {
-                    for (row, gr) in xb.chunks_exact(d).zip(gb.chunks_exact(d)) {
-                        let (mean, rstd) = row_stats(row, self.eps);
-                        for j in 0..d {
-                            acc[j] += gr[j] * (row[j] - mean) * rstd;
-                            acc[d + j] += gr[j];
-                        }
-                    }
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0f32; 2 * d],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+        let acc = fold_rows(x.len() / d, 2 * d, |acc, r| {
+            let (row, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+            let (mean, rstd) = row_stats(row, self.eps);
+            for j in 0..d {
+                acc[j] += gr[j] * (row[j] - mean) * rstd;
+                acc[d + j] += gr[j];
+            }
+        });
         Ok((CpuStorage::F32(acc), Shape::from((2, d))))
     }
 }

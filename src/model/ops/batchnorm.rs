@@ -2,39 +2,29 @@
 //! column sums, and an analytic backward. Composed from candle's broadcast ops, each of its
 //! reductions over rows went through the slow strided sum.
 
-use super::as_f32;
+use super::{as_f32, fold_rows};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Per-column mean and biased variance of a [P, C] slice, two parallel passes.
 pub fn column_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
-    let p = (x.len() / c).max(1) as f32;
-    let sum = |f: &(dyn Fn(usize, f32) -> f32 + Sync)| -> Vec<f32> {
-        x.par_chunks(c * 64)
-            .fold(
-                || vec![0f32; c],
-                |mut acc, block| {
-                    for row in block.chunks_exact(c) {
-                        for (j, (a, v)) in acc.iter_mut().zip(row).enumerate() {
-                            *a += f(j, *v);
-                        }
-                    }
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0f32; c],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            )
-    };
-    let mean: Vec<f32> = sum(&|_, v| v).into_iter().map(|s| s / p).collect();
-    let var: Vec<f32> = sum(&|j, v| (v - mean[j]) * (v - mean[j]))
-        .into_iter()
-        .map(|s| s / p)
-        .collect();
+    let rows = x.len() / c;
+    let p = rows.max(1) as f32;
+    let row = |r: usize| &x[r * c..(r + 1) * c];
+    let mean: Vec<f32> = fold_rows(rows, c, |acc, r| {
+        acc.iter_mut().zip(row(r)).for_each(|(a, v)| *a += v)
+    })
+    .into_iter()
+    .map(|s| s / p)
+    .collect();
+    let var = fold_rows(rows, c, |acc, r| {
+        for ((a, v), m) in acc.iter_mut().zip(row(r)).zip(&mean) {
+            *a += (v - m) * (v - m);
+        }
+    })
+    .into_iter()
+    .map(|s| s / p)
+    .collect();
     (mean, var)
 }
 
@@ -115,30 +105,16 @@ impl CustomOp3 for BatchNormRows {
         let wv = w.flatten_all()?.to_vec1::<f32>()?;
         let c = self.mean.len();
         let p = xv.len() / c;
-        // db = sum g, dw = sum g * xhat.
-        let (db, dw) = xv
-            .par_chunks(c * 64)
-            .zip(gv.par_chunks(c * 64))
-            .fold(
-                || (vec![0f32; c], vec![0f32; c]),
-                |(mut db, mut dw), (xs, gs)| {
-                    for (xr, gr) in xs.chunks_exact(c).zip(gs.chunks_exact(c)) {
-                        for j in 0..c {
-                            db[j] += gr[j];
-                            dw[j] += gr[j] * (xr[j] - self.mean[j]) * self.rstd[j];
-                        }
-                    }
-                    (db, dw)
-                },
-            )
-            .reduce(
-                || (vec![0f32; c], vec![0f32; c]),
-                |(mut a, mut b), (x, y)| {
-                    a.iter_mut().zip(x).for_each(|(u, v)| *u += v);
-                    b.iter_mut().zip(y).for_each(|(u, v)| *u += v);
-                    (a, b)
-                },
-            );
+        // [db; dw] = [sum g; sum g * xhat].
+        let acc = fold_rows(p, 2 * c, |acc, r| {
+            let (xr, gr) = (&xv[r * c..(r + 1) * c], &gv[r * c..(r + 1) * c]);
+            for j in 0..c {
+                acc[j] += gr[j];
+                acc[c + j] += gr[j] * (xr[j] - self.mean[j]) * self.rstd[j];
+            }
+        });
+        let (db, dw) = acc.split_at(c);
+        let (db, dw) = (db.to_vec(), dw.to_vec());
         // dx = w * rstd / P * (P * g - db - xhat * dw).
         let n = p as f32;
         let mut dx = vec![0f32; xv.len()];

@@ -36,3 +36,32 @@ pub(crate) fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a 
 
 /// Rows of work per rayon task: big enough that scheduling stays cheap on a 2-core machine.
 pub(crate) const MIN_CHUNK: usize = 4;
+
+/// Sums per-row contributions into `width` accumulators: `add(acc, r)` adds row `r`'s share.
+/// Rows go in blocks of 64 over the cores, each block into its own accumulators, then summed;
+/// the column sums of the bias, norm and BatchNorm gradients all have this shape.
+pub(crate) fn fold_rows(
+    rows: usize,
+    width: usize,
+    add: impl Fn(&mut [f32], usize) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    (0..rows.div_ceil(64))
+        .into_par_iter()
+        .fold(
+            || vec![0f32; width],
+            |mut acc, block| {
+                for r in block * 64..((block + 1) * 64).min(rows) {
+                    add(&mut acc, r);
+                }
+                acc
+            },
+        )
+        .reduce(
+            || vec![0f32; width],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+}
