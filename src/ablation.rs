@@ -16,8 +16,12 @@ pub struct Ablation {
     /// score).
     pub data: PathBuf,
     pub filter: Vec<(String, String)>,
+    /// Labelled source frames for the methods with source replay.
+    pub replay: Option<Arc<Vec<crate::data::Example>>>,
     pub fps: f64,
     pub loops: u32,
+    /// Training steps after each served frame.
+    pub steps_per_frame: u32,
     pub methods: Vec<String>,
     pub seeds: Vec<u64>,
     pub out: PathBuf,
@@ -128,10 +132,11 @@ impl Ablation {
                     out,
                     eval: Some(eval.clone()),
                     eval_every: eval.len() as u64,
-                    steps_per_frame: Some(1),
+                    steps_per_frame: Some(self.steps_per_frame),
                     seed,
                     realtime: false,
                     adapt: None,
+                    replay: self.replay.clone(),
                     before: before.clone(),
                 };
                 let source = Looped::open(&spec, &opts, self.loops)

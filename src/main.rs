@@ -194,7 +194,7 @@ struct AdaptArgs {
     #[arg(long)]
     out: PathBuf,
     /// source-only, or: profile (its own switches), tent, plain, ias, hpla, cpsl, region,
-    /// sepico, protocl, bida, dida, full
+    /// sepico, protocl, bida, dida, replay, full (replay needs --replay)
     #[arg(long, default_value = "profile")]
     method: String,
     /// Labelled folder to score on (labels are never trained on).
@@ -202,6 +202,11 @@ struct AdaptArgs {
     eval_data: Option<PathBuf>,
     #[arg(long = "eval-where", value_parser = parse_where)]
     eval_filter: Vec<(String, String)>,
+    /// Labelled source frames for source replay (`adapt.replay` in the profile).
+    #[arg(long)]
+    replay: Option<PathBuf>,
+    #[arg(long = "replay-where", value_parser = parse_where)]
+    replay_filter: Vec<(String, String)>,
     /// Score every N training steps (0: only before and after).
     #[arg(long, default_value_t = 0)]
     eval_every: u64,
@@ -262,17 +267,26 @@ struct AblateArgs {
     data: PathBuf,
     #[arg(long = "where", value_parser = parse_where, default_value = "role=target")]
     filter: Vec<(String, String)>,
+    /// Labelled source frames for the rows with source replay (replay; profile when its
+    /// adapt.replay.on is set).
+    #[arg(long, default_value = "../shared/data/camvid")]
+    replay: PathBuf,
+    #[arg(long = "replay-where", value_parser = parse_where, default_value = "role=source-train")]
+    replay_filter: Vec<(String, String)>,
     #[arg(long, default_value_t = 1.0)]
     fps: f64,
     /// Passes over the stream.
     #[arg(long, default_value_t = 2)]
     loops: u32,
+    /// Training steps after each frame.
+    #[arg(long, default_value_t = 1)]
+    steps_per_frame: u32,
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     seeds: Vec<u64>,
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "source-only,tent,plain,ias,hpla,cpsl,region,sepico,protocl,bida,dida,full"
+        default_value = "source-only,tent,plain,ias,hpla,cpsl,region,sepico,protocl,bida,dida,replay,full"
     )]
     methods: Vec<String>,
     #[arg(long, default_value = "runs/ablation")]
@@ -557,6 +571,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         seed: 0,
         realtime: false,
         adapt: None,
+        replay: None,
         before: None,
     };
     let opts = segadapt::source::SourceOptions {
@@ -769,6 +784,7 @@ fn load_eval(
 
 fn adapt(a: AdaptArgs) -> Result<()> {
     let profile = a.profile.load()?;
+    let profile_size = (profile.input.width, profile.input.height);
     let cfg = SegformerConfig::load(&a.model.join("config.json"))?;
     let session = segadapt::runtime::session::Session {
         model: a.model.clone(),
@@ -781,6 +797,12 @@ fn adapt(a: AdaptArgs) -> Result<()> {
         seed: a.seed,
         realtime: a.realtime,
         adapt: None,
+        replay: load_eval(&a.replay, &a.replay_filter, &a.model)?.map(|ex| {
+            Arc::new(segadapt::adapt::replay::shrink(
+                ex,
+                (profile_size.0, profile_size.1),
+            ))
+        }),
         before: None,
     };
     let source = open_source(&a.src, cfg.num_labels(), cfg.ignore_label())?;
@@ -830,13 +852,28 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn ablate(a: AblateArgs) -> Result<()> {
+    let profile = a.profile.load()?;
     let ab = segadapt::ablation::Ablation {
-        model: a.model,
-        profile: a.profile.load()?,
+        model: a.model.clone(),
+        profile: profile.clone(),
         data: a.data,
         filter: a.filter,
+        replay: match a
+            .methods
+            .iter()
+            .any(|m| m == "replay" || (m == "profile" && profile.adapt.replay.on))
+        {
+            true => load_eval(&Some(a.replay), &a.replay_filter, &a.model)?.map(|ex| {
+                Arc::new(segadapt::adapt::replay::shrink(
+                    ex,
+                    (profile.input.width, profile.input.height),
+                ))
+            }),
+            false => None,
+        },
         fps: a.fps,
         loops: a.loops,
+        steps_per_frame: a.steps_per_frame,
         methods: a.methods,
         seeds: a.seeds,
         out: a.out.clone(),

@@ -5,6 +5,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
+use segadapt::adapt::replay::Replay;
 use segadapt::adapt::step::Adapter;
 use segadapt::adapt::AdaptConfig;
 use segadapt::config::PreprocessConfig;
@@ -49,6 +50,9 @@ fn every_variant_steps_with_finite_bounded_state() {
         .iter()
         .map(|m| (*m, AdaptConfig::for_method(&full(), m).unwrap()))
         .collect();
+    let mut bida_replay = AdaptConfig::for_method(&full(), "bida").unwrap();
+    bida_replay.replay.on = true;
+    variants.push(("bida with source replay", bida_replay));
     variants.push((
         "full, norms only",
         AdaptConfig {
@@ -59,6 +63,18 @@ fn every_variant_steps_with_finite_bounded_state() {
     for (name, ac) in variants {
         let stats = SourceStats::compute(&model, &pre, &examples, 255).unwrap();
         let mut a = Adapter::new(ac.clone(), &cfg, &tensors, stats).unwrap();
+        if ac.replay.on {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+            a.replay = Some(std::sync::Arc::new(Replay::new(
+                &examples,
+                &pre,
+                (64, 48),
+                2,
+                0.01,
+                3,
+                &mut rng,
+            )));
+        }
         let before = a.teacher.tensors().unwrap()["decode_head.classifier.weight"]
             .copy()
             .unwrap();
@@ -113,6 +129,7 @@ fn every_variant_steps_with_finite_bounded_state() {
             (ac.cpsl.on, "cpsl_consist"),
             (ac.bida.on, "bida"),
             (ac.dida.on, "dida"),
+            (ac.replay.on, "source"),
         ];
         for (on, term) in expected.into_iter().filter(|_| !ac.tent) {
             assert_eq!(terms.contains(&term), on, "{name}: {terms:?}");
@@ -234,4 +251,60 @@ fn a_restored_adapter_continues_exactly() {
         .unwrap();
         assert_eq!(d, 0.0, "{k} differs after restore");
     }
+}
+
+#[test]
+fn source_replay_leaves_the_target_batchnorm_statistics_alone() {
+    // The source crop trains the student but must not pull the running statistics the teacher
+    // serves dusk frames with towards the source domain.
+    let data = tempfile::tempdir().unwrap();
+    common::write_dataset(data.path(), 3, 64, 48);
+    let examples = Dataset::open(data.path(), &[])
+        .unwrap()
+        .load_all(3, 255, true);
+    let mut cfg = common::tiny_config(3);
+    // Without drop path the BatchNorm input does not depend on the random draws.
+    cfg.drop_path_rate = 0.0;
+    let tensors = init_tensors(&cfg, &Device::Cpu, 0).unwrap();
+    let pre = PreprocessConfig::with_size(Some((64, 48)));
+    let model = Segformer::new(&cfg, tensors.clone()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
+    let running = |a: &Adapter| -> Vec<f32> {
+        a.student.model.raw_tensors()["decode_head.batch_norm.running_mean"]
+            .to_vec1()
+            .unwrap()
+    };
+    let source: Vec<f32> = tensors["decode_head.batch_norm.running_mean"]
+        .copy()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut means = Vec::new();
+    for replay in [false, true] {
+        let mut ac = AdaptConfig::plain();
+        ac.replay.on = replay;
+        // No source gradient and no pasting: only the source forward differs.
+        ac.replay.weight = 0.0;
+        ac.replay.mix = false;
+        ac.guard.collapse = false;
+        let stats = SourceStats::compute(&model, &pre, &examples, 255).unwrap();
+        let mut a = Adapter::new(ac, &cfg, &tensors, stats).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        if replay {
+            a.replay = Some(std::sync::Arc::new(Replay::new(
+                &examples,
+                &pre,
+                (64, 48),
+                3,
+                0.01,
+                3,
+                &mut rng,
+            )));
+        }
+        let r = a.step(&x, &x, &mut rng).unwrap();
+        assert_eq!(r.terms.iter().any(|(k, _)| *k == "source"), replay);
+        means.push(running(&a));
+    }
+    assert_ne!(means[0], source, "the target step moves them");
+    assert_eq!(means[0], means[1]);
 }

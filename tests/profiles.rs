@@ -51,6 +51,7 @@ fn session(model: &Path, profile: Profile, out: &Path) -> Session {
         seed: 0,
         realtime: false,
         adapt: None,
+        replay: None,
         before: None,
     }
 }

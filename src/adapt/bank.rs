@@ -80,12 +80,15 @@ impl InstanceBank {
     /// DIDA's instance loss, per pixel at feature resolution:
     /// P_w = normalise_K(S_w * p_student[label_k]), S_s = normalise_K(f_s . bank),
     /// L = weight * mean_pixels(-sum_k P_w,k log(S_s,k + 1e-10)).
-    /// `f_teacher`, `f_student`: [N, D] non-negative (post-ReLU) embeddings; `student_probs`: [N, C].
+    /// `f_teacher`, `f_student`: [N, D] non-negative (post-ReLU) embeddings; `student_probs`: [N, C];
+    /// `same`: u8 [N], the pixels where both views show the same content (pasted pixels have no
+    /// teacher feature of their own).
     pub fn instance_loss(
         &self,
         f_teacher: &Tensor,
         f_student: &Tensor,
         student_probs: &Tensor,
+        same: &Tensor,
         weight: f64,
     ) -> Result<Tensor> {
         let bank = self.feats.detach();
@@ -97,7 +100,7 @@ impl InstanceBank {
         let s_s = f_student.matmul(&bank.t()?)?;
         let s_s = s_s.broadcast_div(&(s_s.sum_keepdim(D::Minus1)? + 1e-10)?)?;
         let nll = (p_w * (s_s + 1e-10)?.log()?)?.sum(D::Minus1)?.neg()?;
-        nll.mean_all()? * weight
+        super::region::masked_mean(&nll, same)? * weight
     }
 }
 
@@ -157,8 +160,9 @@ mod tests {
         let b = bank(3);
         let teacher = t(&[0.0, 3.0], (1, 2)); // near the class 1 slot
         let probs = t(&[0.1, 0.8, 0.1, 0.0], (1, 4));
+        let all = Tensor::new(&[1u8], &Device::Cpu).unwrap();
         let loss = |s: &[f32]| {
-            b.instance_loss(&teacher, &t(s, (1, 2)), &probs, 0.5)
+            b.instance_loss(&teacher, &t(s, (1, 2)), &probs, &all, 0.5)
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap()
@@ -167,5 +171,12 @@ mod tests {
         let other = loss(&[3.0, 0.0]);
         assert!(same < other, "{same} vs {other}");
         assert!(same.is_finite() && other.is_finite());
+        let none = Tensor::new(&[0u8], &Device::Cpu).unwrap();
+        let masked = b
+            .instance_loss(&teacher, &t(&[3.0, 0.0], (1, 2)), &probs, &none, 0.5)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(masked, 0.0, "a pasted pixel contributes nothing");
     }
 }

@@ -2,9 +2,10 @@
 //! methods.md section 4): target pixels against source prototypes and source pixels against
 //! target prototypes, non-parametric label transfer, and a gradually applied class-wise bias.
 //!
-//! On the vehicle no source images are on board: the source side is the per-class statistics
-//! stored with the model. Source pixels are drawn from N(mu_c, diag var_c) each step (or come
-//! from an optional replay buffer when a profile affords one).
+//! By default no source images are on board: the source side is the per-class statistics
+//! stored with the model, and source pixels are drawn from N(mu_c, diag var_c) each step. With
+//! source replay on (`adapt.replay`), they are the student's own features of the replayed
+//! source crop instead, up to `per_class` pixels of each labelled class.
 
 use super::contrast::cosine;
 use crate::loss::cross_entropy;
@@ -143,11 +144,70 @@ pub fn sample_source_pixels(
     ))
 }
 
+/// Up to `per_class` rows of `feats` [N, D] per class of `labels` [N] (values >= `classes`
+/// skipped), drawn without replacement: the source side from a replayed crop.
+pub fn pick_source_pixels(
+    feats: &Tensor,
+    labels: &[u32],
+    classes: usize,
+    per_class: usize,
+    rng: &mut StdRng,
+) -> Result<Option<(Tensor, Tensor)>> {
+    use rand::seq::SliceRandom;
+    let mut rows: Vec<Vec<u32>> = vec![Vec::new(); classes];
+    for (i, &l) in labels.iter().enumerate() {
+        if (l as usize) < classes {
+            rows[l as usize].push(i as u32);
+        }
+    }
+    let (mut idx, mut ys) = (Vec::new(), Vec::new());
+    for (k, r) in rows.iter_mut().enumerate() {
+        r.shuffle(rng);
+        for &i in r.iter().take(per_class) {
+            idx.push(i);
+            ys.push(k as u32);
+        }
+    }
+    if idx.is_empty() {
+        return Ok(None);
+    }
+    let dev = feats.device();
+    let n = ys.len();
+    Ok(Some((
+        feats.index_select(&Tensor::from_vec(idx, n, dev)?, 0)?,
+        Tensor::from_vec(ys, n, dev)?,
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
     use rand::SeedableRng;
+
+    #[test]
+    fn picked_source_pixels_are_bounded_per_class_and_keep_their_rows() {
+        let f = t(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0], (5, 2));
+        let mut rng = StdRng::seed_from_u64(0);
+        let (x, y) = pick_source_pixels(&f, &[1, 1, 1, 255, 0], 2, 2, &mut rng)
+            .unwrap()
+            .unwrap();
+        let y: Vec<u32> = y.to_vec1().unwrap();
+        assert_eq!(
+            y.iter().filter(|&&l| l == 1).count(),
+            2,
+            "capped at per_class"
+        );
+        assert_eq!(y.iter().filter(|&&l| l == 0).count(), 1);
+        let x: Vec<Vec<f32>> = x.to_vec2().unwrap();
+        for (row, l) in x.iter().zip(&y) {
+            let i = (row[0] / 2.0) as usize;
+            assert_eq!([1, 1, 1, 255, 0][i], *l, "row {i} keeps its label");
+        }
+        assert!(pick_source_pixels(&f, &[255; 5], 2, 2, &mut rng)
+            .unwrap()
+            .is_none());
+    }
 
     fn t(v: &[f32], shape: (usize, usize)) -> Tensor {
         Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()

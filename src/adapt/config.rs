@@ -25,6 +25,7 @@ pub struct AdaptConfig {
     pub sepico: Sepico,
     pub bida: Bida,
     pub dida: Dida,
+    pub replay: Replay,
     pub guard: Guard,
     /// TENT instead of self-training: entropy of the model's own predictions, only the norm
     /// layers' affine parameters train, no teacher. Set by the `tent` method.
@@ -107,6 +108,22 @@ pub struct Dida {
     pub weight: f64,
 }
 
+/// Source replay: labelled source frames on board (DAFormer's source cross-entropy and DACS
+/// ClassMix). Needs the frames (`adapt --replay DIR`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Replay {
+    pub on: bool,
+    /// Frames kept (chosen once by rare-class sampling).
+    pub size: usize,
+    /// RCS temperature.
+    pub temp: f64,
+    /// Weight of the source cross-entropy.
+    pub weight: f64,
+    /// Paste half the source crop's classes onto the student's target view.
+    pub mix: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Guard {
@@ -137,6 +154,7 @@ impl Default for AdaptConfig {
             sepico: Sepico::default(),
             bida: Bida::default(),
             dida: Dida::default(),
+            replay: Replay::default(),
             guard: Guard::default(),
             tent: false,
         }
@@ -225,6 +243,18 @@ impl Default for Dida {
             bank: 100,
             momentum: 0.999,
             weight: 0.5,
+        }
+    }
+}
+
+impl Default for Replay {
+    fn default() -> Self {
+        Self {
+            on: false,
+            size: 64,
+            temp: 0.01,
+            weight: 1.0,
+            mix: true,
         }
     }
 }
@@ -337,6 +367,10 @@ impl AdaptConfig {
             "a momentum in [0, 1)",
         )?;
         check(d.weight >= 0.0, "adapt.dida.weight", d.weight, ">= 0")?;
+        let r = &self.replay;
+        at_least("adapt.replay.size", r.size, 1)?;
+        positive("adapt.replay.temp", r.temp)?;
+        check(r.weight >= 0.0, "adapt.replay.weight", r.weight, ">= 0")?;
         let g = &self.guard;
         positive("adapt.guard.band", g.band)?;
         unit("adapt.guard.restore", g.restore)?;
@@ -346,10 +380,11 @@ impl AdaptConfig {
 
 /// The ablation's rows by name. `profile` keeps the profile's switches; `plain` is mean-teacher
 /// self-training with the fixed threshold; a component's name is plain plus that component;
-/// `full` switches every component on. Hyperparameters always come from `base`.
+/// `full` switches every component of the five methods on (source replay stays off).
+/// Hyperparameters always come from `base`.
 pub const METHODS: &[&str] = &[
     "profile", "tent", "plain", "ias", "hpla", "cpsl", "region", "sepico", "protocl", "bida",
-    "dida", "full",
+    "dida", "replay", "full",
 ];
 
 /// The norm layers' affine parameters (LayerNorms and the decode head's BatchNorm).
@@ -380,6 +415,9 @@ impl AdaptConfig {
         }
         c.bida.on = all || method == "bida";
         c.dida.on = all || method == "dida";
+        // Source replay is an option of the deployment (it needs source frames on board), not one
+        // of the five methods: `full` leaves it off.
+        c.replay.on = method == "replay";
         c.tent = method == "tent";
         METHODS.contains(&method).then_some(c)
     }

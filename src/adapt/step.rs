@@ -4,15 +4,18 @@
 //! Target labels never enter here.
 
 use super::bank::InstanceBank;
-use super::bidirectional::{bidirectional_loss, sample_source_pixels, Prototypes};
+use super::bidirectional::{
+    bidirectional_loss, pick_source_pixels, sample_source_pixels, Prototypes,
+};
 use super::contrast::{cosine, dist_cl, proto_cl, proto_reg};
 use super::guard::{stochastic_restore, CollapseMonitor};
 use super::hpla::CopyPaste;
 use super::region;
+use super::replay::{class_mix, Replay};
 use super::sinkhorn::balanced_assignment;
 use super::thresholds::InstanceThresholds;
 use super::AdaptConfig;
-use crate::loss::cross_entropy;
+use crate::loss::{cross_entropy, flatten_pixels};
 use crate::model::ema::{detached_copy, ema_update, ema_update_where};
 use crate::model::nn::log_softmax;
 use crate::model::{Segformer, Student, TensorMap};
@@ -21,6 +24,7 @@ use crate::stats::SourceStats;
 use candle_core::{DType, Result, Tensor, D};
 use rand::rngs::StdRng;
 use rand::Rng;
+use std::sync::Arc;
 
 pub const IGNORE: u32 = 255;
 
@@ -46,6 +50,8 @@ pub struct Adapter {
     pub protos: Prototypes,
     pub bank: Option<InstanceBank>,
     pub paste: Option<CopyPaste>,
+    /// Labelled source frames (shared, never changed by a step).
+    pub replay: Option<Arc<Replay>>,
     pub monitor: CollapseMonitor,
     /// Source values of the trainable parameters, kept for CoTTA's stochastic restore.
     source: Vec<Tensor>,
@@ -126,6 +132,7 @@ impl Adapter {
             protos,
             bank,
             paste,
+            replay: None,
             source,
             prior,
             queue: None,
@@ -232,12 +239,60 @@ impl Adapter {
             }
             strong = Tensor::from_vec(img, dims, dev)?;
         }
+        // Source replay: a source crop per frame for the source cross-entropy, half its classes
+        // pasted onto the student's target view (ClassMix) with their true labels.
+        let mut source: Option<(Tensor, Tensor)> = None;
+        if self.cfg.replay.on {
+            let replay = self.replay.as_ref().ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "adapt.replay.on needs labelled source frames (adapt --replay DIR)".into(),
+                )
+            })?;
+            let (_, _, ih, iw) = strong.dims4()?;
+            let plane = 3 * ih * iw;
+            let mut img: Vec<f32> = strong.flatten_all()?.to_vec1()?;
+            let (mut xs, mut ys) = (
+                Vec::with_capacity(b * plane),
+                Vec::with_capacity(b * ih * iw),
+            );
+            for i in 0..b {
+                let Some(src) = replay.draw((iw, ih), rng) else {
+                    break;
+                };
+                if self.cfg.replay.mix {
+                    let m = class_mix(
+                        &mut img[i * plane..(i + 1) * plane],
+                        &mut train_labels[i * h * w..(i + 1) * h * w],
+                        &src,
+                        (ih, iw),
+                        (h, w),
+                        rng,
+                    );
+                    pasted[i * h * w..(i + 1) * h * w]
+                        .iter_mut()
+                        .zip(m)
+                        .for_each(|(p, m)| *p |= m);
+                }
+                xs.extend_from_slice(&src.image);
+                ys.extend(src.labels.iter().map(|&l| l as u32));
+            }
+            strong = Tensor::from_vec(img, (b, 3, ih, iw), dev)?;
+            if !xs.is_empty() {
+                let k = xs.len() / plane;
+                source = Some((
+                    Tensor::from_vec(xs, (k, 3, ih, iw), dev)?,
+                    Tensor::from_vec(ys, k * ih * iw, dev)?,
+                ));
+            }
+        }
         let keep_train: Vec<bool> = keep.iter().zip(&pasted).map(|(k, p)| *k || *p).collect();
         let kept = keep_train.iter().filter(|&&k| k).count() as f32 / n.max(1) as f32;
         let y = Tensor::from_vec(train_labels.clone(), n, dev)?;
         let mask = |v: &[bool]| Tensor::from_vec(v.iter().map(|&k| k as u8).collect(), n, dev);
         let keep_t = mask(&keep_train)?;
         let ignored_t = mask(&keep_train.iter().map(|k| !k).collect::<Vec<_>>())?;
+        // Pixels the teacher saw as the student sees them (not pasted by HPLA or ClassMix).
+        let same_t = mask(&pasted.iter().map(|p| !p).collect::<Vec<_>>())?;
 
         // Student on the strong view.
         let s_out = self.student.model.forward(&strong, Some(rng))?;
@@ -245,6 +300,47 @@ impl Adapter {
         let f_s = s_out.embed.reshape((n, d))?;
         let mut terms: Vec<(&'static str, Tensor)> =
             vec![("ce", cross_entropy(&logits, &y, None, IGNORE)?)];
+        let mut src_pixels: Option<(Tensor, Tensor)> = None;
+        if let Some((xs, ys)) = &source {
+            let (_, _, ih, iw) = xs.dims4()?;
+            // BatchNorm's running statistics are what the teacher serves the target with: the
+            // source crop normalises with its own batch statistics but must not move them.
+            let running: Vec<(&Tensor, Tensor)> = self
+                .student
+                .model
+                .raw_tensors()
+                .iter()
+                .filter(|(n, _)| n.contains("running_"))
+                .map(|(_, t)| Ok((t, t.copy()?)))
+                .collect::<Result<_>>()?;
+            let out = self.student.model.forward(xs, Some(rng))?;
+            for (t, saved) in &running {
+                t.slice_set(saved, 0, 0)?;
+            }
+            let up = crate::model::ops::resize_bilinear(&out.logits, ih, iw)?;
+            let l = cross_entropy(&flatten_pixels(&up)?, ys, None, IGNORE)?;
+            terms.push(("source", (l * self.cfg.replay.weight)?));
+            if self.cfg.bida.on {
+                // Each feature cell takes the label of the source pixel at its centre.
+                let (k, fh, fw, _) = out.embed.dims4()?;
+                let yv: Vec<u32> = ys.to_vec1()?;
+                let cells: Vec<u32> = (0..k * fh * fw)
+                    .map(|q| {
+                        let (b, i, j) = (q / (fh * fw), (q / fw) % fh, q % fw);
+                        let y = ((2 * i + 1) * ih / (2 * fh)).min(ih - 1);
+                        let x = ((2 * j + 1) * iw / (2 * fw)).min(iw - 1);
+                        yv[(b * ih + y) * iw + x]
+                    })
+                    .collect();
+                src_pixels = pick_source_pixels(
+                    &out.embed.reshape((k * fh * fw, d))?,
+                    &cells,
+                    c,
+                    self.cfg.bida.per_class,
+                    rng,
+                )?;
+            }
+        }
         let r = self.cfg.region.clone();
         if r.on {
             terms.push(("smooth", (region::smoothing(&logits, &keep_t)? * r.smooth)?));
@@ -304,20 +400,22 @@ impl Adapter {
                 let ls = log_softmax(&(cosine(&f_s, &self.protos.target)? / cpsl.tau)?)?;
                 let lt = pt.clamp(1e-8, 1.0)?.log()?;
                 let kl = (pt * (lt - ls)?)?.sum(D::Minus1)?;
-                let free_t = mask(&pasted.iter().map(|p| !p).collect::<Vec<_>>())?;
-                let l = region::masked_mean(&kl, &free_t)?;
+                let l = region::masked_mean(&kl, &same_t)?;
                 terms.push(("cpsl_consist", (l * cpsl.consistency)?));
             }
         }
         let bd = self.cfg.bida.clone();
         if bd.on {
-            let (fs_src, ys) = sample_source_pixels(
-                &self.stats.mean,
-                &self.stats.var,
-                &self.stats.count,
-                bd.per_class,
-                rng,
-            )?;
+            let (fs_src, ys) = match src_pixels.take() {
+                Some(p) => p,
+                None => sample_source_pixels(
+                    &self.stats.mean,
+                    &self.stats.var,
+                    &self.stats.count,
+                    bd.per_class,
+                    rng,
+                )?,
+            };
             let l = bidirectional_loss(&f_s, &y, &fs_src, &ys, &self.protos, bd.tau, IGNORE)?;
             terms.push(("bida", (l * bd.weight)?));
         }
@@ -325,7 +423,7 @@ impl Adapter {
             let probs = candle_nn::ops::softmax_last_dim(&logits)?;
             terms.push((
                 "dida",
-                bank.instance_loss(&f_t, &f_s, &probs, self.cfg.dida.weight)?,
+                bank.instance_loss(&f_t, &f_s, &probs, &same_t, self.cfg.dida.weight)?,
             ));
         }
         let mut total = terms[0].1.clone();
@@ -349,6 +447,7 @@ impl Adapter {
             outcome: Some(outcome),
             collapsed: false,
         };
+        log::debug!("step {}: {:?}", self.step, report.terms);
         if outcome == StepOutcome::NonFinite {
             return Ok(report);
         }

@@ -39,10 +39,32 @@ impl Measure for Calibrator<'_> {
         let mut cfg = self.adapt.clone();
         // Measure a step that does all its work.
         cfg.guard.collapse = false;
+        let replay = cfg.replay.on;
         let mut a = Adapter::new(cfg, self.model, self.tensors, self.stats.clone())?;
         let x = Tensor::randn(0f32, 1.0, (batch, 3, h, w), &Device::Cpu)?;
         let strong = (&x * 0.9)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        if replay {
+            // A stand-in source frame: the step's cost does not depend on what it shows.
+            let c = self.model.num_labels();
+            let (iw, ih) = self.input;
+            let ex = crate::data::Example {
+                name: "calibration".into(),
+                image: image::RgbImage::from_fn(iw as u32, ih as u32, |x, y| {
+                    image::Rgb([(x % 256) as u8, (y % 256) as u8, 128])
+                }),
+                label: Some((0..iw * ih).map(|i| ((i % iw) * c / iw) as u8).collect()),
+            };
+            a.replay = Some(std::sync::Arc::new(crate::adapt::replay::Replay::new(
+                &[ex],
+                &crate::config::PreprocessConfig::default(),
+                (iw as u32, ih as u32),
+                1,
+                self.adapt.replay.temp,
+                c,
+                &mut rng,
+            )));
+        }
         // The first step fills the queue, bank and paste pool; the second is the steady one.
         a.step(&x, &strong, &mut rng)?;
         let first = peak_of(|| Ok(a.step(&x, &strong, &mut rng).map(|_| ())?))?;

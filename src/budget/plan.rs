@@ -120,6 +120,11 @@ pub fn plan(
         state += adapt.hpla.pool * crop.0 * crop.1 * (3 + 1) * f32s;
         holds.push(format!("paste pool {}", adapt.hpla.pool));
     }
+    if adapt.replay.on {
+        // RGB bytes and a label byte per pixel at the input size.
+        state += adapt.replay.size * iw * ih * 4;
+        holds.push(format!("replay {} frames", adapt.replay.size));
+    }
     let parts = vec![
         Part {
             name: "models",

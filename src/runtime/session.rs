@@ -15,6 +15,7 @@ use crate::model::{weights, Segformer};
 use crate::source::FrameSource;
 use crate::stats::SourceStats;
 use candle_core::Device;
+use rand::SeedableRng;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -36,6 +37,8 @@ pub struct Session {
     pub realtime: bool,
     /// Adaptation settings after the profile's, e.g. from a tuning file.
     pub adapt: Option<AdaptConfig>,
+    /// Labelled source frames for source replay (`adapt.replay`).
+    pub replay: Option<Arc<Vec<Example>>>,
     /// Source-only scores computed earlier (the ablation scores them once).
     pub before: Option<Scores>,
 }
@@ -103,6 +106,13 @@ impl Session {
             )
         })?;
 
+        if cfg.replay.on && self.replay.is_none() {
+            return Err(Error::config(
+                "adapt.replay.on",
+                true,
+                "false, or labelled source frames to replay (adapt --replay DIR)",
+            ));
+        }
         let plan = measured_plan(p, &files.config, &files.tensors, &stats, &cfg)?;
         log::info!("{}", plan.table().trim_end());
         plan.check()?;
@@ -132,6 +142,27 @@ impl Session {
                 a
             }
         };
+        let mut adapter = adapter;
+        if let (true, Some(ex)) = (adapter.cfg.replay.on, &self.replay) {
+            // Seeded by the run's seed, so a resumed run keeps the same frames.
+            let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed);
+            let r = crate::adapt::replay::Replay::new(
+                ex,
+                &pre,
+                (p.input.width as u32, p.input.height as u32),
+                adapter.cfg.replay.size,
+                adapter.cfg.replay.temp,
+                files.config.num_labels(),
+                &mut rng,
+            );
+            log::info!(
+                "source replay: {} of {} labelled frames kept ({:.1} MB)",
+                r.len(),
+                ex.len(),
+                r.bytes() as f64 / (1 << 20) as f64
+            );
+            adapter.replay = Some(Arc::new(r));
+        }
         let act = plan
             .parts
             .iter()

@@ -1,0 +1,390 @@
+//! Source replay (DAFormer/HAMLET): a bounded buffer of labelled source frames, chosen once by
+//! rare-class sampling, that supplies each step's source crop and the pixels ClassMix pastes.
+
+use crate::config::PreprocessConfig;
+use crate::data::augment::photometric;
+use crate::data::{normalize_into, Example};
+use image::{imageops, GrayImage, RgbImage};
+use rand::rngs::StdRng;
+use rand::Rng;
+
+/// DAFormer's RCS: a class must cover 3000 pixels of a 1024x512 crop to count as held by a frame,
+/// i.e. this share of the frame.
+const MIN_SHARE: f64 = 3000.0 / (1024.0 * 512.0);
+
+pub struct Replay {
+    /// Frames at the model's input size with their labels (one byte per pixel).
+    frames: Vec<(RgbImage, Vec<u8>)>,
+    /// For each class, the frames holding at least [`MIN_SHARE`] of it.
+    holders: Vec<Vec<usize>>,
+    /// RCS class probabilities over the classes some frame holds.
+    probs: Vec<f64>,
+    pre: PreprocessConfig,
+}
+
+/// Label value of unlabelled source pixels inside the buffer (the step's ignore value).
+pub const IGNORE: u8 = 255;
+
+/// One source crop for a step: the normalised image [3, H, W] (photometrically distorted, as
+/// source training sees it) and its labels [H * W].
+pub struct SourceCrop {
+    pub image: Vec<f32>,
+    pub labels: Vec<u8>,
+}
+
+/// Labelled frames resized to `input` (width, height) (labels nearest): what a replay buffer
+/// keeps, so a large source folder costs only its resized copy while it is chosen from.
+pub fn shrink(examples: Vec<Example>, input: (usize, usize)) -> Vec<Example> {
+    let (w, h) = (input.0 as u32, input.1 as u32);
+    examples
+        .into_iter()
+        .filter_map(|e| {
+            let (iw, ih) = e.image.dimensions();
+            let label = GrayImage::from_raw(iw, ih, e.label?)?;
+            Some(Example {
+                name: e.name,
+                image: imageops::resize(&e.image, w, h, imageops::FilterType::Triangle),
+                label: Some(
+                    imageops::resize(&label, w, h, imageops::FilterType::Nearest).into_raw(),
+                ),
+            })
+        })
+        .collect()
+}
+
+/// RCS: P(c) = softmax((1 - f_c) / T) over the pixel frequencies `freq` (absent classes: 0).
+pub fn rcs_probs(freq: &[f64], temp: f64) -> Vec<f64> {
+    let logits: Vec<f64> = freq
+        .iter()
+        .map(|&f| {
+            if f > 0.0 {
+                (1.0 - f) / temp
+            } else {
+                f64::NEG_INFINITY
+            }
+        })
+        .collect();
+    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = logits.iter().map(|&l| (l - max).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|v| v / s).collect()
+}
+
+fn pick(probs: &[f64], rng: &mut StdRng) -> usize {
+    let mut u = rng.random::<f64>();
+    for (k, &p) in probs.iter().enumerate() {
+        if u < p {
+            return k;
+        }
+        u -= p;
+    }
+    probs.iter().rposition(|&p| p > 0.0).unwrap_or(0)
+}
+
+fn holds(labels: &[u8], classes: usize) -> Vec<bool> {
+    let mut cnt = vec![0usize; classes];
+    labels
+        .iter()
+        .filter(|&&l| (l as usize) < classes)
+        .for_each(|&l| cnt[l as usize] += 1);
+    let min = (MIN_SHARE * labels.len() as f64).max(1.0) as usize;
+    cnt.iter().map(|&c| c >= min).collect()
+}
+
+impl Replay {
+    /// Keeps at most `size` of the labelled `examples` (resized to `input` (width, height)),
+    /// drawn by RCS at temperature `temp` so rare classes are in the buffer. Label values of
+    /// `classes` and above become [`IGNORE`].
+    pub fn new(
+        examples: &[Example],
+        pre: &PreprocessConfig,
+        input: (u32, u32),
+        size: usize,
+        temp: f64,
+        classes: usize,
+        rng: &mut StdRng,
+    ) -> Self {
+        let all: Vec<(RgbImage, Vec<u8>)> = examples
+            .iter()
+            .filter_map(|e| {
+                let lab = e.label.as_ref()?;
+                let (w, h) = e.image.dimensions();
+                let g = GrayImage::from_raw(w, h, lab.clone())?;
+                Some((
+                    imageops::resize(&e.image, input.0, input.1, imageops::FilterType::Triangle),
+                    imageops::resize(&g, input.0, input.1, imageops::FilterType::Nearest)
+                        .into_raw()
+                        .into_iter()
+                        .map(|l| if (l as usize) < classes { l } else { IGNORE })
+                        .collect(),
+                ))
+            })
+            .collect();
+        let probs = Self::class_probs(&all, classes, temp);
+        let held: Vec<Vec<bool>> = all.iter().map(|(_, l)| holds(l, classes)).collect();
+        let mut chosen: Vec<usize> = Vec::new();
+        let mut taken = vec![false; all.len()];
+        // Draw a class by RCS, then a frame holding it not yet kept; a class whose holders are
+        // all kept stops being drawn.
+        let mut p = probs.clone();
+        while chosen.len() < size.min(all.len()) && p.iter().any(|&v| v > 0.0) {
+            let c = pick(&p, rng);
+            let free: Vec<usize> = (0..all.len())
+                .filter(|&i| held[i][c] && !taken[i])
+                .collect();
+            if free.is_empty() {
+                p[c] = 0.0;
+                let s: f64 = p.iter().sum();
+                p.iter_mut().for_each(|v| *v /= s.max(f64::MIN_POSITIVE));
+                continue;
+            }
+            let i = free[rng.random_range(0..free.len())];
+            taken[i] = true;
+            chosen.push(i);
+        }
+        let frames: Vec<(RgbImage, Vec<u8>)> = chosen.iter().map(|&i| all[i].clone()).collect();
+        let mut holders = vec![Vec::new(); classes];
+        for (i, (_, l)) in frames.iter().enumerate() {
+            for (c, h) in holds(l, classes).into_iter().enumerate() {
+                if h {
+                    holders[c].push(i);
+                }
+            }
+        }
+        let probs = Self::class_probs(&frames, classes, temp)
+            .into_iter()
+            .zip(&holders)
+            .map(|(p, h)| if h.is_empty() { 0.0 } else { p })
+            .collect::<Vec<_>>();
+        let s: f64 = probs.iter().sum();
+        Self {
+            frames,
+            holders,
+            probs: probs.iter().map(|p| p / s.max(f64::MIN_POSITIVE)).collect(),
+            pre: pre.clone(),
+        }
+    }
+
+    fn class_probs(frames: &[(RgbImage, Vec<u8>)], classes: usize, temp: f64) -> Vec<f64> {
+        let mut cnt = vec![0f64; classes];
+        for (_, l) in frames {
+            l.iter()
+                .filter(|&&v| (v as usize) < classes)
+                .for_each(|&v| cnt[v as usize] += 1.0);
+        }
+        let total: f64 = cnt.iter().sum::<f64>().max(1.0);
+        rcs_probs(&cnt.iter().map(|c| c / total).collect::<Vec<_>>(), temp)
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.frames
+            .iter()
+            .map(|(i, l)| i.as_raw().len() + l.len())
+            .sum()
+    }
+
+    /// The class of each kept frame's labels, for tests: how many frames hold class `c`.
+    pub fn holders(&self, c: usize) -> usize {
+        self.holders.get(c).map_or(0, |h| h.len())
+    }
+
+    /// A (width, height) crop by RCS: a class, a frame holding it, up to 10 crops until one
+    /// holds half the class's minimum share; flipped with probability 1/2.
+    pub fn draw(&self, crop: (usize, usize), rng: &mut StdRng) -> Option<SourceCrop> {
+        if self.frames.is_empty() {
+            return None;
+        }
+        let c = pick(&self.probs, rng);
+        let hs = &self.holders[c];
+        let f = if hs.is_empty() {
+            rng.random_range(0..self.frames.len())
+        } else {
+            hs[rng.random_range(0..hs.len())]
+        };
+        let (img, lab) = &self.frames[f];
+        let (iw, ih) = (img.width() as usize, img.height() as usize);
+        let (cw, ch) = (crop.0.min(iw), crop.1.min(ih));
+        let want = (MIN_SHARE * 0.5 * (cw * ch) as f64) as usize;
+        let mut pos = (0, 0);
+        for _ in 0..10 {
+            pos = (rng.random_range(0..=iw - cw), rng.random_range(0..=ih - ch));
+            let n = (pos.1..pos.1 + ch)
+                .flat_map(|y| lab[y * iw + pos.0..y * iw + pos.0 + cw].iter())
+                .filter(|&&v| v as usize == c)
+                .count();
+            if n > want {
+                break;
+            }
+        }
+        let mut im =
+            imageops::crop_imm(img, pos.0 as u32, pos.1 as u32, cw as u32, ch as u32).to_image();
+        let mut labels: Vec<u8> = (pos.1..pos.1 + ch)
+            .flat_map(|y| lab[y * iw + pos.0..y * iw + pos.0 + cw].iter().copied())
+            .collect();
+        if rng.random_bool(0.5) {
+            imageops::flip_horizontal_in_place(&mut im);
+            labels.chunks_mut(cw).for_each(|r| r.reverse());
+        }
+        photometric(&mut im, rng);
+        let mut image = vec![0f32; 3 * cw * ch];
+        normalize_into(&im, &self.pre, &mut image);
+        // Pad to the crop size when the frame is smaller (labels ignored there).
+        if (cw, ch) != crop {
+            let (w, h) = crop;
+            let mut pi = vec![0f32; 3 * w * h];
+            let mut pl = vec![IGNORE; w * h];
+            for k in 0..3 {
+                for y in 0..ch {
+                    pi[(k * h + y) * w..(k * h + y) * w + cw]
+                        .copy_from_slice(&image[(k * ch + y) * cw..(k * ch + y + 1) * cw]);
+                }
+            }
+            for y in 0..ch {
+                pl[y * w..y * w + cw].copy_from_slice(&labels[y * cw..(y + 1) * cw]);
+            }
+            return Some(SourceCrop {
+                image: pi,
+                labels: pl,
+            });
+        }
+        Some(SourceCrop { image, labels })
+    }
+}
+
+/// ClassMix (DACS) at label resolution: half the classes of the source crop (rounded up) are
+/// pasted onto the target view. `target` [3, H, W] and `labels` [h * w] (the pseudo labels at
+/// the logits' resolution) change in place; each label cell takes its class from the source
+/// pixel at the cell's centre and carries its whole pixel block. Returns the pasted cells.
+pub fn class_mix(
+    target: &mut [f32],
+    labels: &mut [u32],
+    src: &SourceCrop,
+    image: (usize, usize),
+    cells: (usize, usize),
+    rng: &mut StdRng,
+) -> Vec<bool> {
+    let ((ih, iw), (h, w)) = (image, cells);
+    let centre = |i: usize, j: usize| {
+        let y = ((2 * i + 1) * ih / (2 * h)).min(ih - 1);
+        let x = ((2 * j + 1) * iw / (2 * w)).min(iw - 1);
+        src.labels[y * iw + x]
+    };
+    let mut present: Vec<u8> = (0..h)
+        .flat_map(|i| (0..w).map(move |j| (i, j)))
+        .map(|(i, j)| centre(i, j))
+        .filter(|&l| l != IGNORE)
+        .collect();
+    present.sort_unstable();
+    present.dedup();
+    let n = present.len().div_ceil(2);
+    for k in 0..n {
+        let j = rng.random_range(k..present.len());
+        present.swap(k, j);
+    }
+    let chosen = &present[..n];
+    let mut mask = vec![false; h * w];
+    for i in 0..h {
+        for j in 0..w {
+            let l = centre(i, j);
+            if !chosen.contains(&l) {
+                continue;
+            }
+            mask[i * w + j] = true;
+            labels[i * w + j] = l as u32;
+            let (y0, y1) = (i * ih / h, ((i + 1) * ih / h).min(ih));
+            let (x0, x1) = (j * iw / w, ((j + 1) * iw / w).min(iw));
+            for k in 0..3 {
+                for y in y0..y1 {
+                    let r = (k * ih + y) * iw;
+                    target[r + x0..r + x1].copy_from_slice(&src.image[r + x0..r + x1]);
+                }
+            }
+        }
+    }
+    mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn rcs_favours_rare_classes_and_skips_absent_ones() {
+        let p = rcs_probs(&[0.6, 0.39, 0.01, 0.0], 0.01);
+        assert!(p[2] > 0.99, "{p:?}");
+        assert_eq!(p[3], 0.0);
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        // A high temperature flattens towards uniform over present classes.
+        let q = rcs_probs(&[0.6, 0.39, 0.01, 0.0], 1e6);
+        assert!((q[0] - 1.0 / 3.0).abs() < 1e-6, "{q:?}");
+    }
+
+    fn example(w: u32, h: u32, classes: &[u8]) -> Example {
+        // Vertical stripes, one per class.
+        let label: Vec<u8> = (0..h)
+            .flat_map(|_| (0..w).map(|x| classes[(x as usize * classes.len()) / w as usize]))
+            .collect();
+        let image = RgbImage::from_fn(w, h, |x, _| {
+            let c = classes[(x as usize * classes.len()) / w as usize];
+            image::Rgb([c * 20, 100, 200 - c * 10])
+        });
+        Example {
+            name: String::new(),
+            image,
+            label: Some(label),
+        }
+    }
+
+    #[test]
+    fn buffer_is_bounded_and_keeps_the_rare_class() {
+        // Nine frames of common classes, one holding the rare class 3.
+        let mut ex: Vec<Example> = (0..9).map(|_| example(32, 16, &[0, 1])).collect();
+        ex.push(example(32, 16, &[0, 3]));
+        let mut rng = StdRng::seed_from_u64(0);
+        let pre = PreprocessConfig::default();
+        let r = Replay::new(&ex, &pre, (32, 16), 3, 0.01, 4, &mut rng);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.holders(3), 1, "RCS keeps the only frame with class 3");
+        assert!(r.bytes() <= 3 * 32 * 16 * 4);
+    }
+
+    #[test]
+    fn draws_follow_rcs_and_mix_pastes_half_the_classes() {
+        let ex = vec![example(32, 16, &[0, 1, 2, 3])];
+        let mut rng = StdRng::seed_from_u64(1);
+        let pre = PreprocessConfig::default();
+        let r = Replay::new(&ex, &pre, (32, 16), 4, 0.01, 4, &mut rng);
+        let s = r.draw((16, 16), &mut rng).expect("a crop");
+        assert_eq!(s.image.len(), 3 * 16 * 16);
+        assert_eq!(s.labels.len(), 16 * 16);
+        let src = SourceCrop {
+            image: vec![1.0; 3 * 16 * 32],
+            labels: example(32, 16, &[0, 1, 2, 3]).label.unwrap(),
+        };
+        let mut target = vec![0.0f32; 3 * 16 * 32];
+        let mut labels = vec![9u32; 4 * 8];
+        let mask = class_mix(&mut target, &mut labels, &src, (16, 32), (4, 8), &mut rng);
+        let pasted: Vec<u32> = {
+            let mut v: Vec<u32> = labels.iter().copied().filter(|&l| l != 9).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        assert_eq!(pasted.len(), 2, "half of four classes: {pasted:?}");
+        for (k, &m) in mask.iter().enumerate() {
+            assert_eq!(m, labels[k] != 9);
+            // The cell's pixel block came with it.
+            let (i, j) = (k / 8, k % 8);
+            assert_eq!(target[(i * 4) * 32 + j * 4], if m { 1.0 } else { 0.0 });
+        }
+    }
+}
