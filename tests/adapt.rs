@@ -33,17 +33,62 @@ fn full() -> AdaptConfig {
     c
 }
 
-#[test]
-fn every_variant_steps_with_finite_bounded_state() {
+/// A tiny model over a labelled temporary folder of `n` frames of 64x48.
+struct Fixture {
+    data: tempfile::TempDir,
+    examples: Vec<segadapt::data::Example>,
+    cfg: segadapt::config::SegformerConfig,
+    tensors: segadapt::model::TensorMap,
+    pre: PreprocessConfig,
+    model: Segformer,
+}
+
+fn fixture(n: usize, drop_path: bool) -> Fixture {
     let data = tempfile::tempdir().unwrap();
-    common::write_dataset(data.path(), 3, 64, 48);
+    common::write_dataset(data.path(), n, 64, 48);
     let examples = Dataset::open(data.path(), &[])
         .unwrap()
         .load_all(3, 255, true);
-    let cfg = common::tiny_config(3);
+    let mut cfg = common::tiny_config(3);
+    if !drop_path {
+        cfg.drop_path_rate = 0.0;
+    }
     let tensors = init_tensors(&cfg, &Device::Cpu, 0).unwrap();
     let pre = PreprocessConfig::with_size(Some((64, 48)));
     let model = Segformer::new(&cfg, tensors.clone()).unwrap();
+    Fixture {
+        data,
+        examples,
+        cfg,
+        tensors,
+        pre,
+        model,
+    }
+}
+
+impl Fixture {
+    fn stats(&self) -> SourceStats {
+        SourceStats::compute(&self.model, &self.pre, &self.examples, 255).unwrap()
+    }
+
+    fn replay(&self, size: usize, rng: &mut rand::rngs::StdRng) -> std::sync::Arc<Replay> {
+        std::sync::Arc::new(Replay::new(
+            &self.examples,
+            &self.pre,
+            (64, 48),
+            size,
+            0.01,
+            3,
+            rng,
+        ))
+    }
+}
+
+#[test]
+fn every_variant_steps_with_finite_bounded_state() {
+    let fx = fixture(3, true);
+    let (_examples, cfg, tensors, _pre, _model) =
+        (&fx.examples, &fx.cfg, &fx.tensors, &fx.pre, &fx.model);
     let x = Tensor::randn(0f32, 1.0, (2, 3, 48, 64), &Device::Cpu).unwrap();
     let strong = (&x * 0.9).unwrap();
     let mut variants: Vec<(&str, AdaptConfig)> = segadapt::adapt::config::METHODS
@@ -61,19 +106,11 @@ fn every_variant_steps_with_finite_bounded_state() {
         },
     ));
     for (name, ac) in variants {
-        let stats = SourceStats::compute(&model, &pre, &examples, 255).unwrap();
-        let mut a = Adapter::new(ac.clone(), &cfg, &tensors, stats).unwrap();
+        let stats = fx.stats();
+        let mut a = Adapter::new(ac.clone(), cfg, tensors, stats).unwrap();
         if ac.replay.on {
             let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-            a.replay = Some(std::sync::Arc::new(Replay::new(
-                &examples,
-                &pre,
-                (64, 48),
-                2,
-                0.01,
-                3,
-                &mut rng,
-            )));
+            a.replay = Some(fx.replay(2, &mut rng));
         }
         let before = a.teacher.tensors().unwrap()["decode_head.classifier.weight"]
             .copy()
@@ -144,24 +181,18 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
     use segadapt::runtime::PipelineConfig;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
-    let data = tempfile::tempdir().unwrap();
-    common::write_dataset(data.path(), 5, 64, 48);
-    let examples = Dataset::open(data.path(), &[])
-        .unwrap()
-        .load_all(3, 255, true);
-    let cfg = common::tiny_config(3);
-    let tensors = init_tensors(&cfg, &Device::Cpu, 0).unwrap();
-    let pre = PreprocessConfig::with_size(Some((64, 48)));
-    let model = Segformer::new(&cfg, tensors.clone()).unwrap();
+    let fx = fixture(5, true);
+    let (_examples, cfg, tensors, pre, _model) =
+        (&fx.examples, &fx.cfg, &fx.tensors, &fx.pre, &fx.model);
     for steps_per_frame in [Some(2), None] {
-        let stats = SourceStats::compute(&model, &pre, &examples, 255).unwrap();
-        let adapter = Adapter::new(full(), &cfg, &tensors, stats).unwrap();
+        let stats = fx.stats();
+        let adapter = Adapter::new(full(), cfg, tensors, stats).unwrap();
         let opts = segadapt::source::SourceOptions {
             fps: 30.0,
             ..Default::default()
         };
         let source =
-            segadapt::source::open(&format!("folder:{}", data.path().display()), &opts).unwrap();
+            segadapt::source::open(&format!("folder:{}", fx.data.path().display()), &opts).unwrap();
         let oc = OnlineConfig {
             pipeline: PipelineConfig {
                 realtime: false,
@@ -181,12 +212,12 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
         let (summary, adapter) = run_online(
             source,
             adapter,
-            &pre,
+            pre,
             &oc,
             Arc::new(AtomicBool::new(false)),
             |item, m| {
                 served += 1;
-                segadapt::eval::predict_image(m, &pre, &item.frame.image, &Device::Cpu)
+                segadapt::eval::predict_image(m, pre, &item.frame.image, &Device::Cpu)
                     .map(|_| ())?;
                 Ok(())
             },
@@ -207,19 +238,13 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
 
 #[test]
 fn a_restored_adapter_continues_exactly() {
-    let data = tempfile::tempdir().unwrap();
-    common::write_dataset(data.path(), 3, 64, 48);
-    let examples = Dataset::open(data.path(), &[])
-        .unwrap()
-        .load_all(3, 255, true);
-    let cfg = common::tiny_config(3);
-    let tensors = init_tensors(&cfg, &Device::Cpu, 0).unwrap();
-    let pre = PreprocessConfig::with_size(Some((64, 48)));
-    let model = Segformer::new(&cfg, tensors.clone()).unwrap();
-    let stats = || SourceStats::compute(&model, &pre, &examples, 255).unwrap();
+    let fx = fixture(3, true);
+    let (_examples, cfg, tensors, _pre, _model) =
+        (&fx.examples, &fx.cfg, &fx.tensors, &fx.pre, &fx.model);
+    let stats = || fx.stats();
     let x = Tensor::randn(0f32, 1.0, (2, 3, 48, 64), &Device::Cpu).unwrap();
     let strong = (&x * 0.9).unwrap();
-    let mut a = Adapter::new(full(), &cfg, &tensors, stats()).unwrap();
+    let mut a = Adapter::new(full(), cfg, tensors, stats()).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     for _ in 0..2 {
         a.step(&x, &strong, &mut rng).unwrap();
@@ -230,7 +255,7 @@ fn a_restored_adapter_continues_exactly() {
     ck.save(a.step, &a.state().unwrap(), Default::default())
         .unwrap();
     let loaded = ck.latest(&Device::Cpu).unwrap();
-    let mut b = Adapter::restore(full(), &cfg, stats(), &loaded.tensors).unwrap();
+    let mut b = Adapter::restore(full(), cfg, stats(), &loaded.tensors).unwrap();
     assert_eq!(b.step, 2);
     let mut rng_b = rng.clone();
     for _ in 0..2 {
@@ -257,17 +282,9 @@ fn a_restored_adapter_continues_exactly() {
 fn source_replay_leaves_the_target_batchnorm_statistics_alone() {
     // The source crop trains the student but must not pull the running statistics the teacher
     // serves dusk frames with towards the source domain.
-    let data = tempfile::tempdir().unwrap();
-    common::write_dataset(data.path(), 3, 64, 48);
-    let examples = Dataset::open(data.path(), &[])
-        .unwrap()
-        .load_all(3, 255, true);
-    let mut cfg = common::tiny_config(3);
     // Without drop path the BatchNorm input does not depend on the random draws.
-    cfg.drop_path_rate = 0.0;
-    let tensors = init_tensors(&cfg, &Device::Cpu, 0).unwrap();
-    let pre = PreprocessConfig::with_size(Some((64, 48)));
-    let model = Segformer::new(&cfg, tensors.clone()).unwrap();
+    let fx = fixture(3, false);
+    let (cfg, tensors) = (&fx.cfg, &fx.tensors);
     let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
     let running = |a: &Adapter| -> Vec<f32> {
         a.student.model.raw_tensors()["decode_head.batch_norm.running_mean"]
@@ -287,19 +304,10 @@ fn source_replay_leaves_the_target_batchnorm_statistics_alone() {
         ac.replay.weight = 0.0;
         ac.replay.mix = false;
         ac.guard.collapse = false;
-        let stats = SourceStats::compute(&model, &pre, &examples, 255).unwrap();
-        let mut a = Adapter::new(ac, &cfg, &tensors, stats).unwrap();
+        let mut a = Adapter::new(ac, cfg, tensors, fx.stats()).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         if replay {
-            a.replay = Some(std::sync::Arc::new(Replay::new(
-                &examples,
-                &pre,
-                (64, 48),
-                3,
-                0.01,
-                3,
-                &mut rng,
-            )));
+            a.replay = Some(fx.replay(3, &mut rng));
         }
         let r = a.step(&x, &x, &mut rng).unwrap();
         assert_eq!(r.terms.iter().any(|(k, _)| *k == "source"), replay);
