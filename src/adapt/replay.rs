@@ -259,6 +259,20 @@ impl Replay {
     }
 }
 
+/// Labels of an `image` (height, width) plane at the `cells` (height, width) resolution of the
+/// logits: each cell takes the label of the pixel at its centre.
+pub fn cell_labels<T: Copy>(labels: &[T], image: (usize, usize), cells: (usize, usize)) -> Vec<T> {
+    let ((ih, iw), (h, w)) = (image, cells);
+    (0..h * w)
+        .map(|q| {
+            let (i, j) = (q / w, q % w);
+            let y = ((2 * i + 1) * ih / (2 * h)).min(ih - 1);
+            let x = ((2 * j + 1) * iw / (2 * w)).min(iw - 1);
+            labels[y * iw + x]
+        })
+        .collect()
+}
+
 /// ClassMix (DACS) at label resolution: half the classes of the source crop (rounded up) are
 /// pasted onto the target view. `target` [3, H, W] and `labels` [h * w] (the pseudo labels at
 /// the logits' resolution) change in place; each label cell takes its class from the source
@@ -272,16 +286,8 @@ pub fn class_mix(
     rng: &mut StdRng,
 ) -> Vec<bool> {
     let ((ih, iw), (h, w)) = (image, cells);
-    let centre = |i: usize, j: usize| {
-        let y = ((2 * i + 1) * ih / (2 * h)).min(ih - 1);
-        let x = ((2 * j + 1) * iw / (2 * w)).min(iw - 1);
-        src.labels[y * iw + x]
-    };
-    let mut present: Vec<u8> = (0..h)
-        .flat_map(|i| (0..w).map(move |j| (i, j)))
-        .map(|(i, j)| centre(i, j))
-        .filter(|&l| l != IGNORE)
-        .collect();
+    let cell = cell_labels(&src.labels, image, cells);
+    let mut present: Vec<u8> = cell.iter().copied().filter(|&l| l != IGNORE).collect();
     present.sort_unstable();
     present.dedup();
     let n = present.len().div_ceil(2);
@@ -293,7 +299,7 @@ pub fn class_mix(
     let mut mask = vec![false; h * w];
     for i in 0..h {
         for j in 0..w {
-            let l = centre(i, j);
+            let l = cell[i * w + j];
             if !chosen.contains(&l) {
                 continue;
             }

@@ -11,7 +11,7 @@ use super::contrast::{cosine, dist_cl, proto_cl, proto_reg};
 use super::guard::{stochastic_restore, CollapseMonitor};
 use super::hpla::CopyPaste;
 use super::region;
-use super::replay::{class_mix, Replay};
+use super::replay::{cell_labels, class_mix, Replay};
 use super::sinkhorn::balanced_assignment;
 use super::thresholds::InstanceThresholds;
 use super::AdaptConfig;
@@ -321,16 +321,11 @@ impl Adapter {
             let l = cross_entropy(&flatten_pixels(&up)?, ys, None, IGNORE)?;
             terms.push(("source", (l * self.cfg.replay.weight)?));
             if self.cfg.bida.on {
-                // Each feature cell takes the label of the source pixel at its centre.
                 let (k, fh, fw, _) = out.embed.dims4()?;
                 let yv: Vec<u32> = ys.to_vec1()?;
-                let cells: Vec<u32> = (0..k * fh * fw)
-                    .map(|q| {
-                        let (b, i, j) = (q / (fh * fw), (q / fw) % fh, q % fw);
-                        let y = ((2 * i + 1) * ih / (2 * fh)).min(ih - 1);
-                        let x = ((2 * j + 1) * iw / (2 * fw)).min(iw - 1);
-                        yv[(b * ih + y) * iw + x]
-                    })
+                let cells: Vec<u32> = yv
+                    .chunks(ih * iw)
+                    .flat_map(|plane| cell_labels(plane, (ih, iw), (fh, fw)))
                     .collect();
                 src_pixels = pick_source_pixels(
                     &out.embed.reshape((k * fh * fw, d))?,
