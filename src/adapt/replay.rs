@@ -4,6 +4,7 @@
 use crate::config::PreprocessConfig;
 use crate::data::augment::photometric;
 use crate::data::{normalize_into, Example};
+use candle_core::Tensor;
 use image::{imageops, GrayImage, RgbImage};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -256,6 +257,64 @@ impl Replay {
             });
         }
         Some(SourceCrop { image, labels })
+    }
+}
+
+impl Replay {
+    /// One source crop per frame of the student's view `strong` [B, 3, H, W]: with `mix`, half
+    /// its classes are pasted in (`labels` [B * h * w] at the logits' `cells` resolution take
+    /// their classes and `pasted` marks them). Returns the view and the source batch (images
+    /// [B, 3, H, W], labels u32 [B * H * W]) for the source cross-entropy.
+    pub fn apply(
+        &self,
+        strong: &Tensor,
+        labels: &mut [u32],
+        pasted: &mut [bool],
+        cells: (usize, usize),
+        mix: bool,
+        rng: &mut StdRng,
+    ) -> candle_core::Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let (b, _, ih, iw) = strong.dims4()?;
+        let (plane, per) = (3 * ih * iw, cells.0 * cells.1);
+        let dev = strong.device();
+        let mut img: Vec<f32> = strong.flatten_all()?.to_vec1()?;
+        let (mut xs, mut ys) = (
+            Vec::with_capacity(b * plane),
+            Vec::with_capacity(b * ih * iw),
+        );
+        for i in 0..b {
+            let Some(src) = self.draw((iw, ih), rng) else {
+                break;
+            };
+            if mix {
+                let m = class_mix(
+                    &mut img[i * plane..(i + 1) * plane],
+                    &mut labels[i * per..(i + 1) * per],
+                    &src,
+                    (ih, iw),
+                    cells,
+                    rng,
+                );
+                pasted[i * per..(i + 1) * per]
+                    .iter_mut()
+                    .zip(m)
+                    .for_each(|(p, m)| *p |= m);
+            }
+            xs.extend_from_slice(&src.image);
+            ys.extend(src.labels.iter().map(|&l| l as u32));
+        }
+        let view = Tensor::from_vec(img, (b, 3, ih, iw), dev)?;
+        if xs.is_empty() {
+            return Ok((view, None));
+        }
+        let k = xs.len() / plane;
+        Ok((
+            view,
+            Some((
+                Tensor::from_vec(xs, (k, 3, ih, iw), dev)?,
+                Tensor::from_vec(ys, k * ih * iw, dev)?,
+            )),
+        ))
     }
 }
 

@@ -11,7 +11,7 @@ use super::contrast::{cosine, dist_cl, proto_cl, proto_reg};
 use super::guard::{stochastic_restore, CollapseMonitor};
 use super::hpla::CopyPaste;
 use super::region;
-use super::replay::{cell_labels, class_mix, Replay};
+use super::replay::{cell_labels, Replay};
 use super::sinkhorn::balanced_assignment;
 use super::thresholds::InstanceThresholds;
 use super::AdaptConfig;
@@ -248,42 +248,14 @@ impl Adapter {
                     "adapt.replay.on needs labelled source frames (adapt --replay DIR)".into(),
                 )
             })?;
-            let (_, _, ih, iw) = strong.dims4()?;
-            let plane = 3 * ih * iw;
-            let mut img: Vec<f32> = strong.flatten_all()?.to_vec1()?;
-            let (mut xs, mut ys) = (
-                Vec::with_capacity(b * plane),
-                Vec::with_capacity(b * ih * iw),
-            );
-            for i in 0..b {
-                let Some(src) = replay.draw((iw, ih), rng) else {
-                    break;
-                };
-                if self.cfg.replay.mix {
-                    let m = class_mix(
-                        &mut img[i * plane..(i + 1) * plane],
-                        &mut train_labels[i * h * w..(i + 1) * h * w],
-                        &src,
-                        (ih, iw),
-                        (h, w),
-                        rng,
-                    );
-                    pasted[i * h * w..(i + 1) * h * w]
-                        .iter_mut()
-                        .zip(m)
-                        .for_each(|(p, m)| *p |= m);
-                }
-                xs.extend_from_slice(&src.image);
-                ys.extend(src.labels.iter().map(|&l| l as u32));
-            }
-            strong = Tensor::from_vec(img, (b, 3, ih, iw), dev)?;
-            if !xs.is_empty() {
-                let k = xs.len() / plane;
-                source = Some((
-                    Tensor::from_vec(xs, (k, 3, ih, iw), dev)?,
-                    Tensor::from_vec(ys, k * ih * iw, dev)?,
-                ));
-            }
+            (strong, source) = replay.apply(
+                &strong,
+                &mut train_labels,
+                &mut pasted,
+                (h, w),
+                self.cfg.replay.mix,
+                rng,
+            )?;
         }
         let keep_train: Vec<bool> = keep.iter().zip(&pasted).map(|(k, p)| *k || *p).collect();
         let kept = keep_train.iter().filter(|&&k| k).count() as f32 / n.max(1) as f32;
