@@ -25,6 +25,25 @@ pub(crate) fn erf(x: f32) -> f32 {
     x * p / q
 }
 
+/// exp(x) for x <= 0 in f32, branch-free so the GELU gradient loop vectorises: 2^n times a
+/// degree-6 polynomial on [-ln2/2, ln2/2] (Cephes' expf), within 2e-7 relative of libm above
+/// -87; below, exp(-87) ~ 1.6e-38 (checked in the tests).
+#[inline(always)]
+pub(crate) fn exp_neg(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 0.0);
+    // Round to nearest by adding and removing 1.5 * 2^23: plain SSE2, where `round` is a call.
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4 * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127).max(0) as u32) << 23)
+}
+
 /// GELU with the exact erf form, as HF's `"gelu"`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
@@ -87,7 +106,7 @@ impl CustomOp2 for GeluGrad {
             .for_each(|(o, (x, g))| {
                 for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
                     let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                    let pdf = inv_sqrt_2pi * (-0.5 * v * v).exp();
+                    let pdf = inv_sqrt_2pi * exp_neg(-0.5 * v * v);
                     *o = gv * (cdf + v * pdf);
                 }
             });
@@ -227,5 +246,19 @@ mod tests {
             .map(|x| (super::erf(x) - libm::erff(x)).abs())
             .fold(0f32, f32::max);
         assert!(worst < 1e-6, "max error {worst}");
+    }
+
+    #[test]
+    fn fast_exp_matches_libm_below_zero() {
+        let worst = (0..=870_000)
+            .map(|i| -(i as f32) / 10_000.0)
+            .map(|x| {
+                let want = x.exp();
+                (super::exp_neg(x) - want).abs() / want.max(f32::MIN_POSITIVE)
+            })
+            .fold(0f32, f32::max);
+        assert!(worst < 2e-7, "max relative error {worst}");
+        assert!(super::exp_neg(-200.0) < 2e-38);
+        assert_eq!(super::exp_neg(0.0), 1.0);
     }
 }
