@@ -135,7 +135,7 @@ fn labels_u32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
 
 fn row_lse(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+    max + row.iter().map(|v| exp_neg(v - max)).sum::<f32>().ln()
 }
 
 impl CustomOp2 for SoftmaxXent {
@@ -228,7 +228,7 @@ impl candle_core::CustomOp3 for SoftmaxXentGrad {
                 let row = &x[i * c..(i + 1) * c];
                 let lse = row_lse(row);
                 for (k, (d, v)) in drow.iter_mut().zip(row).enumerate() {
-                    let p = (v - lse).exp();
+                    let p = exp_neg(v - lse);
                     *d = g[i] * (p - if k == lab as usize { 1.0 } else { 0.0 });
                 }
             }

@@ -48,11 +48,11 @@ impl CustomOp1 for Softmax {
             .with_min_len(MIN_CHUNK * 16)
             .for_each(|(o, row)| {
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
+                // Exponentials first so the loop vectorises; the sum after.
                 for (o, v) in o.iter_mut().zip(row) {
-                    *o = (v - max).exp();
-                    sum += *o;
+                    *o = super::fused::exp_neg(v - max);
                 }
+                let sum: f32 = o.iter().sum();
                 let inv = 1.0 / sum;
                 o.iter_mut().for_each(|o| *o *= inv);
             });
