@@ -87,8 +87,7 @@ impl Fixture {
 #[test]
 fn every_variant_steps_with_finite_bounded_state() {
     let fx = fixture(3, true);
-    let (_examples, cfg, tensors, _pre, _model) =
-        (&fx.examples, &fx.cfg, &fx.tensors, &fx.pre, &fx.model);
+    let (cfg, tensors) = (&fx.cfg, &fx.tensors);
     let x = Tensor::randn(0f32, 1.0, (2, 3, 48, 64), &Device::Cpu).unwrap();
     let strong = (&x * 0.9).unwrap();
     let mut variants: Vec<(&str, AdaptConfig)> = segadapt::adapt::config::METHODS
@@ -182,8 +181,7 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
     let fx = fixture(5, true);
-    let (_examples, cfg, tensors, pre, _model) =
-        (&fx.examples, &fx.cfg, &fx.tensors, &fx.pre, &fx.model);
+    let (cfg, tensors, pre) = (&fx.cfg, &fx.tensors, &fx.pre);
     for steps_per_frame in [Some(2), None] {
         let stats = fx.stats();
         let adapter = Adapter::new(full(), cfg, tensors, stats).unwrap();
@@ -239,12 +237,10 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
 #[test]
 fn a_restored_adapter_continues_exactly() {
     let fx = fixture(3, true);
-    let (_examples, cfg, tensors, _pre, _model) =
-        (&fx.examples, &fx.cfg, &fx.tensors, &fx.pre, &fx.model);
-    let stats = || fx.stats();
+    let (cfg, tensors) = (&fx.cfg, &fx.tensors);
     let x = Tensor::randn(0f32, 1.0, (2, 3, 48, 64), &Device::Cpu).unwrap();
     let strong = (&x * 0.9).unwrap();
-    let mut a = Adapter::new(full(), cfg, tensors, stats()).unwrap();
+    let mut a = Adapter::new(full(), cfg, tensors, fx.stats()).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     for _ in 0..2 {
         a.step(&x, &strong, &mut rng).unwrap();
@@ -255,7 +251,7 @@ fn a_restored_adapter_continues_exactly() {
     ck.save(a.step, &a.state().unwrap(), Default::default())
         .unwrap();
     let loaded = ck.latest(&Device::Cpu).unwrap();
-    let mut b = Adapter::restore(full(), cfg, stats(), &loaded.tensors).unwrap();
+    let mut b = Adapter::restore(full(), cfg, fx.stats(), &loaded.tensors).unwrap();
     assert_eq!(b.step, 2);
     let mut rng_b = rng.clone();
     for _ in 0..2 {
@@ -315,4 +311,22 @@ fn source_replay_leaves_the_target_batchnorm_statistics_alone() {
     }
     assert_ne!(means[0], source, "the target step moves them");
     assert_eq!(means[0], means[1]);
+}
+
+#[test]
+fn a_rollback_keeps_the_source_frames_on_board() {
+    let fx = fixture(3, true);
+    let mut ac = AdaptConfig::for_method(&full(), "replay").unwrap();
+    ac.guard.collapse = false;
+    let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    a.replay = Some(fx.replay(2, &mut rng));
+    let saved = a.state().unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
+    a.step(&x, &x, &mut rng).unwrap();
+    a.rollback(&saved).unwrap();
+    assert_eq!(a.step, 0);
+    // The replay buffer is not checkpointed; the next step still has its source crop.
+    let r = a.step(&x, &x, &mut rng).unwrap();
+    assert!(r.terms.iter().any(|(k, _)| *k == "source"), "{r:?}");
 }

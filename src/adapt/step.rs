@@ -531,7 +531,10 @@ impl Adapter {
     /// Goes back to a saved state in place (the collapse monitor starts over).
     pub fn rollback(&mut self, state: &TensorMap) -> Result<()> {
         let cfg = self.teacher.cfg.clone();
+        let replay = self.replay.take();
         *self = Adapter::restore(self.cfg.clone(), &cfg, self.stats.clone(), state)?;
+        // The source frames are not part of the saved state: they stay on board.
+        self.replay = replay;
         Ok(())
     }
 
