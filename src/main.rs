@@ -782,12 +782,24 @@ fn load_eval(
     Ok(Some(ex))
 }
 
+/// Labelled source frames for source replay, kept at the profile's input size.
+fn load_replay(
+    data: &Option<PathBuf>,
+    filter: &[(String, String)],
+    model: &std::path::Path,
+    profile: &segadapt::config::Profile,
+) -> Result<Option<Arc<Vec<segadapt::data::Example>>>> {
+    let size = (profile.input.width, profile.input.height);
+    Ok(load_eval(data, filter, model)?
+        .map(|ex| Arc::new(segadapt::adapt::replay::shrink(ex, size))))
+}
+
 fn adapt(a: AdaptArgs) -> Result<()> {
     let profile = a.profile.load()?;
-    let profile_size = (profile.input.width, profile.input.height);
     let cfg = SegformerConfig::load(&a.model.join("config.json"))?;
     let session = segadapt::runtime::session::Session {
         model: a.model.clone(),
+        replay: load_replay(&a.replay, &a.replay_filter, &a.model, &profile)?,
         profile,
         method: a.method.clone(),
         out: a.out.clone(),
@@ -797,12 +809,6 @@ fn adapt(a: AdaptArgs) -> Result<()> {
         seed: a.seed,
         realtime: a.realtime,
         adapt: None,
-        replay: load_eval(&a.replay, &a.replay_filter, &a.model)?.map(|ex| {
-            Arc::new(segadapt::adapt::replay::shrink(
-                ex,
-                (profile_size.0, profile_size.1),
-            ))
-        }),
         before: None,
     };
     let source = open_source(&a.src, cfg.num_labels(), cfg.ignore_label())?;
@@ -863,12 +869,7 @@ fn ablate(a: AblateArgs) -> Result<()> {
             .iter()
             .any(|m| m == "replay" || (m == "profile" && profile.adapt.replay.on))
         {
-            true => load_eval(&Some(a.replay), &a.replay_filter, &a.model)?.map(|ex| {
-                Arc::new(segadapt::adapt::replay::shrink(
-                    ex,
-                    (profile.input.width, profile.input.height),
-                ))
-            }),
+            true => load_replay(&Some(a.replay), &a.replay_filter, &a.model, &profile)?,
             false => None,
         },
         fps: a.fps,

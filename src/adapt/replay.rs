@@ -33,21 +33,29 @@ pub struct SourceCrop {
     pub labels: Vec<u8>,
 }
 
+/// A labelled frame at `input` (width, height): image by triangle filter, labels nearest;
+/// None without labels.
+fn resized(e: &Example, input: (u32, u32)) -> Option<(RgbImage, Vec<u8>)> {
+    let (iw, ih) = e.image.dimensions();
+    let label = GrayImage::from_raw(iw, ih, e.label.clone()?)?;
+    Some((
+        imageops::resize(&e.image, input.0, input.1, imageops::FilterType::Triangle),
+        imageops::resize(&label, input.0, input.1, imageops::FilterType::Nearest).into_raw(),
+    ))
+}
+
 /// Labelled frames resized to `input` (width, height) (labels nearest): what a replay buffer
 /// keeps, so a large source folder costs only its resized copy while it is chosen from.
 pub fn shrink(examples: Vec<Example>, input: (usize, usize)) -> Vec<Example> {
-    let (w, h) = (input.0 as u32, input.1 as u32);
+    let input = (input.0 as u32, input.1 as u32);
     examples
         .into_iter()
         .filter_map(|e| {
-            let (iw, ih) = e.image.dimensions();
-            let label = GrayImage::from_raw(iw, ih, e.label?)?;
+            let (image, label) = resized(&e, input)?;
             Some(Example {
                 name: e.name,
-                image: imageops::resize(&e.image, w, h, imageops::FilterType::Triangle),
-                label: Some(
-                    imageops::resize(&label, w, h, imageops::FilterType::Nearest).into_raw(),
-                ),
+                image,
+                label: Some(label),
             })
         })
         .collect()
@@ -108,17 +116,12 @@ impl Replay {
         let all: Vec<(RgbImage, Vec<u8>)> = examples
             .iter()
             .filter_map(|e| {
-                let lab = e.label.as_ref()?;
-                let (w, h) = e.image.dimensions();
-                let g = GrayImage::from_raw(w, h, lab.clone())?;
-                Some((
-                    imageops::resize(&e.image, input.0, input.1, imageops::FilterType::Triangle),
-                    imageops::resize(&g, input.0, input.1, imageops::FilterType::Nearest)
-                        .into_raw()
-                        .into_iter()
-                        .map(|l| if (l as usize) < classes { l } else { IGNORE })
-                        .collect(),
-                ))
+                let (image, mut label) = resized(e, input)?;
+                label
+                    .iter_mut()
+                    .filter(|l| **l as usize >= classes)
+                    .for_each(|l| *l = IGNORE);
+                Some((image, label))
             })
             .collect();
         let probs = Self::class_probs(&all, classes, temp);
@@ -145,11 +148,9 @@ impl Replay {
         }
         let frames: Vec<(RgbImage, Vec<u8>)> = chosen.iter().map(|&i| all[i].clone()).collect();
         let mut holders = vec![Vec::new(); classes];
-        for (i, (_, l)) in frames.iter().enumerate() {
-            for (c, h) in holds(l, classes).into_iter().enumerate() {
-                if h {
-                    holders[c].push(i);
-                }
+        for (k, &i) in chosen.iter().enumerate() {
+            for (c, _) in held[i].iter().enumerate().filter(|(_, &h)| h) {
+                holders[c].push(k);
             }
         }
         let probs = Self::class_probs(&frames, classes, temp)

@@ -126,7 +126,7 @@ impl Session {
             self.out.join("checkpoints"),
             p.train.keep,
         ));
-        let adapter = match ckpts.latest(&dev) {
+        let mut adapter = match ckpts.latest(&dev) {
             Some(ck) => {
                 log::info!(
                     "resuming adaptation from {} (step {})",
@@ -142,7 +142,6 @@ impl Session {
                 a
             }
         };
-        let mut adapter = adapter;
         if let (true, Some(ex)) = (adapter.cfg.replay.on, &self.replay) {
             // Seeded by the run's seed, so a resumed run keeps the same frames.
             let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed);
