@@ -448,15 +448,41 @@ impl Segformer {
         let _t = crate::profile::scope("model: decode head");
         let d = &self.decoder;
         let (b, h1, w1, _) = feats[0].dims4()?;
-        let mut ups = Vec::with_capacity(feats.len());
-        for (f, lin) in feats.iter().zip(&d.linear_c).rev() {
-            let y = lin.forward(f)?; // [B, h_i, w_i, D]
-            ups.push(ops::resize_bilinear(&y, h1, w1)?); // [B, h1, w1, D]
-        }
-        let cat = Tensor::cat(&ups, 3)?; // [B, h1, w1, 4D], stage 4 first as HF
         let dd = cfg.decoder_hidden_size;
         let fuse = d.fuse.reshape((dd, ()))?;
-        let y = cat.reshape(((), cat.dim(3)?))?.matmul(&fuse.t()?)?; // [B*h1*w1, D]
+        let n = d.linear_c.len();
+        // HF concatenates the upsampled stage projections (stage 4 first) and applies the 1x1 fuse
+        // conv at 1/4 resolution. Projection, upsampling and fuse are all linear, so each stage's
+        // projection is folded into its slice of the fuse weight and applied before upsampling:
+        // the same function without the [B*h1*w1, 4D] concat and its 4D x D GEMM.
+        let mut y: Option<Tensor> = None;
+        let mut bias: Option<Tensor> = None;
+        for (i, (f, lin)) in feats.iter().zip(&d.linear_c).enumerate() {
+            let slot = n - 1 - i;
+            let wj = fuse.narrow(1, slot * dd, dd)?; // [D, D]
+            let folded = Linear {
+                w: wj.matmul(&lin.w)?, // [D, C_i]
+                b: None,
+            };
+            if let Some(lb) = &lin.b {
+                let fb = wj.matmul(&lb.unsqueeze(1)?)?.squeeze(1)?;
+                bias = Some(match bias {
+                    Some(acc) => (acc + fb)?,
+                    None => fb,
+                });
+            }
+            let z = ops::resize_bilinear(&folded.forward(f)?, h1, w1)?; // [B, h1, w1, D]
+            y = Some(match y {
+                Some(acc) => (acc + z)?,
+                None => z,
+            });
+        }
+        let y = y.expect("at least one stage").reshape(((), dd))?; // [B*h1*w1, D]
+                                                                   // Bilinear weights sum to one, so the stages' biases pass through upsampling unchanged.
+        let y = match bias {
+            Some(bias) => ops::add_bias(&y, &bias)?,
+            None => y,
+        };
         let y = d.bn.forward(&y, training)?.relu()?;
         let embed = y.reshape((b, h1, w1, dd))?;
         let y = dropout(&y, cfg.classifier_dropout_prob, train)?;
