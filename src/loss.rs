@@ -1,6 +1,7 @@
 //! Pixel losses shared by source training and adaptation.
 
 use crate::model::nn::log_softmax;
+use crate::model::ops;
 use candle_core::{DType, Result, Tensor, D};
 
 /// Mean cross-entropy over pixels whose label is not `ignore`.
@@ -13,11 +14,16 @@ pub fn cross_entropy(
     ignore: u32,
 ) -> Result<Tensor> {
     let valid = labels.ne(ignore)?; // u8 [P]
-    let safe = valid.where_cond(labels, &labels.zeros_like()?)?;
-    let nll = log_softmax(logits)?
-        .gather(&safe.unsqueeze(1)?, 1)?
-        .squeeze(1)?
-        .neg()?; // [P]
+                                    // The fused kernel is CPU-only; elsewhere the same loss comes from differentiable ops.
+    let nll = if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        ops::softmax_cross_entropy(logits, labels, ignore)?
+    } else {
+        let safe = valid.where_cond(labels, &labels.zeros_like()?)?;
+        log_softmax(logits)?
+            .gather(&safe.unsqueeze(1)?, 1)?
+            .squeeze(1)?
+            .neg()?
+    }; // [P]
     let mut w = valid.to_dtype(DType::F32)?;
     let count = w.sum_all()?.to_scalar::<f32>()?.max(1.0);
     if let Some(pw) = weight {

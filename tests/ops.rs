@@ -307,9 +307,9 @@ fn bias_add_matches_broadcast_add() {
 }
 
 #[test]
-fn batch_norm_rows_matches_the_composed_batch_norm_with_gradients() {
-    use segadapt::model::nn::BatchNorm;
-    let bn = |w: &Tensor, b: &Tensor| BatchNorm {
+fn batch_norm_relu_matches_the_composed_ops_with_gradients() {
+    use segadapt::model::nn::BatchNormRelu;
+    let bn = |w: &Tensor, b: &Tensor| BatchNormRelu {
         w: w.clone(),
         b: b.clone(),
         running_mean: Tensor::zeros(7, candle_core::DType::F32, &Device::Cpu).unwrap(),
@@ -333,4 +333,17 @@ fn batch_norm_rows_matches_the_composed_batch_norm_with_gradients() {
     slow.forward_generic(&x, true).unwrap();
     assert!(max_diff(&fast.running_mean, &slow.running_mean) < 1e-6);
     assert!(max_diff(&fast.running_var, &slow.running_var) < 1e-6);
+    // Eval mode normalises with the running statistics; about half the outputs are clipped.
+    let y = fast.forward(&x, false).unwrap();
+    assert!(max_diff(&y, &slow.forward_generic(&x, false).unwrap()) < 1e-5);
+    let zeros = y
+        .eq(0f32)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
+    let frac = zeros.mean_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(
+        (0.2..0.8).contains(&frac),
+        "ReLU clipped {frac} of the outputs"
+    );
 }

@@ -1,8 +1,8 @@
 //! The layers SegFormer is made of, as plain structs over named tensors: linear, layer norm,
-//! strided patch convolution, batch norm with running statistics, dropout and drop path.
+//! strided patch convolution, batch norm + ReLU with running statistics, dropout and drop path.
 
 use super::ops;
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Storage, Tensor, D};
 use rand::rngs::StdRng;
 use rand::Rng;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -66,8 +66,9 @@ impl PatchConv {
     }
 }
 
-/// BatchNorm over the rows of [P, C]: batch statistics and a running update in training.
-pub struct BatchNorm {
+/// BatchNorm then ReLU over the rows of [P, C] (the decode head's fuse unit): batch statistics
+/// and a running update in training, the running statistics in eval.
+pub struct BatchNormRelu {
     pub w: Tensor,
     pub b: Tensor,
     pub running_mean: Tensor,
@@ -77,24 +78,38 @@ pub struct BatchNorm {
     pub momentum: f64,
 }
 
-impl BatchNorm {
+impl BatchNormRelu {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train && x.device().is_cpu() && x.rank() == 2 {
-            let x = x.contiguous()?;
-            let (p, c) = x.dims2()?;
-            let (mean, var) = super::ops::column_stats(&x.flatten_all()?.to_vec1::<f32>()?, c);
+        if !(x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2) {
+            return self.forward_generic(x, train);
+        }
+        let x = x.contiguous()?;
+        let (p, c) = x.dims2()?;
+        let (mean, var) = if train {
+            let (mean, var) = {
+                let (st, l) = x.storage_and_layout();
+                match &*st {
+                    Storage::Cpu(s) => ops::column_stats(ops::as_f32(s, l, "batch-norm")?, c),
+                    _ => unreachable!("checked CPU above"),
+                }
+            };
             let dev = x.device();
             self.update_running(
                 &Tensor::from_slice(&mean, (1, c), dev)?,
                 &Tensor::from_slice(&var, (1, c), dev)?,
                 p,
             )?;
-            return super::ops::batch_norm_rows(&x, &self.w, &self.b, &mean, &var, self.eps);
-        }
-        self.forward_generic(x, train)
+            (mean, var)
+        } else {
+            (
+                self.running_mean.to_vec1::<f32>()?,
+                self.running_var.to_vec1::<f32>()?,
+            )
+        };
+        ops::batch_norm_relu_rows(&x, &self.w, &self.b, &mean, &var, self.eps)
     }
 
-    /// The same from candle's broadcast ops: other devices, eval mode, and the test reference.
+    /// The same from candle's broadcast ops: other devices and the test reference.
     pub fn forward_generic(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (mean, var) = if train {
             let p = x.dim(0)?;
@@ -111,7 +126,7 @@ impl BatchNorm {
         let xhat = x
             .broadcast_sub(&mean)?
             .broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xhat.broadcast_mul(&self.w)?.broadcast_add(&self.b)
+        xhat.broadcast_mul(&self.w)?.broadcast_add(&self.b)?.relu()
     }
 
     fn update_running(&self, mean: &Tensor, var: &Tensor, p: usize) -> Result<()> {

@@ -1,7 +1,7 @@
 //! SegFormer (Mix Transformer encoder + all-MLP decode head) over HF-named tensors, trainable:
 //! every parameter reaches the loss, BatchNorm trains, and the fused decoder embedding is exposed.
 
-use super::nn::{drop_path, dropout, BatchNorm, LayerNorm, Linear, PatchConv};
+use super::nn::{drop_path, dropout, BatchNormRelu, LayerNorm, Linear, PatchConv};
 use super::ops;
 use crate::config::SegformerConfig;
 use candle_core::{DType, Device, Result, Tensor};
@@ -253,7 +253,7 @@ struct Stage {
 struct Decoder {
     linear_c: Vec<Linear>,
     fuse: Tensor,
-    bn: BatchNorm,
+    bn: BatchNormRelu,
     classifier: Linear,
 }
 
@@ -387,7 +387,7 @@ impl Segformer {
         let decoder = Decoder {
             linear_c,
             fuse: lk.get("decode_head.linear_fuse.weight")?,
-            bn: BatchNorm {
+            bn: BatchNormRelu {
                 w: lk.get("decode_head.batch_norm.weight")?,
                 b: lk.get("decode_head.batch_norm.bias")?,
                 running_mean: lk.get("decode_head.batch_norm.running_mean")?,
@@ -483,7 +483,7 @@ impl Segformer {
             Some(bias) => ops::add_bias(&y, &bias)?,
             None => y,
         };
-        let y = d.bn.forward(&y, training)?.relu()?;
+        let y = d.bn.forward(&y, training)?;
         let embed = y.reshape((b, h1, w1, dd))?;
         let y = dropout(&y, cfg.classifier_dropout_prob, train)?;
         let cls = Linear {

@@ -1,10 +1,12 @@
-//! Training-mode BatchNorm over the rows of [P, C] as one op: batch statistics by parallel
-//! column sums, and an analytic backward. Composed from candle's broadcast ops, each of its
-//! reductions over rows went through the slow strided sum.
+//! BatchNorm followed by ReLU over the rows of [P, C] as one op (the decode head's fuse unit):
+//! given per-column statistics, one pass forward and two backward, the ReLU mask recomputed.
 
 use super::{as_f32, fold_rows};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+/// Rows per rayon task.
+const ROWS: usize = 64;
 
 /// Per-column mean and biased variance of a [P, C] slice, two parallel passes.
 pub fn column_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
@@ -28,9 +30,10 @@ pub fn column_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
     (mean, var)
 }
 
-/// y = (x - mean) * rstd * w + b with the batch's own `mean` and `var` (from
-/// [`column_stats`]); x: [P, C] contiguous f32 on CPU.
-pub fn batch_norm_rows(
+/// y = relu((x - mean) * rstd * w + b) with the given statistics (the batch's own from
+/// [`column_stats`] in training, the running ones in eval); x: [P, C] contiguous f32 on CPU.
+/// The gradient treats `mean` and `var` as the batch's own, as training does.
+pub fn batch_norm_relu_rows(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
@@ -42,21 +45,30 @@ pub fn batch_norm_rows(
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &b.contiguous()?,
-        BatchNormRows {
+        BatchNormRelu {
             mean: mean.to_vec(),
             rstd,
         },
     )
 }
 
-struct BatchNormRows {
+struct BatchNormRelu {
     mean: Vec<f32>,
     rstd: Vec<f32>,
 }
 
-impl CustomOp3 for BatchNormRows {
+impl BatchNormRelu {
+    /// The per-column affine y = x * k + m that the normalisation folds to.
+    fn folded(&self, w: &[f32], b: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let k: Vec<f32> = self.rstd.iter().zip(w).map(|(r, w)| r * w).collect();
+        let m = (0..k.len()).map(|j| b[j] - self.mean[j] * k[j]).collect();
+        (k, m)
+    }
+}
+
+impl CustomOp3 for BatchNormRelu {
     fn name(&self) -> &'static str {
-        "batch-norm-rows"
+        "batch-norm-relu"
     }
 
     fn cpu_fwd(
@@ -70,19 +82,15 @@ impl CustomOp3 for BatchNormRows {
     ) -> Result<(CpuStorage, Shape)> {
         let _t = crate::profile::scope(self.name());
         let x = as_f32(s1, l1, self.name())?;
-        let w = as_f32(s2, l2, self.name())?;
-        let b = as_f32(s3, l3, self.name())?;
-        let c = self.mean.len();
-        // Folded: y = x * k + m per column.
-        let k: Vec<f32> = (0..c).map(|j| self.rstd[j] * w[j]).collect();
-        let m: Vec<f32> = (0..c).map(|j| b[j] - self.mean[j] * k[j]).collect();
+        let (k, m) = self.folded(as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?);
+        let c = k.len();
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(c * 64)
-            .zip(x.par_chunks(c * 64))
+        out.par_chunks_mut(c * ROWS)
+            .zip(x.par_chunks(c * ROWS))
             .for_each(|(o, xs)| {
                 for (orow, xrow) in o.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
                     for j in 0..c {
-                        orow[j] = xrow[j] * k[j] + m[j];
+                        orow[j] = (xrow[j] * k[j] + m[j]).max(0.0);
                     }
                 }
             });
@@ -93,33 +101,116 @@ impl CustomOp3 for BatchNormRows {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (wv, bv) = (w.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
+        let (k, m) = self.folded(&wv, &bv);
         let g = grad.contiguous()?;
-        let (xv, gv) = (
-            x.flatten_all()?.to_vec1::<f32>()?,
-            g.flatten_all()?.to_vec1::<f32>()?,
-        );
-        let wv = w.flatten_all()?.to_vec1::<f32>()?;
-        let c = self.mean.len();
-        let p = xv.len() / c;
-        // [db; dw] = [sum g; sum g * xhat].
-        let acc = fold_rows(p, 2 * c, |acc, r| {
-            let (xr, gr) = (&xv[r * c..(r + 1) * c], &gv[r * c..(r + 1) * c]);
+        let c = k.len();
+        let sums = x.apply_op2_no_bwd(
+            &g,
+            &GradSums {
+                mean: &self.mean,
+                rstd: &self.rstd,
+                k: &k,
+                m: &m,
+            },
+        )?; // [2, C]: db, dw
+        let (db, dw) = (sums.get(0)?, sums.get(1)?);
+        let dx = x.apply_op2_no_bwd(
+            &g,
+            &GradX {
+                mean: &self.mean,
+                rstd: &self.rstd,
+                k: &k,
+                m: &m,
+                w: &wv,
+                db: &db.to_vec1()?,
+                dw: &dw.to_vec1()?,
+            },
+        )?;
+        debug_assert_eq!(dw.dim(0)?, c);
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// The ReLU's gate: the incoming gradient where the output was positive.
+fn gated(g: f32, x: f32, k: f32, m: f32) -> f32 {
+    if x * k + m > 0.0 {
+        g
+    } else {
+        0.0
+    }
+}
+
+/// [db; dw] = [sum g'; sum g' * xhat] over rows, g' the gated gradient.
+struct GradSums<'a> {
+    mean: &'a [f32],
+    rstd: &'a [f32],
+    k: &'a [f32],
+    m: &'a [f32],
+}
+
+impl CustomOp2 for GradSums<'_> {
+    fn name(&self) -> &'static str {
+        "batch-norm-relu-dwb"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
+        let (x, g) = (as_f32(s1, l1, self.name())?, as_f32(s2, l2, self.name())?);
+        let c = self.k.len();
+        let acc = fold_rows(x.len() / c, 2 * c, |acc, r| {
+            let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
             for j in 0..c {
-                acc[j] += gr[j];
-                acc[c + j] += gr[j] * (xr[j] - self.mean[j]) * self.rstd[j];
+                let gj = gated(gr[j], xr[j], self.k[j], self.m[j]);
+                acc[j] += gj;
+                acc[c + j] += gj * (xr[j] - self.mean[j]) * self.rstd[j];
             }
         });
-        let (db, dw) = acc.split_at(c);
-        let (db, dw) = (db.to_vec(), dw.to_vec());
-        // dx = w * rstd / P * (P * g - db - xhat * dw).
-        let n = p as f32;
-        let mut dx = vec![0f32; xv.len()];
-        dx.par_chunks_mut(c * 64)
-            .zip(xv.par_chunks(c * 64).zip(gv.par_chunks(c * 64)))
+        Ok((CpuStorage::F32(acc), Shape::from((2, c))))
+    }
+}
+
+/// dx = w * rstd / P * (P * g' - db - xhat * dw).
+struct GradX<'a> {
+    mean: &'a [f32],
+    rstd: &'a [f32],
+    k: &'a [f32],
+    m: &'a [f32],
+    w: &'a [f32],
+    db: &'a [f32],
+    dw: &'a [f32],
+}
+
+impl CustomOp2 for GradX<'_> {
+    fn name(&self) -> &'static str {
+        "batch-norm-relu-dx"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
+        let (x, g) = (as_f32(s1, l1, self.name())?, as_f32(s2, l2, self.name())?);
+        let c = self.k.len();
+        let n = (x.len() / c) as f32;
+        let scale: Vec<f32> = (0..c).map(|j| self.w[j] * self.rstd[j] / n).collect();
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(c * ROWS)
+            .zip(x.par_chunks(c * ROWS).zip(g.par_chunks(c * ROWS)))
             .for_each(|(o, (xs, gs))| {
                 for ((orow, xr), gr) in o
                     .chunks_exact_mut(c)
@@ -127,16 +218,12 @@ impl CustomOp3 for BatchNormRows {
                     .zip(gs.chunks_exact(c))
                 {
                     for j in 0..c {
+                        let gj = gated(gr[j], xr[j], self.k[j], self.m[j]);
                         let xhat = (xr[j] - self.mean[j]) * self.rstd[j];
-                        orow[j] = wv[j] * self.rstd[j] / n * (n * gr[j] - db[j] - xhat * dw[j]);
+                        orow[j] = scale[j] * (n * gj - self.db[j] - xhat * self.dw[j]);
                     }
                 }
             });
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
-            Some(Tensor::from_vec(db, w.shape(), dev)?),
-        ))
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

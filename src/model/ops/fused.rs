@@ -1,9 +1,10 @@
 //! Fused elementwise work that candle would spread over many passes and temporaries:
 //! exact (erf) GELU and softmax cross-entropy with an ignore label, each with its backward.
 
-use super::{as_f32, MIN_CHUNK};
+use super::as_f32;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// erf in f32 as a rational function on [-4, 4] (Eigen's `generic_fast_erf_float`; outside it
 /// erf is +-1 in f32). Branch-free, so the GELU loops vectorise; within 1e-6 of libm's erff
@@ -117,13 +118,20 @@ impl CustomOp2 for GeluGrad {
 /// Per-pixel -log softmax(logits)[label] (0 where label == ignore). `logits`: [P, C] f32,
 /// `labels`: u32 [P]. The gradient flows to the logits only.
 pub fn softmax_cross_entropy(logits: &Tensor, labels: &Tensor, ignore: u32) -> Result<Tensor> {
-    logits
-        .contiguous()?
-        .apply_op2(&labels.contiguous()?, SoftmaxXent { ignore })
+    logits.contiguous()?.apply_op2(
+        &labels.contiguous()?,
+        SoftmaxXent {
+            ignore,
+            dlogits: Mutex::new(Vec::new()),
+        },
+    )
 }
 
+/// The forward keeps d nll / d logits = softmax - onehot (PyTorch keeps the log-softmax), so the
+/// backward is one scaling pass instead of a second round of exponentials.
 struct SoftmaxXent {
     ignore: u32,
+    dlogits: Mutex<Vec<f32>>,
 }
 
 fn labels_u32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
@@ -133,10 +141,8 @@ fn labels_u32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     }
 }
 
-fn row_lse(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + row.iter().map(|v| exp_neg(v - max)).sum::<f32>().ln()
-}
+/// Rows per task: the exponentials of a block go through one flat loop, which vectorises.
+const XENT_ROWS: usize = 256;
 
 impl CustomOp2 for SoftmaxXent {
     fn name(&self) -> &'static str {
@@ -158,82 +164,60 @@ impl CustomOp2 for SoftmaxXent {
             bail!("softmax-xent: {} labels for {p} rows", y.len());
         }
         let mut out = vec![0f32; p];
-        out.par_chunks_mut(CHUNK / 16)
-            .enumerate()
-            .with_min_len(MIN_CHUNK)
-            .for_each(|(ci, o)| {
-                for (j, o) in o.iter_mut().enumerate() {
-                    let i = ci * (CHUNK / 16) + j;
-                    let lab = y[i];
+        let mut d = vec![0f32; x.len()];
+        out.par_chunks_mut(XENT_ROWS)
+            .zip(d.par_chunks_mut(XENT_ROWS * c))
+            .zip(x.par_chunks(XENT_ROWS * c).zip(y.par_chunks(XENT_ROWS)))
+            .for_each(|((out, d), (x, y))| {
+                // d <- x - rowmax, then exp over the whole block, then normalise per row.
+                for (drow, xrow) in d.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                    let max = xrow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    drow.iter_mut().zip(xrow).for_each(|(d, v)| *d = v - max);
+                }
+                d.iter_mut().for_each(|v| *v = exp_neg(*v));
+                for ((o, drow), (xrow, &lab)) in out
+                    .iter_mut()
+                    .zip(d.chunks_exact_mut(c))
+                    .zip(x.chunks_exact(c).zip(y))
+                {
                     if lab == self.ignore || lab as usize >= c {
+                        drow.fill(0.0);
                         continue;
                     }
-                    let row = &x[i * c..(i + 1) * c];
-                    *o = row_lse(row) - row[lab as usize];
+                    let sum: f32 = drow.iter().sum();
+                    let max = xrow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    *o = max + sum.ln() - xrow[lab as usize];
+                    let inv = 1.0 / sum;
+                    drow.iter_mut().for_each(|v| *v *= inv);
+                    drow[lab as usize] -= 1.0;
                 }
             });
+        *self.dlogits.lock().expect("softmax-xent stash") = d;
         Ok((CpuStorage::F32(out), Shape::from(p)))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        y: &Tensor,
+        _y: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = x.apply_op3_no_bwd(
-            y,
-            &grad.contiguous()?,
-            &SoftmaxXentGrad {
-                ignore: self.ignore,
-            },
-        )?;
-        Ok((Some(dx), None))
-    }
-}
-
-/// dlogits = g * (softmax - onehot) on labelled rows, 0 on ignored ones.
-struct SoftmaxXentGrad {
-    ignore: u32,
-}
-
-impl candle_core::CustomOp3 for SoftmaxXentGrad {
-    fn name(&self) -> &'static str {
-        "softmax-xent-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let _t = crate::profile::scope(self.name());
-        let x = as_f32(s1, l1, "softmax-xent-grad")?;
-        let y = labels_u32(s2, l2)?;
-        let g = as_f32(s3, l3, "softmax-xent-grad")?;
-        let (_, c) = l1.shape().dims2()?;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(c * 256).enumerate().for_each(|(ci, d)| {
-            for (j, drow) in d.chunks_mut(c).enumerate() {
-                let i = ci * 256 + j;
-                let lab = y[i];
-                if lab == self.ignore || lab as usize >= c {
-                    continue;
+        let (p, c) = x.dims2()?;
+        let g = grad.contiguous()?.to_vec1::<f32>()?;
+        let stash = self.dlogits.lock().expect("softmax-xent stash");
+        if stash.len() != p * c {
+            bail!("softmax-xent: backward before the forward");
+        }
+        let mut d = vec![0f32; p * c];
+        d.par_chunks_mut(XENT_ROWS * c)
+            .zip(stash.par_chunks(XENT_ROWS * c).zip(g.par_chunks(XENT_ROWS)))
+            .for_each(|(d, (s, g))| {
+                for ((drow, srow), g) in d.chunks_exact_mut(c).zip(s.chunks_exact(c)).zip(g) {
+                    drow.iter_mut().zip(srow).for_each(|(d, s)| *d = s * g);
                 }
-                let row = &x[i * c..(i + 1) * c];
-                let lse = row_lse(row);
-                for (k, (d, v)) in drow.iter_mut().zip(row).enumerate() {
-                    let p = exp_neg(v - lse);
-                    *d = g[i] * (p - if k == lab as usize { 1.0 } else { 0.0 });
-                }
-            }
-        });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+            });
+        Ok((Some(Tensor::from_vec(d, (p, c), x.device())?), None))
     }
 }
 

@@ -11,7 +11,7 @@ mod im2col;
 mod norm;
 
 pub use affine::add_bias;
-pub use batchnorm::{batch_norm_rows, column_stats};
+pub use batchnorm::{batch_norm_relu_rows, column_stats};
 pub use bilinear::{resize_bilinear, resize_bilinear_generic};
 pub use dwconv::{depthwise3x3, depthwise3x3_generic};
 pub use fused::{gelu, softmax_cross_entropy};
