@@ -307,6 +307,23 @@ fn bias_add_matches_broadcast_add() {
 }
 
 #[test]
+fn linear_matches_matmul_plus_bias_with_gradients() {
+    // Shapes off the GEMM kernels' tile sizes, and a tall x as the pixel rows are.
+    let (x, w, b) = (rand(&[301, 37], 31), rand(&[19, 37], 32), rand(&[19], 33));
+    same_op(
+        &[x, w, b],
+        |t| ops::linear(&t[0], &t[1], &t[2]).unwrap(),
+        |t| {
+            t[0].matmul(&t[1].t().unwrap())
+                .unwrap()
+                .broadcast_add(&t[2])
+                .unwrap()
+        },
+        1e-4,
+    );
+}
+
+#[test]
 fn batch_norm_relu_matches_the_composed_ops_with_gradients() {
     use segadapt::model::nn::BatchNormRelu;
     let bn = |w: &Tensor, b: &Tensor| BatchNormRelu {

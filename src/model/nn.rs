@@ -20,10 +20,10 @@ impl Linear {
         let inner = dims[dims.len() - 1];
         // Flattening to 2-D keeps clear of candle's batched-matmul bug with broadcast operands.
         let x2 = x.contiguous()?.reshape(((), inner))?;
-        let mut y = x2.matmul(&self.w.t()?)?;
-        if let Some(b) = &self.b {
-            y = ops::add_bias(&y, b)?;
-        }
+        let y = match &self.b {
+            Some(b) => ops::linear(&x2, &self.w, b)?,
+            None => x2.matmul(&self.w.t()?)?,
+        };
         let mut out = dims;
         *out.last_mut().expect("rank >= 1") = self.w.dim(0)?;
         y.reshape(out)
@@ -60,8 +60,7 @@ impl PatchConv {
         // [O, C, k, k] -> [O, k, k, C] to match the (ky, kx, c) patch order.
         let w = self.w.permute((0, 2, 3, 1))?.reshape((o, k * k * c))?;
         let b = patches.dim(0)?;
-        let y = patches.reshape(((), k * k * c))?.matmul(&w.t()?)?;
-        let y = ops::add_bias(&y, &self.b)?;
+        let y = ops::linear(&patches.reshape(((), k * k * c))?, &w, &self.b)?;
         Ok((y.reshape((b, hw.0 * hw.1, o))?, hw))
     }
 }

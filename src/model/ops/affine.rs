@@ -75,7 +75,8 @@ impl CustomOp2 for AddBias {
     }
 }
 
-struct ColumnSum;
+/// Column sums of a contiguous [..., D] tensor: [D].
+pub(crate) struct ColumnSum;
 
 impl CustomOp1 for ColumnSum {
     fn name(&self) -> &'static str {

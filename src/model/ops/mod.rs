@@ -8,14 +8,17 @@ mod bilinear;
 mod dwconv;
 mod fused;
 mod im2col;
+mod linear;
 mod norm;
 
 pub use affine::add_bias;
+pub(crate) use affine::ColumnSum;
 pub use batchnorm::{batch_norm_relu_rows, column_stats};
 pub use bilinear::{resize_bilinear, resize_bilinear_generic};
 pub use dwconv::{depthwise3x3, depthwise3x3_generic};
 pub use fused::{gelu, softmax_cross_entropy};
 pub use im2col::{im2col, im2col_generic};
+pub use linear::linear;
 pub use norm::{layer_norm, layer_norm_generic, softmax_last_dim};
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result};
