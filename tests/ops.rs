@@ -228,9 +228,10 @@ fn bilinear_matches_pytorch_align_corners_false() {
 
 #[test]
 fn layer_norm_and_softmax_match_generic_ops() {
-    let x = rand(&[3, 4, 10], 9);
-    let w = rand(&[10], 10);
-    let b = rand(&[10], 11);
+    // Rows of 37: four full groups of the kernels' eight accumulators and a remainder.
+    let x = rand(&[3, 4, 37], 9);
+    let w = rand(&[37], 10);
+    let b = rand(&[37], 11);
     same_op(
         &[x.clone(), w.clone(), b.clone()],
         |t| ops::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),

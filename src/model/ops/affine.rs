@@ -2,11 +2,12 @@
 //! parameter gradients as parallel column sums: candle's broadcast ops reduce these through its
 //! generic strided sum, one of the slowest parts of a training step.
 
-use super::{as_f32, fold_rows, MIN_CHUNK};
+use super::{as_f32, fold_rows, sum_lanes, sum_zip, MIN_CHUNK};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 fn last_dim(l: &Layout) -> usize {
     l.shape().dims().last().copied().unwrap_or(1)
@@ -93,8 +94,8 @@ impl CustomOp1 for ColumnSum {
 
 fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = sum_lanes(row) / n;
+    let var = sum_zip(row, row, |v, _| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -103,12 +104,17 @@ pub fn layer_norm_affine(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &b.contiguous()?,
-        LayerNorm { eps: eps as f32 },
+        LayerNorm {
+            eps: eps as f32,
+            stats: Mutex::new(Vec::new()),
+        },
     )
 }
 
+/// The forward keeps each row's (mean, 1 / std) for the backward, as PyTorch's kernel does.
 struct LayerNorm {
     eps: f32,
+    stats: Mutex<Vec<(f32, f32)>>,
 }
 
 impl CustomOp3 for LayerNorm {
@@ -131,15 +137,18 @@ impl CustomOp3 for LayerNorm {
         let b = as_f32(s3, l3, "layer-norm-affine")?;
         let d = last_dim(l1);
         let mut out = vec![0f32; x.len()];
+        let mut stats = vec![(0f32, 0f32); x.len() / d.max(1)];
         out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
+            .zip(x.par_chunks(d).zip(stats.par_iter_mut()))
             .with_min_len(MIN_CHUNK * 16)
-            .for_each(|(o, row)| {
+            .for_each(|(o, (row, st))| {
                 let (mean, rstd) = row_stats(row, self.eps);
+                *st = (mean, rstd);
                 for (((o, v), w), b) in o.iter_mut().zip(row).zip(w).zip(b) {
                     *o = (v - mean) * rstd * w + b;
                 }
             });
+        *self.stats.lock().expect("layer-norm stats") = stats;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -152,18 +161,22 @@ impl CustomOp3 for LayerNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &g, &LayerNormInputGrad { eps: self.eps })?;
-        let dwb = x.apply_op2_no_bwd(&g, &LayerNormParamGrad { eps: self.eps })?; // [2, D]
+        let stats = self.stats.lock().expect("layer-norm stats");
+        if stats.len() * x.dim(candle_core::D::Minus1)? != x.elem_count() {
+            bail!("layer-norm-affine: backward before the forward");
+        }
+        let dx = x.apply_op3_no_bwd(w, &g, &LayerNormInputGrad { stats: &stats })?;
+        let dwb = x.apply_op2_no_bwd(&g, &LayerNormParamGrad { stats: &stats })?; // [2, D]
         Ok((Some(dx), Some(dwb.get(0)?), Some(dwb.get(1)?)))
     }
 }
 
 /// dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)) with gw = g * w.
-struct LayerNormInputGrad {
-    eps: f32,
+struct LayerNormInputGrad<'a> {
+    stats: &'a [(f32, f32)],
 }
 
-impl CustomOp3 for LayerNormInputGrad {
+impl CustomOp3 for LayerNormInputGrad<'_> {
     fn name(&self) -> &'static str {
         "layer-norm-affine-dx"
     }
@@ -182,22 +195,20 @@ impl CustomOp3 for LayerNormInputGrad {
         let w = as_f32(s2, l2, "layer-norm-affine-dx")?;
         let g = as_f32(s3, l3, "layer-norm-affine-dx")?;
         let d = last_dim(l1);
+        let n = d as f32;
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)).zip(self.stats))
             .with_min_len(MIN_CHUNK * 16)
-            .for_each(|(o, (row, gr))| {
-                let (mean, rstd) = row_stats(row, self.eps);
-                let n = d as f32;
-                let (mut sg, mut sgx) = (0f32, 0f32);
-                for ((v, gv), wv) in row.iter().zip(gr).zip(w) {
-                    let gw = gv * wv;
-                    sg += gw;
-                    sgx += gw * (v - mean) * rstd;
-                }
-                let (mg, mgx) = (sg / n, sgx / n);
-                for (((o, v), gv), wv) in o.iter_mut().zip(row).zip(gr).zip(w) {
-                    *o = rstd * (gv * wv - mg - (v - mean) * rstd * mgx);
+            .for_each(|(o, ((row, gr), &(mean, rstd)))| {
+                // o <- g * w first, so both sums below are plain vectorised reductions.
+                o.iter_mut()
+                    .zip(gr.iter().zip(w))
+                    .for_each(|(o, (gv, wv))| *o = gv * wv);
+                let mg = sum_lanes(o) / n;
+                let mgx = sum_zip(o, row, |gw, v| gw * (v - mean)) * rstd / n;
+                for (o, v) in o.iter_mut().zip(row) {
+                    *o = rstd * (*o - mg - (v - mean) * rstd * mgx);
                 }
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -205,11 +216,11 @@ impl CustomOp3 for LayerNormInputGrad {
 }
 
 /// [dw; db] = [sum g * xhat; sum g] over rows.
-struct LayerNormParamGrad {
-    eps: f32,
+struct LayerNormParamGrad<'a> {
+    stats: &'a [(f32, f32)],
 }
 
-impl CustomOp2 for LayerNormParamGrad {
+impl CustomOp2 for LayerNormParamGrad<'_> {
     fn name(&self) -> &'static str {
         "layer-norm-affine-dwb"
     }
@@ -227,10 +238,11 @@ impl CustomOp2 for LayerNormParamGrad {
         let d = last_dim(l1);
         let acc = fold_rows(x.len() / d, 2 * d, |acc, r| {
             let (row, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
-            let (mean, rstd) = row_stats(row, self.eps);
-            for j in 0..d {
-                acc[j] += gr[j] * (row[j] - mean) * rstd;
-                acc[d + j] += gr[j];
+            let (mean, rstd) = self.stats[r];
+            let (dw, db) = acc.split_at_mut(d);
+            for (((dw, db), v), gv) in dw.iter_mut().zip(db).zip(row).zip(gr) {
+                *dw += gv * (v - mean) * rstd;
+                *db += gv;
             }
         });
         Ok((CpuStorage::F32(acc), Shape::from((2, d))))

@@ -37,6 +37,55 @@ pub(crate) fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a 
     }
 }
 
+/// Accumulators in [`sum_zip`] and [`max_lanes`].
+const LANES: usize = 8;
+
+/// `sum f(a[i], b[i])` with eight interleaved accumulators, so the loop vectorises: one running
+/// sum is a chain of dependent adds that the compiler may not reorder.
+#[inline(always)]
+pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let n = a.len().min(b.len());
+    let (ca, cb) = (a[..n].chunks_exact(LANES), b[..n].chunks_exact(LANES));
+    let mut rest = 0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        rest += f(*x, *y);
+    }
+    let mut acc = [0f32; LANES];
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += f(x[l], y[l]);
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + rest
+}
+
+/// `sum a[i]`, vectorised as [`sum_zip`].
+#[inline(always)]
+pub(crate) fn sum_lanes(a: &[f32]) -> f32 {
+    sum_zip(a, a, |x, _| x)
+}
+
+/// The largest element (-inf for an empty slice), with eight running maxima.
+#[inline(always)]
+pub(crate) fn max_lanes(a: &[f32]) -> f32 {
+    let c = a.chunks_exact(LANES);
+    let mut m = c
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    for x in c {
+        for l in 0..LANES {
+            acc[l] = if x[l] > acc[l] { x[l] } else { acc[l] };
+        }
+    }
+    for v in acc {
+        m = m.max(v);
+    }
+    m
+}
+
 /// Rows of work per rayon task: big enough that scheduling stays cheap on a 2-core machine.
 pub(crate) const MIN_CHUNK: usize = 4;
 

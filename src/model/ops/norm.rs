@@ -1,8 +1,8 @@
 //! Layer norm (fused with its affine, see `affine.rs`) and softmax over the last dimension with
 //! analytic backward passes: candle-nn's fast versions of both drop the gradient without an error.
 
-use super::{as_f32, MIN_CHUNK};
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
+use super::{as_f32, max_lanes, sum_lanes, sum_zip, MIN_CHUNK};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Layer norm over the last dimension with affine `w`, `b` (each [D]).
@@ -47,12 +47,12 @@ impl CustomOp1 for Softmax {
             .zip(x.par_chunks(d))
             .with_min_len(MIN_CHUNK * 16)
             .for_each(|(o, row)| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let max = max_lanes(row);
                 // Exponentials first so the loop vectorises; the sum after.
                 for (o, v) in o.iter_mut().zip(row) {
                     *o = super::fused::exp_neg(v - max);
                 }
-                let sum: f32 = o.iter().sum();
+                let sum = sum_lanes(o);
                 let inv = 1.0 / sum;
                 o.iter_mut().for_each(|o| *o *= inv);
             });
@@ -60,8 +60,41 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let y = res.detach();
-        let s = (grad * &y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((grad.broadcast_sub(&s)? * y)?))
+        Ok(Some(
+            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?,
+        ))
+    }
+}
+
+/// dx = (g - sum(g * y)) * y per row, y the softmax output.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
+        let y = as_f32(s1, l1, self.name())?;
+        let g = as_f32(s2, l2, self.name())?;
+        let d = l1.shape().dims()[l1.shape().rank() - 1];
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(d)
+            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            .with_min_len(MIN_CHUNK * 16)
+            .for_each(|(o, (yr, gr))| {
+                let s = sum_zip(gr, yr, |g, y| g * y);
+                for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+                    *o = (g - s) * y;
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
