@@ -2,7 +2,7 @@
 //! parameter gradients as parallel column sums: candle's broadcast ops reduce these through its
 //! generic strided sum, one of the slowest parts of a training step.
 
-use super::{as_f32, fold_rows, sum_lanes, sum_zip, MIN_CHUNK};
+use super::{as_f32, fold_rows, output_buffer, sum_lanes, sum_zip, MIN_CHUNK};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
@@ -136,7 +136,7 @@ impl CustomOp3 for LayerNorm {
         let w = as_f32(s2, l2, "layer-norm-affine")?;
         let b = as_f32(s3, l3, "layer-norm-affine")?;
         let d = last_dim(l1);
-        let mut out = vec![0f32; x.len()];
+        let mut out = output_buffer(x.len());
         let mut stats = vec![(0f32, 0f32); x.len() / d.max(1)];
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d).zip(stats.par_iter_mut()))
@@ -196,7 +196,7 @@ impl CustomOp3 for LayerNormInputGrad<'_> {
         let g = as_f32(s3, l3, "layer-norm-affine-dx")?;
         let d = last_dim(l1);
         let n = d as f32;
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = output_buffer(x.len());
         dx.par_chunks_mut(d)
             .zip(x.par_chunks(d).zip(g.par_chunks(d)).zip(self.stats))
             .with_min_len(MIN_CHUNK * 16)

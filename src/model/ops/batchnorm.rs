@@ -1,7 +1,7 @@
 //! BatchNorm followed by ReLU over the rows of [P, C] as one op (the decode head's fuse unit):
 //! given per-column statistics, one pass forward and two backward, the ReLU mask recomputed.
 
-use super::{as_f32, fold_rows};
+use super::{as_f32, fold_rows, output_buffer};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -84,7 +84,7 @@ impl CustomOp3 for BatchNormRelu {
         let x = as_f32(s1, l1, self.name())?;
         let (k, m) = self.folded(as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?);
         let c = k.len();
-        let mut out = vec![0f32; x.len()];
+        let mut out = output_buffer(x.len());
         out.par_chunks_mut(c * ROWS)
             .zip(x.par_chunks(c * ROWS))
             .for_each(|(o, xs)| {
@@ -208,7 +208,7 @@ impl CustomOp2 for GradX<'_> {
         let c = self.k.len();
         let n = (x.len() / c) as f32;
         let scale: Vec<f32> = (0..c).map(|j| self.w[j] * self.rstd[j] / n).collect();
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = output_buffer(x.len());
         dx.par_chunks_mut(c * ROWS)
             .zip(x.par_chunks(c * ROWS).zip(g.par_chunks(c * ROWS)))
             .for_each(|(o, (xs, gs))| {

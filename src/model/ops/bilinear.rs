@@ -1,7 +1,7 @@
 //! Bilinear resize with PyTorch's `align_corners = False` semantics (what HF SegFormer uses for
 //! the decoder and the loss), on channel-last maps, with a gradient.
 
-use super::{as_f32, MIN_CHUNK};
+use super::{as_f32, output_buffer, MIN_CHUNK};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -80,7 +80,7 @@ impl CustomOp1 for Bilinear {
         let x = as_f32(st, l, "resize-bilinear")?;
         let (n, h, w, c) = l.shape().dims4()?;
         let (ty, tx) = (axis_taps(h, self.out_h), axis_taps(w, self.out_w));
-        let mut out = vec![0f32; n * self.out_h * self.out_w * c];
+        let mut out = output_buffer(n * self.out_h * self.out_w * c);
         out.par_chunks_mut(self.out_w * c)
             .with_min_len(MIN_CHUNK)
             .enumerate()

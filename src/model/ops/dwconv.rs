@@ -1,7 +1,7 @@
 //! Depthwise 3x3 convolution (stride 1, padding 1) on channel-last maps, as in the Mix-FFN.
 //! One pass over all channels at once, instead of candle's one convolution per group.
 
-use super::{as_f32, MIN_CHUNK};
+use super::{as_f32, output_buffer, MIN_CHUNK};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -70,6 +70,8 @@ fn conv_rows(x: &[f32], taps: &[f32], h: usize, wd: usize, c: usize, out: &mut [
         .with_min_len(MIN_CHUNK)
         .enumerate()
         .for_each(|(row, o)| {
+            // Zeroed here rather than up front, while the row is in cache.
+            o.fill(0.0);
             let (bi, i) = (row / h, row % h);
             for ky in 0..3 {
                 let ii = i + ky;
@@ -112,7 +114,7 @@ impl CustomOp2 for DwConv {
         let w = as_f32(s2, l2, "depthwise3x3")?;
         let (_, h, wd, c) = l1.shape().dims4()?;
         let taps = taps_by_channel(w, c, self.flip);
-        let mut out = vec![0f32; x.len()];
+        let mut out = output_buffer(x.len());
         conv_rows(x, &taps, h, wd, c, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

@@ -1,7 +1,7 @@
 //! Fused elementwise work that candle would spread over many passes and temporaries:
 //! exact (erf) GELU and softmax cross-entropy with an ignore label, each with its backward.
 
-use super::as_f32;
+use super::{as_f32, max_lanes, output_buffer, sum_lanes};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -66,7 +66,7 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let _t = crate::profile::scope(self.name());
         let x = as_f32(st, l, "gelu-erf")?;
-        let mut out = vec![0f32; x.len()];
+        let mut out = output_buffer(x.len());
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .for_each(|(o, x)| {
@@ -100,7 +100,7 @@ impl CustomOp2 for GeluGrad {
         let _t = crate::profile::scope(self.name());
         let x = as_f32(s1, l1, "gelu-erf-grad")?;
         let g = as_f32(s2, l2, "gelu-erf-grad")?;
-        let mut out = vec![0f32; x.len()];
+        let mut out = output_buffer(x.len());
         let inv_sqrt_2pi = 0.398_942_3_f32;
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
@@ -164,28 +164,31 @@ impl CustomOp2 for SoftmaxXent {
             bail!("softmax-xent: {} labels for {p} rows", y.len());
         }
         let mut out = vec![0f32; p];
-        let mut d = vec![0f32; x.len()];
+        let mut d = output_buffer(x.len());
         out.par_chunks_mut(XENT_ROWS)
             .zip(d.par_chunks_mut(XENT_ROWS * c))
             .zip(x.par_chunks(XENT_ROWS * c).zip(y.par_chunks(XENT_ROWS)))
             .for_each(|((out, d), (x, y))| {
                 // d <- x - rowmax, then exp over the whole block, then normalise per row.
-                for (drow, xrow) in d.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                    let max = xrow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    drow.iter_mut().zip(xrow).for_each(|(d, v)| *d = v - max);
+                let mut maxes = [0f32; XENT_ROWS];
+                for ((drow, xrow), m) in
+                    d.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(&mut maxes)
+                {
+                    *m = max_lanes(xrow);
+                    drow.iter_mut().zip(xrow).for_each(|(d, v)| *d = v - *m);
                 }
                 d.iter_mut().for_each(|v| *v = exp_neg(*v));
-                for ((o, drow), (xrow, &lab)) in out
+                for (((o, drow), (xrow, &lab)), max) in out
                     .iter_mut()
                     .zip(d.chunks_exact_mut(c))
                     .zip(x.chunks_exact(c).zip(y))
+                    .zip(maxes)
                 {
                     if lab == self.ignore || lab as usize >= c {
                         drow.fill(0.0);
                         continue;
                     }
-                    let sum: f32 = drow.iter().sum();
-                    let max = xrow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum = sum_lanes(drow);
                     *o = max + sum.ln() - xrow[lab as usize];
                     let inv = 1.0 / sum;
                     drow.iter_mut().for_each(|v| *v *= inv);
@@ -209,7 +212,7 @@ impl CustomOp2 for SoftmaxXent {
         if stash.len() != p * c {
             bail!("softmax-xent: backward before the forward");
         }
-        let mut d = vec![0f32; p * c];
+        let mut d = output_buffer(p * c);
         d.par_chunks_mut(XENT_ROWS * c)
             .zip(stash.par_chunks(XENT_ROWS * c).zip(g.par_chunks(XENT_ROWS)))
             .for_each(|(d, (s, g))| {

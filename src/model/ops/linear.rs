@@ -2,7 +2,7 @@
 //! same layer is a transpose node, a matmul and a bias add, and the backward copies every
 //! weight gradient through a strided transpose.
 
-use super::{add_bias, as_f32, ColumnSum};
+use super::{add_bias, as_f32, output_buffer, ColumnSum};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// `x`: [P, I], `w`: [O, I], `b`: [O] -> [P, O].
@@ -144,7 +144,11 @@ impl candle_core::CustomOp2 for MatMul {
         if r != k {
             bail!("linear-grad: [{p}, {o}] against [{r}, {i}]");
         }
-        let mut y = vec![0f32; m * n];
+        let mut y = if k == 0 {
+            vec![0f32; m * n]
+        } else {
+            output_buffer(m * n)
+        };
         gemm((m, n, k), &mut y, false, a, lhs_strides, b, (i, 1));
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }

@@ -1,7 +1,7 @@
 //! Layer norm (fused with its affine, see `affine.rs`) and softmax over the last dimension with
 //! analytic backward passes: candle-nn's fast versions of both drop the gradient without an error.
 
-use super::{as_f32, max_lanes, sum_lanes, sum_zip, MIN_CHUNK};
+use super::{as_f32, max_lanes, output_buffer, sum_lanes, sum_zip, MIN_CHUNK};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -42,7 +42,7 @@ impl CustomOp1 for Softmax {
         let _t = crate::profile::scope(self.name());
         let x = as_f32(st, l, "softmax-last-dim")?;
         let d = l.shape().dims()[l.shape().rank() - 1];
-        let mut out = vec![0f32; x.len()];
+        let mut out = output_buffer(x.len());
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .with_min_len(MIN_CHUNK * 16)
@@ -85,7 +85,7 @@ impl CustomOp2 for SoftmaxGrad {
         let y = as_f32(s1, l1, self.name())?;
         let g = as_f32(s2, l2, self.name())?;
         let d = l1.shape().dims()[l1.shape().rank() - 1];
-        let mut dx = vec![0f32; y.len()];
+        let mut dx = output_buffer(y.len());
         dx.par_chunks_mut(d)
             .zip(y.par_chunks(d).zip(g.par_chunks(d)))
             .with_min_len(MIN_CHUNK * 16)
