@@ -57,23 +57,23 @@ pub fn ema_update_where(
     teacher: &Segformer,
     student: &Segformer,
     alpha: f64,
-    trained: impl Fn(&str) -> bool,
+    trained: impl Fn(&str) -> bool + Sync,
 ) -> Result<()> {
     let (t, s) = (teacher.raw_tensors(), student.raw_tensors());
-    for spec in param_specs(&teacher.cfg) {
+    use rayon::prelude::*;
+    param_specs(&teacher.cfg).par_iter().try_for_each(|spec| {
         let (tt, st) = (&t[&spec.name], &s[&spec.name]);
         if spec.trainable {
             if !trained(&spec.name) {
-                continue;
+                return Ok(());
             }
-            blend(tt, st, alpha)?;
+            blend(tt, st, alpha)
         } else if spec.shape.is_empty() {
-            continue; // the BatchNorm counter is informational
+            Ok(()) // the BatchNorm counter is informational
         } else {
-            tt.slice_set(&st.detach(), 0, 0)?;
+            tt.slice_set(&st.detach(), 0, 0)
         }
-    }
-    Ok(())
+    })
 }
 
 fn blend(t: &Tensor, s: &Tensor, alpha: f64) -> Result<()> {
