@@ -308,6 +308,42 @@ fn bias_add_matches_broadcast_add() {
 }
 
 #[test]
+fn dropout_keeps_one_minus_p_scaled_and_masks_the_gradient_alike() {
+    let x = (rand(&[400, 500], 40).abs().unwrap() + 0.1).unwrap();
+    let v = Var::from_tensor(&x).unwrap();
+    let y = ops::dropout(v.as_tensor(), 0.1, 7).unwrap();
+    let ratio = (&y / &x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let kept = ratio.iter().filter(|r| **r != 0.0).count() as f32 / ratio.len() as f32;
+    assert!(
+        (kept - 0.9).abs() < 0.005,
+        "kept {kept} of the elements at p = 0.1"
+    );
+    assert!(ratio
+        .iter()
+        .all(|r| *r == 0.0 || (r - 1.0 / 0.9).abs() < 1e-5));
+    // The backward applies the forward's mask and scale.
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let g = g
+        .get(v.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(g.iter().zip(&ratio).all(|(g, r)| (g - r).abs() < 1e-5));
+    // The seed picks the mask: the same seed repeats it, another one does not.
+    let again = ops::dropout(&x, 0.1, 7).unwrap();
+    assert_eq!(max_diff(&again, &y), 0.0);
+    let other = ops::dropout(&x, 0.1, 8).unwrap();
+    assert!(max_diff(&other, &y) > 0.1);
+}
+
+#[test]
 fn linear_matches_matmul_plus_bias_with_gradients() {
     // Shapes off the GEMM kernels' tile sizes, and a tall x as the pixel rows are.
     let (x, w, b) = (rand(&[301, 37], 31), rand(&[19, 37], 32), rand(&[19], 33));

@@ -145,7 +145,8 @@ impl BatchNormRelu {
     }
 }
 
-/// Inverted dropout; identity outside training or when `p` is 0.
+/// Inverted dropout; identity outside training or when `p` is 0. One draw from `rng` seeds the
+/// mask (see [`ops::dropout`]).
 pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut StdRng>) -> Result<Tensor> {
     let Some(rng) = rng else {
         return Ok(x.clone());
@@ -153,19 +154,7 @@ pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut StdRng>) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let keep = 1.0 - p as f32;
-    let scale = 1.0 / keep;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            if rng.random::<f32>() < keep {
-                scale
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
+    ops::dropout(x, p, rng.random())
 }
 
 /// Stochastic depth on [B, ...]: whole samples of a residual branch are dropped (HF's drop_path).
