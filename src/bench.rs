@@ -59,8 +59,11 @@ pub struct BenchReport {
     /// Process peak RSS after the inference runs and after the training runs, MB.
     pub infer_peak_rss_mb: f64,
     pub train_peak_rss_mb: f64,
+    /// `--ops`: where a training step's time goes, and an adaptation step's (all weights).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ops: Vec<OpTime>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub adapt_ops: Vec<OpTime>,
 }
 
 fn rss_mb() -> f64 {
@@ -142,23 +145,11 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         Ok(())
     })?;
     let train_peak_rss_mb = rss_mb();
-    let mut ops = Vec::new();
-    if spec.ops {
-        crate::profile::enable(true);
-        for _ in 0..spec.reps {
-            trainer.step(&x, &y, &mut rng)?;
-        }
-        crate::profile::enable(false);
-        let n = spec.reps.max(1) as f64;
-        ops = crate::profile::take()
-            .into_iter()
-            .map(|(name, ms, calls)| OpTime {
-                name: name.to_string(),
-                ms_per_step: ms / n,
-                calls_per_step: calls as f64 / n,
-            })
-            .collect();
-    }
+    let ops = if spec.ops {
+        profile_steps(spec.reps, || trainer.step(&x, &y, &mut rng).map(|_| ()))?
+    } else {
+        Vec::new()
+    };
     let ema = time(spec, || {
         Ok(ema_update(&trainer.teacher, &trainer.student.model, 0.999)?)
     })?;
@@ -182,23 +173,31 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         &[ex],
         255,
     )?;
-    let adapt_step = |train: &str| -> Result<Timing> {
+    let adapter = |train: &str| -> Result<crate::adapt::step::Adapter> {
         let mut full = crate::adapt::AdaptConfig {
             train: train.into(),
             ..Default::default()
         };
         // A collapse would skip the step's work and flatter the figure.
         full.guard.collapse = false;
-        let mut adapter = crate::adapt::step::Adapter::new(full, &cfg, &tensors, stats.clone())?;
-        let strong = (&x * 0.9)?;
+        Ok(crate::adapt::step::Adapter::new(full, &cfg, &tensors, stats.clone())?)
+    };
+    let strong = (&x * 0.9)?;
+    let adapt_step = |train: &str| -> Result<Timing> {
+        let mut adapter = adapter(train)?;
         let mut rng = StdRng::seed_from_u64(1);
-        time(spec, || {
-            adapter.step(&x, &strong, &mut rng)?;
-            Ok(())
-        })
+        time(spec, || Ok(adapter.step(&x, &strong, &mut rng).map(|_| ())?))
     };
     let adapt_step_norm = adapt_step("norm")?;
     let adapt_step = adapt_step("all")?;
+    let adapt_ops = if spec.ops {
+        let mut adapter = adapter("all")?;
+        let mut rng = StdRng::seed_from_u64(1);
+        adapter.step(&x, &strong, &mut rng)?; // warm-up
+        profile_steps(spec.reps, || Ok(adapter.step(&x, &strong, &mut rng).map(|_| ())?))?
+    } else {
+        Vec::new()
+    };
     Ok(BenchReport {
         config: spec.config.clone(),
         size: format!("{}x{}", spec.width, spec.height),
@@ -212,5 +211,23 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         infer_peak_rss_mb,
         train_peak_rss_mb,
         ops,
+        adapt_ops,
     })
+}
+
+/// Runs `step` `reps` times with the profiler on: per-step time of every named scope.
+fn profile_steps(reps: usize, mut step: impl FnMut() -> Result<()>) -> Result<Vec<OpTime>> {
+    crate::profile::enable(true);
+    let run = (0..reps).try_for_each(|_| step());
+    crate::profile::enable(false);
+    run?;
+    let n = reps.max(1) as f64;
+    Ok(crate::profile::take()
+        .into_iter()
+        .map(|(name, ms, calls)| OpTime {
+            name: name.to_string(),
+            ms_per_step: ms / n,
+            calls_per_step: calls as f64 / n,
+        })
+        .collect())
 }

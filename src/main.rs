@@ -629,7 +629,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 "infer_peak_mb": r.infer.peak_mb, "train_peak_mb": r.train_step.peak_mb,
                 "peak_mb": r.infer.peak_mb.max(r.train_step.peak_mb),
                 "infer_peak_rss_mb": r.infer_peak_rss_mb, "train_peak_rss_mb": r.train_peak_rss_mb,
-                "ops": r.ops,
+                "ops": r.ops, "adapt_ops": r.adapt_ops,
             })
         );
     } else {
@@ -653,10 +653,13 @@ fn bench(a: BenchArgs) -> Result<()> {
                 t.median_ms, t.min_ms, t.max_ms, t.peak_mb
             );
         }
-        if !r.ops.is_empty() {
-            println!("\ntraining step profile (per step; phases hold the model parts and kernels run in them)");
+        for (what, ops) in [("training", &r.ops), ("adaptation (all weights)", &r.adapt_ops)] {
+            if ops.is_empty() {
+                continue;
+            }
+            println!("\n{what} step profile (per step; phases hold the model parts and kernels run in them)");
             println!("{:<28} {:>10} {:>8}", "", "ms", "calls");
-            for o in &r.ops {
+            for o in ops {
                 println!(
                     "{:<28} {:>10.1} {:>8.0}",
                     o.name, o.ms_per_step, o.calls_per_step

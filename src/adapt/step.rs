@@ -147,6 +147,7 @@ impl Adapter {
             return self.tent_step(strong, rng);
         }
         let c = self.prior.len();
+        let phase = crate::profile::scope("adapt: teacher");
         let t_out = self.teacher.forward(weak, None)?;
         let (b, h, w, _) = t_out.logits.dims4()?;
         let d = t_out.embed.dim(3)?;
@@ -154,7 +155,9 @@ impl Adapter {
         let p_t = candle_nn::ops::softmax_last_dim(&t_out.logits.reshape((n, c))?)?; // [N, C]
         let f_t = t_out.embed.reshape((n, d))?; // [N, D]
 
+        drop(phase);
         // Pseudo labels: CPSL prototype rectification, then the confidence selection.
+        let phase = crate::profile::scope("adapt: pseudo labels and views");
         let cpsl = self.cfg.cpsl.clone();
         let proto_t = if cpsl.on {
             Some(candle_nn::ops::softmax_last_dim(
@@ -266,7 +269,9 @@ impl Adapter {
         // Pixels the teacher saw as the student sees them (not pasted by HPLA or ClassMix).
         let same_t = mask(&pasted.iter().map(|p| !p).collect::<Vec<_>>())?;
 
+        drop(phase);
         // Student on the strong view.
+        let phase = crate::profile::scope("adapt: student forward");
         let s_out = self.student.model.forward(&strong, Some(rng))?;
         let logits = s_out.logits.reshape((n, c))?;
         let f_s = s_out.embed.reshape((n, d))?;
@@ -308,6 +313,8 @@ impl Adapter {
                 )?;
             }
         }
+        drop(phase);
+        let phase = crate::profile::scope("adapt: losses");
         let r = self.cfg.region.clone();
         if r.on {
             terms.push(("smooth", (region::smoothing(&logits, &keep_t)? * r.smooth)?));
@@ -398,8 +405,13 @@ impl Adapter {
             total = (total + t)?;
         }
         let total_v = total.to_scalar::<f32>()?;
+        drop(phase);
         let outcome = if total_v.is_finite() {
-            let grads = total.backward()?;
+            let grads = {
+                let _t = crate::profile::scope("adapt: backward");
+                total.backward()?
+            };
+            let _t = crate::profile::scope("adapt: optimizer");
             self.opt.step(&grads, self.cfg.lr)?
         } else {
             StepOutcome::NonFinite
@@ -419,6 +431,7 @@ impl Adapter {
             return Ok(report);
         }
         self.restore_towards_source(rng)?;
+        let _t = crate::profile::scope("adapt: EMA and state");
         // The teacher starts as a trained model, not a random one: no momentum warm-up.
         ema_update_where(&self.teacher, &self.student.model, self.cfg.ema, |n| {
             self.cfg.trains(n)
