@@ -1,6 +1,5 @@
 //! Pixel losses shared by source training and adaptation.
 
-use crate::model::nn::log_softmax;
 use crate::model::ops;
 use candle_core::{DType, Result, Tensor, D};
 
@@ -19,7 +18,7 @@ pub fn cross_entropy(
         ops::softmax_cross_entropy(logits, labels, ignore)?
     } else {
         let safe = valid.where_cond(labels, &labels.zeros_like()?)?;
-        log_softmax(logits)?
+        ops::log_softmax_generic(logits)?
             .gather(&safe.unsqueeze(1)?, 1)?
             .squeeze(1)?
             .neg()?

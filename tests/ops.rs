@@ -1,7 +1,7 @@
 //! The custom CPU kernels against their generic twins (plain differentiable candle ops) and
 //! against finite differences: same values, same gradients.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use segadapt::model::ops;
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -253,6 +253,42 @@ fn layer_norm_and_softmax_match_generic_ops() {
 }
 
 #[test]
+fn log_softmax_and_l2_normalize_match_generic_ops() {
+    let x = (rand(&[6, 37], 41) * 4.0).unwrap();
+    same_op(
+        std::slice::from_ref(&x),
+        |t| ops::log_softmax_last_dim(&t[0]).unwrap(),
+        |t| ops::log_softmax_generic(&t[0]).unwrap(),
+        1e-5,
+    );
+    same_op(
+        std::slice::from_ref(&x),
+        |t| ops::l2_normalize(&t[0], 1e-12).unwrap(),
+        |t| ops::l2_normalize_generic(&t[0], 1e-12).unwrap(),
+        1e-5,
+    );
+    finite_diff(
+        std::slice::from_ref(&x),
+        0,
+        |t| ops::l2_normalize(&t[0], 1e-12).unwrap(),
+        2e-2,
+    );
+    // A zero row stays zero and passes the incoming gradient through scaled by 1 / eps.
+    let z = Var::from_tensor(&Tensor::zeros((1, 5), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let y = ops::l2_normalize(z.as_tensor(), 1.0).unwrap();
+    assert_eq!(y.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let g = g
+        .get(z.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(g.iter().all(|v| (v - 1.0).abs() < 1e-6), "{g:?}");
+}
+
+#[test]
 fn fused_gelu_and_cross_entropy_match_generic_ops() {
     let x = rand(&[4, 33], 12);
     same_op(
@@ -273,7 +309,7 @@ fn fused_gelu_and_cross_entropy_match_generic_ops() {
         .collect();
     let labels = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
     let generic = |t: &[Tensor]| {
-        let lsm = segadapt::model::nn::log_softmax(&t[0]).unwrap();
+        let lsm = ops::log_softmax_generic(&t[0]).unwrap();
         let valid = labels.ne(255u32).unwrap();
         let safe = valid
             .where_cond(&labels, &labels.zeros_like().unwrap())
@@ -285,7 +321,7 @@ fn fused_gelu_and_cross_entropy_match_generic_ops() {
             .unwrap()
             .neg()
             .unwrap();
-        (nll * valid.to_dtype(candle_core::DType::F32).unwrap()).unwrap()
+        (nll * valid.to_dtype(DType::F32).unwrap()).unwrap()
     };
     same_op(
         std::slice::from_ref(&logits),
@@ -366,8 +402,8 @@ fn batch_norm_relu_matches_the_composed_ops_with_gradients() {
     let bn = |w: &Tensor, b: &Tensor| BatchNormRelu {
         w: w.clone(),
         b: b.clone(),
-        running_mean: Tensor::zeros(7, candle_core::DType::F32, &Device::Cpu).unwrap(),
-        running_var: Tensor::ones(7, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        running_mean: Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+        running_var: Tensor::ones(7, DType::F32, &Device::Cpu).unwrap(),
         num_batches: Default::default(),
         eps: 1e-5,
         momentum: 0.1,
@@ -390,11 +426,7 @@ fn batch_norm_relu_matches_the_composed_ops_with_gradients() {
     // Eval mode normalises with the running statistics; about half the outputs are clipped.
     let y = fast.forward(&x, false).unwrap();
     assert!(max_diff(&y, &slow.forward_generic(&x, false).unwrap()) < 1e-5);
-    let zeros = y
-        .eq(0f32)
-        .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap();
+    let zeros = y.eq(0f32).unwrap().to_dtype(DType::F32).unwrap();
     let frac = zeros.mean_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(
         (0.2..0.8).contains(&frac),

@@ -3,8 +3,8 @@
 //! regulariser. Features and statistics are as stored with the model (`stats.rs`).
 
 use crate::loss::cross_entropy;
-use crate::model::nn::log_softmax;
-use candle_core::{Result, Tensor, D};
+use crate::model::ops::{self, log_softmax_last_dim as log_softmax};
+use candle_core::{Result, Tensor};
 
 /// ProtoCL: CE(f mu^T / tau, y). `f`: [N, D]; `y`: u32 [N]; `mu`: [C, D].
 pub fn proto_cl(f: &Tensor, y: &Tensor, mu: &Tensor, tau: f64, ignore: u32) -> Result<Tensor> {
@@ -47,8 +47,8 @@ pub fn proto_reg(f: &Tensor, mu: &Tensor, tau: f64) -> Result<Tensor> {
 
 /// Cosine similarity matrix of rows: [N, D] x [C, D] -> [N, C].
 pub fn cosine(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let na = a.broadcast_div(&(a.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + 1e-12)?)?;
-    let nb = b.broadcast_div(&(b.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + 1e-12)?)?;
+    let na = ops::l2_normalize(a, 1e-12)?;
+    let nb = ops::l2_normalize(b, 1e-12)?;
     na.matmul(&nb.t()?)
 }
 

@@ -2,7 +2,7 @@
 //! term (KL to uniform up to a constant), on ignored pixels entropy minimisation and a soft
 //! consistency to the EMA teacher.
 
-use crate::model::nn::log_softmax;
+use crate::model::ops::log_softmax_last_dim as log_softmax;
 use candle_core::{DType, Result, Tensor, D};
 
 /// Mean of `per_pixel` [N] over the pixels where `mask` (u8 [N]) is set; 0 when none is.

@@ -17,7 +17,7 @@ use super::thresholds::InstanceThresholds;
 use super::AdaptConfig;
 use crate::loss::{cross_entropy, flatten_pixels};
 use crate::model::ema::{detached_copy, ema_update, ema_update_where};
-use crate::model::nn::log_softmax;
+use crate::model::ops::log_softmax_last_dim as log_softmax;
 use crate::model::{Segformer, Student, TensorMap};
 use crate::optim::{AdamW, AdamWConfig, ParamGroup, StepOutcome};
 use crate::stats::SourceStats;

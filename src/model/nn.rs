@@ -2,7 +2,7 @@
 //! strided patch convolution, batch norm + ReLU with running statistics, dropout and drop path.
 
 use super::ops;
-use candle_core::{DType, Result, Storage, Tensor, D};
+use candle_core::{DType, Result, Storage, Tensor};
 use rand::rngs::StdRng;
 use rand::Rng;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -174,12 +174,4 @@ pub fn drop_path(x: &Tensor, p: f64, rng: Option<&mut StdRng>) -> Result<Tensor>
     shape[0] = b;
     let mask = Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?;
     x.broadcast_mul(&mask)
-}
-
-/// Log-softmax over the last dimension from differentiable ops.
-pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&lse)
 }

@@ -19,7 +19,10 @@ pub use dwconv::{depthwise3x3, depthwise3x3_generic};
 pub use fused::{dropout, gelu, softmax_cross_entropy};
 pub use im2col::{im2col, im2col_generic};
 pub use linear::linear;
-pub use norm::{layer_norm, layer_norm_generic, softmax_last_dim};
+pub use norm::{
+    l2_normalize, l2_normalize_generic, layer_norm, layer_norm_generic, log_softmax_generic,
+    log_softmax_last_dim, softmax_last_dim,
+};
 
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result};
 

@@ -98,3 +98,175 @@ impl CustomOp2 for SoftmaxGrad {
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
+
+/// Log-softmax over the last dimension from differentiable ops (the generic twin).
+pub fn log_softmax_generic(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// Log-softmax over the last dimension: one pass forward, dx = g - softmax * sum(g) backward.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op1(LogSoftmax)
+    } else {
+        log_softmax_generic(x)
+    }
+}
+
+struct LogSoftmax;
+
+impl CustomOp1 for LogSoftmax {
+    fn name(&self) -> &'static str {
+        "log-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
+        let x = as_f32(st, l, self.name())?;
+        let d = l.shape().dims()[l.shape().rank() - 1];
+        let mut out = output_buffer(x.len());
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .with_min_len(MIN_CHUNK * 16)
+            .for_each(|(o, row)| {
+                let max = max_lanes(row);
+                for (o, v) in o.iter_mut().zip(row) {
+                    *o = super::fused::exp_neg(v - max);
+                }
+                let lse = max + sum_lanes(o).ln();
+                for (o, v) in o.iter_mut().zip(row) {
+                    *o = v - lse;
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            res.apply_op2_no_bwd(&grad.contiguous()?, &LogSoftmaxGrad)?,
+        ))
+    }
+}
+
+/// dx = g - exp(y) * sum(g) per row, y the log-softmax output.
+struct LogSoftmaxGrad;
+
+impl CustomOp2 for LogSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "log-softmax-last-dim-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
+        let y = as_f32(s1, l1, self.name())?;
+        let g = as_f32(s2, l2, self.name())?;
+        let d = l1.shape().dims()[l1.shape().rank() - 1];
+        let mut dx = output_buffer(y.len());
+        dx.par_chunks_mut(d)
+            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            .with_min_len(MIN_CHUNK * 16)
+            .for_each(|(o, (yr, gr))| {
+                let s = sum_lanes(gr);
+                for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+                    // y <= 0 up to rounding; exp_neg clamps the rest to exp(0).
+                    *o = g - super::fused::exp_neg(*y) * s;
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Rows of the last dimension divided by their L2 norm plus `eps`, generic twin.
+pub fn l2_normalize_generic(x: &Tensor, eps: f64) -> Result<Tensor> {
+    x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + eps)?)
+}
+
+/// y = x / (|x| + eps) per row of the last dimension, with the analytic backward
+/// dx = g / n - x (g.x) / (n^2 |x|), n = |x| + eps (0 for the second term of a zero row).
+pub fn l2_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op1(L2Normalize { eps: eps as f32 })
+    } else {
+        l2_normalize_generic(x, eps)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct L2Normalize {
+    eps: f32,
+}
+
+impl CustomOp1 for L2Normalize {
+    fn name(&self) -> &'static str {
+        "l2-normalize"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
+        let x = as_f32(st, l, self.name())?;
+        let d = l.shape().dims()[l.shape().rank() - 1];
+        let mut out = output_buffer(x.len());
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .with_min_len(MIN_CHUNK * 16)
+            .for_each(|(o, row)| {
+                let inv = 1.0 / (sum_zip(row, row, |a, b| a * b).sqrt() + self.eps);
+                o.iter_mut().zip(row).for_each(|(o, v)| *o = v * inv);
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &L2NormalizeGrad(*self),
+        )?))
+    }
+}
+
+struct L2NormalizeGrad(L2Normalize);
+
+impl CustomOp2 for L2NormalizeGrad {
+    fn name(&self) -> &'static str {
+        "l2-normalize-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
+        let x = as_f32(s1, l1, self.name())?;
+        let g = as_f32(s2, l2, self.name())?;
+        let d = l1.shape().dims()[l1.shape().rank() - 1];
+        let mut dx = output_buffer(x.len());
+        dx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .with_min_len(MIN_CHUNK * 16)
+            .for_each(|(o, (xr, gr))| {
+                let r = sum_zip(xr, xr, |a, b| a * b).sqrt();
+                let n = r + self.0.eps;
+                let k = if r > 0.0 {
+                    sum_zip(gr, xr, |a, b| a * b) / (n * n * r)
+                } else {
+                    0.0
+                };
+                for ((o, x), g) in o.iter_mut().zip(xr).zip(gr) {
+                    *o = g / n - x * k;
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
