@@ -380,6 +380,20 @@ fn dropout_keeps_one_minus_p_scaled_and_masks_the_gradient_alike() {
 }
 
 #[test]
+fn scale_samples_matches_broadcast_mul() {
+    let x = rand(&[3, 5, 7], 42);
+    same_op(
+        std::slice::from_ref(&x),
+        |t| ops::scale_samples(&t[0], vec![0.0, 1.25, 2.0]).unwrap(),
+        |t| {
+            let f = Tensor::new(&[0f32, 1.25, 2.0], &Device::Cpu).unwrap();
+            t[0].broadcast_mul(&f.reshape((3, 1, 1)).unwrap()).unwrap()
+        },
+        1e-6,
+    );
+}
+
+#[test]
 fn linear_matches_matmul_plus_bias_with_gradients() {
     // Shapes off the GEMM kernels' tile sizes, and a tall x as the pixel rows are.
     let (x, w, b) = (rand(&[301, 37], 31), rand(&[19, 37], 32), rand(&[19], 33));

@@ -170,8 +170,5 @@ pub fn drop_path(x: &Tensor, p: f64, rng: Option<&mut StdRng>) -> Result<Tensor>
     let mask: Vec<f32> = (0..b)
         .map(|_| ((keep + rng.random::<f64>()).floor() / keep) as f32)
         .collect();
-    let mut shape = vec![1usize; x.rank()];
-    shape[0] = b;
-    let mask = Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?;
-    x.broadcast_mul(&mask)
+    ops::scale_samples(x, mask)
 }

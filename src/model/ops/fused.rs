@@ -297,6 +297,51 @@ impl CustomOp1 for Dropout {
     }
 }
 
+/// `x` [B, ...] with sample `b` multiplied by `factors[b]` (drop path's mask). As an op, the
+/// backward scales the gradient alike and spends nothing on the constant factors' gradient.
+pub fn scale_samples(x: &Tensor, factors: Vec<f32>) -> Result<Tensor> {
+    if factors.len() != x.dim(0)? {
+        bail!(
+            "scale-samples: {} factors for {} samples",
+            factors.len(),
+            x.dim(0)?
+        );
+    }
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op1(ScaleSamples(factors))
+    } else {
+        let mut shape = vec![1usize; x.rank()];
+        shape[0] = factors.len();
+        let f = Tensor::from_vec(factors, shape, x.device())?.to_dtype(x.dtype())?;
+        x.broadcast_mul(&f)
+    }
+}
+
+struct ScaleSamples(Vec<f32>);
+
+impl CustomOp1 for ScaleSamples {
+    fn name(&self) -> &'static str {
+        "scale-samples"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
+        let x = as_f32(s, l, self.name())?;
+        let per = x.len() / self.0.len().max(1);
+        let mut out = output_buffer(x.len());
+        for ((o, x), &f) in out.chunks_mut(per).zip(x.chunks(per)).zip(&self.0) {
+            o.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, v)| *o = v * f));
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
