@@ -653,7 +653,10 @@ fn bench(a: BenchArgs) -> Result<()> {
                 t.median_ms, t.min_ms, t.max_ms, t.peak_mb
             );
         }
-        for (what, ops) in [("training", &r.ops), ("adaptation (all weights)", &r.adapt_ops)] {
+        for (what, ops) in [
+            ("training", &r.ops),
+            ("adaptation (all weights)", &r.adapt_ops),
+        ] {
             if ops.is_empty() {
                 continue;
             }
