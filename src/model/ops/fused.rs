@@ -1,11 +1,11 @@
 //! Fused elementwise work that candle would spread over many passes and temporaries:
-//! exact (erf) GELU, softmax cross-entropy with an ignore label and dropout, each with its
-//! backward.
+//! exact (erf) GELU, softmax cross-entropy with an ignore label and constant (dropout, drop
+//! path) scaling, each with its backward.
 
 use super::{as_f32, max_lanes, output_buffer, sum_lanes};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// erf in f32 as a rational function on [-4, 4] (Eigen's `generic_fast_erf_float`; outside it
 /// erf is +-1 in f32). Branch-free, so the GELU loops vectorise; within 1e-6 of libm's erff
@@ -225,114 +225,54 @@ impl CustomOp2 for SoftmaxXent {
     }
 }
 
-/// Chris Wellons' `lowbias32` integer hash: a full-avalanche mix of 32 bits in five operations.
-#[inline(always)]
-fn hash32(mut x: u32) -> u32 {
-    x ^= x >> 16;
-    x = x.wrapping_mul(0x7feb_352d);
-    x ^= x >> 15;
-    x = x.wrapping_mul(0x846c_a68b);
-    x ^ (x >> 16)
-}
-
-/// Inverted dropout of `x` with probability `p`: element `i` is zeroed when
-/// `hash(hash(i) ^ seed) < p * 2^32`, the others scaled by 1 / (1 - p). A counter-based mask
-/// needs no random stream per element (drawing 2M floats from the ChaCha generator took 10 ms of
-/// a 2x256x256 step) and no stored mask: the backward recomputes it.
-pub fn dropout(x: &Tensor, p: f64, seed: u32) -> Result<Tensor> {
-    let op = Dropout {
-        seed,
-        threshold: (p.clamp(0.0, 1.0) * 4_294_967_296.0).min(u32::MAX as f64) as u32,
-        scale: (1.0 / (1.0 - p)) as f32,
-    };
+/// `x` times constant factors, one per block of `x.len() / factors.len()` consecutive elements:
+/// per element for a dropout mask, per sample for drop path. As an op the backward scales the
+/// gradient alike and spends nothing on a gradient for the constants (candle's multiply computes
+/// one: a full extra pass).
+pub fn scale_by(x: &Tensor, factors: Vec<f32>) -> Result<Tensor> {
+    let n = x.elem_count();
+    if factors.is_empty() || n % factors.len() != 0 {
+        bail!("scale-by: {} factors for {n} elements", factors.len());
+    }
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        x.contiguous()?.apply_op1(op)
+        x.contiguous()?.apply_op1(ScaleBy(Arc::new(factors)))
     } else {
-        let mask: Vec<f32> = (0..x.elem_count()).map(|i| op.factor(i)).collect();
-        x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
+        let block = n / factors.len();
+        let f = Tensor::from_vec(factors, (n / block, 1), x.device())?.to_dtype(x.dtype())?;
+        x.reshape((n / block, block))?
+            .broadcast_mul(&f)?
+            .reshape(x.shape())
     }
 }
 
-#[derive(Clone, Copy)]
-struct Dropout {
-    seed: u32,
-    threshold: u32,
-    scale: f32,
-}
+#[derive(Clone)]
+struct ScaleBy(Arc<Vec<f32>>);
 
-impl Dropout {
-    /// The factor element `i` is multiplied by: 0 or 1 / (1 - p).
-    #[inline(always)]
-    fn factor(&self, i: usize) -> f32 {
-        if hash32(hash32(i as u32) ^ self.seed) < self.threshold {
-            0.0
+impl CustomOp1 for ScaleBy {
+    fn name(&self) -> &'static str {
+        "scale-by"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
+        let x = as_f32(s, l, self.name())?;
+        let f = &self.0;
+        let block = x.len() / f.len();
+        let mut out = output_buffer(x.len());
+        if block == 1 {
+            out.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK).zip(f.par_chunks(CHUNK)))
+                .for_each(|(o, (x, f))| {
+                    for ((o, v), k) in o.iter_mut().zip(x).zip(f) {
+                        *o = v * k;
+                    }
+                });
         } else {
-            self.scale
-        }
-    }
-}
-
-impl CustomOp1 for Dropout {
-    fn name(&self) -> &'static str {
-        "dropout"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let _t = crate::profile::scope(self.name());
-        let x = as_f32(s, l, self.name())?;
-        let mut out = output_buffer(x.len());
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(ci, (o, x))| {
-                for (j, (o, v)) in o.iter_mut().zip(x).enumerate() {
-                    *o = v * self.factor(ci * CHUNK + j);
-                }
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
-    }
-}
-
-/// `x` [B, ...] with sample `b` multiplied by `factors[b]` (drop path's mask). As an op, the
-/// backward scales the gradient alike and spends nothing on the constant factors' gradient.
-pub fn scale_samples(x: &Tensor, factors: Vec<f32>) -> Result<Tensor> {
-    if factors.len() != x.dim(0)? {
-        bail!(
-            "scale-samples: {} factors for {} samples",
-            factors.len(),
-            x.dim(0)?
-        );
-    }
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        x.contiguous()?.apply_op1(ScaleSamples(factors))
-    } else {
-        let mut shape = vec![1usize; x.rank()];
-        shape[0] = factors.len();
-        let f = Tensor::from_vec(factors, shape, x.device())?.to_dtype(x.dtype())?;
-        x.broadcast_mul(&f)
-    }
-}
-
-struct ScaleSamples(Vec<f32>);
-
-impl CustomOp1 for ScaleSamples {
-    fn name(&self) -> &'static str {
-        "scale-samples"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let _t = crate::profile::scope(self.name());
-        let x = as_f32(s, l, self.name())?;
-        let per = x.len() / self.0.len().max(1);
-        let mut out = output_buffer(x.len());
-        for ((o, x), &f) in out.chunks_mut(per).zip(x.chunks(per)).zip(&self.0) {
-            o.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK))
-                .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, v)| *o = v * f));
+            for ((o, x), &k) in out.chunks_mut(block).zip(x.chunks(block)).zip(f.iter()) {
+                o.par_chunks_mut(CHUNK)
+                    .zip(x.par_chunks(CHUNK))
+                    .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, v)| *o = v * k));
+            }
         }
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
