@@ -2,7 +2,7 @@
 //! BatchNorm statistics copied, with DAFormer's warm-up a_t = min(1 - 1 / (t + 1), a).
 
 use super::ops::as_f32;
-use super::segformer::{param_specs, Segformer};
+use super::segformer::Segformer;
 use candle_core::{bail, CpuStorage, InplaceOp2, Layout, Result, Tensor};
 
 /// The momentum used at step `t` (0-based) for target momentum `alpha`.
@@ -61,7 +61,7 @@ pub fn ema_update_where(
 ) -> Result<()> {
     let (t, s) = (teacher.raw_tensors(), student.raw_tensors());
     use rayon::prelude::*;
-    param_specs(&teacher.cfg).par_iter().try_for_each(|spec| {
+    teacher.specs().par_iter().try_for_each(|spec| {
         let (tt, st) = (&t[&spec.name], &s[&spec.name]);
         if spec.trainable {
             if !trained(&spec.name) {

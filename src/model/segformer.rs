@@ -260,6 +260,7 @@ struct Decoder {
 pub struct Segformer {
     pub cfg: SegformerConfig,
     tensors: TensorMap,
+    specs: Vec<ParamSpec>,
     stages: Vec<Stage>,
     decoder: Decoder,
 }
@@ -404,6 +405,7 @@ impl Segformer {
         Ok(Self {
             cfg: cfg.clone(),
             tensors,
+            specs,
             stages,
             decoder,
         })
@@ -422,6 +424,11 @@ impl Segformer {
     /// The tensor map as built (shared storage with the model).
     pub fn raw_tensors(&self) -> &TensorMap {
         &self.tensors
+    }
+
+    /// The tensors' specs ([`param_specs`] of the model's config).
+    pub fn specs(&self) -> &[ParamSpec] {
+        &self.specs
     }
 
     /// `x`: [B, 3, H, W] normalised pixels. `train` carries the RNG for dropout and drop path and
