@@ -2,16 +2,12 @@
 //! parameter gradients as parallel column sums: candle's broadcast ops reduce these through its
 //! generic strided sum, one of the slowest parts of a training step.
 
-use super::{as_f32, fold_rows, output_buffer, sum_lanes, sum_zip, MIN_CHUNK};
+use super::{as_f32, fold_rows, last_dim, output_buffer, sum_lanes, sum_zip, MIN_CHUNK};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
 use std::sync::Mutex;
-
-fn last_dim(l: &Layout) -> usize {
-    l.shape().dims().last().copied().unwrap_or(1)
-}
 
 /// Sums rows of a [N, D] slice into [D].
 fn column_sums(x: &[f32], d: usize) -> Vec<f32> {

@@ -52,6 +52,38 @@ pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
     v
 }
 
+/// The last dimension of a layout (1 for a scalar): the row width of the row-wise kernels.
+pub(crate) fn last_dim(l: &Layout) -> usize {
+    l.shape().dims().last().copied().unwrap_or(1)
+}
+
+/// Rows of width `d` in parallel: each output row filled by `f(out, row)` from `x`'s row.
+pub(crate) fn map_rows(x: &[f32], d: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = output_buffer(x.len());
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .with_min_len(MIN_CHUNK * 16)
+        .for_each(|(o, row)| f(o, row));
+    out
+}
+
+/// As [`map_rows`] over the matching rows of two inputs: `f(out, a_row, b_row)`.
+pub(crate) fn map_rows2(
+    a: &[f32],
+    b: &[f32],
+    d: usize,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = output_buffer(a.len());
+    out.par_chunks_mut(d)
+        .zip(a.par_chunks(d).zip(b.par_chunks(d)))
+        .with_min_len(MIN_CHUNK * 16)
+        .for_each(|(o, (a, b))| f(o, a, b));
+    out
+}
+
 /// Accumulators in [`sum_zip`] and [`max_lanes`].
 const LANES: usize = 8;
 

@@ -1,9 +1,8 @@
 //! Layer norm (fused with its affine, see `affine.rs`) and softmax over the last dimension with
 //! analytic backward passes: candle-nn's fast versions of both drop the gradient without an error.
 
-use super::{as_f32, max_lanes, output_buffer, sum_lanes, sum_zip, MIN_CHUNK};
+use super::{as_f32, last_dim, map_rows, map_rows2, max_lanes, sum_lanes, sum_zip};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
 /// Layer norm over the last dimension with affine `w`, `b` (each [D]).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
@@ -41,21 +40,16 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let _t = crate::profile::scope(self.name());
         let x = as_f32(st, l, "softmax-last-dim")?;
-        let d = l.shape().dims()[l.shape().rank() - 1];
-        let mut out = output_buffer(x.len());
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .with_min_len(MIN_CHUNK * 16)
-            .for_each(|(o, row)| {
-                let max = max_lanes(row);
-                // Exponentials first so the loop vectorises; the sum after.
-                for (o, v) in o.iter_mut().zip(row) {
-                    *o = super::fused::exp_neg(v - max);
-                }
-                let sum = sum_lanes(o);
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|o| *o *= inv);
-            });
+        let out = map_rows(x, last_dim(l), |o, row| {
+            let max = max_lanes(row);
+            // Exponentials first so the loop vectorises; the sum after.
+            for (o, v) in o.iter_mut().zip(row) {
+                *o = super::fused::exp_neg(v - max);
+            }
+            let sum = sum_lanes(o);
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|o| *o *= inv);
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -84,17 +78,12 @@ impl CustomOp2 for SoftmaxGrad {
         let _t = crate::profile::scope(self.name());
         let y = as_f32(s1, l1, self.name())?;
         let g = as_f32(s2, l2, self.name())?;
-        let d = l1.shape().dims()[l1.shape().rank() - 1];
-        let mut dx = output_buffer(y.len());
-        dx.par_chunks_mut(d)
-            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
-            .with_min_len(MIN_CHUNK * 16)
-            .for_each(|(o, (yr, gr))| {
-                let s = sum_zip(gr, yr, |g, y| g * y);
-                for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
-                    *o = (g - s) * y;
-                }
-            });
+        let dx = map_rows2(y, g, last_dim(l1), |o, yr, gr| {
+            let s = sum_zip(gr, yr, |g, y| g * y);
+            for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+                *o = (g - s) * y;
+            }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -126,21 +115,16 @@ impl CustomOp1 for LogSoftmax {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let _t = crate::profile::scope(self.name());
         let x = as_f32(st, l, self.name())?;
-        let d = l.shape().dims()[l.shape().rank() - 1];
-        let mut out = output_buffer(x.len());
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .with_min_len(MIN_CHUNK * 16)
-            .for_each(|(o, row)| {
-                let max = max_lanes(row);
-                for (o, v) in o.iter_mut().zip(row) {
-                    *o = super::fused::exp_neg(v - max);
-                }
-                let lse = max + sum_lanes(o).ln();
-                for (o, v) in o.iter_mut().zip(row) {
-                    *o = v - lse;
-                }
-            });
+        let out = map_rows(x, last_dim(l), |o, row| {
+            let max = max_lanes(row);
+            for (o, v) in o.iter_mut().zip(row) {
+                *o = super::fused::exp_neg(v - max);
+            }
+            let lse = max + sum_lanes(o).ln();
+            for (o, v) in o.iter_mut().zip(row) {
+                *o = v - lse;
+            }
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -169,18 +153,13 @@ impl CustomOp2 for LogSoftmaxGrad {
         let _t = crate::profile::scope(self.name());
         let y = as_f32(s1, l1, self.name())?;
         let g = as_f32(s2, l2, self.name())?;
-        let d = l1.shape().dims()[l1.shape().rank() - 1];
-        let mut dx = output_buffer(y.len());
-        dx.par_chunks_mut(d)
-            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
-            .with_min_len(MIN_CHUNK * 16)
-            .for_each(|(o, (yr, gr))| {
-                let s = sum_lanes(gr);
-                for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
-                    // y <= 0 up to rounding; exp_neg clamps the rest to exp(0).
-                    *o = g - super::fused::exp_neg(*y) * s;
-                }
-            });
+        let dx = map_rows2(y, g, last_dim(l1), |o, yr, gr| {
+            let s = sum_lanes(gr);
+            for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+                // y <= 0 up to rounding; exp_neg clamps the rest to exp(0).
+                *o = g - super::fused::exp_neg(*y) * s;
+            }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -213,15 +192,10 @@ impl CustomOp1 for L2Normalize {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let _t = crate::profile::scope(self.name());
         let x = as_f32(st, l, self.name())?;
-        let d = l.shape().dims()[l.shape().rank() - 1];
-        let mut out = output_buffer(x.len());
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .with_min_len(MIN_CHUNK * 16)
-            .for_each(|(o, row)| {
-                let inv = 1.0 / (sum_zip(row, row, |a, b| a * b).sqrt() + self.eps);
-                o.iter_mut().zip(row).for_each(|(o, v)| *o = v * inv);
-            });
+        let out = map_rows(x, last_dim(l), |o, row| {
+            let inv = 1.0 / (sum_zip(row, row, |a, b| a * b).sqrt() + self.eps);
+            o.iter_mut().zip(row).for_each(|(o, v)| *o = v * inv);
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -250,23 +224,18 @@ impl CustomOp2 for L2NormalizeGrad {
         let _t = crate::profile::scope(self.name());
         let x = as_f32(s1, l1, self.name())?;
         let g = as_f32(s2, l2, self.name())?;
-        let d = l1.shape().dims()[l1.shape().rank() - 1];
-        let mut dx = output_buffer(x.len());
-        dx.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-            .with_min_len(MIN_CHUNK * 16)
-            .for_each(|(o, (xr, gr))| {
-                let r = sum_zip(xr, xr, |a, b| a * b).sqrt();
-                let n = r + self.0.eps;
-                let k = if r > 0.0 {
-                    sum_zip(gr, xr, |a, b| a * b) / (n * n * r)
-                } else {
-                    0.0
-                };
-                for ((o, x), g) in o.iter_mut().zip(xr).zip(gr) {
-                    *o = g / n - x * k;
-                }
-            });
+        let dx = map_rows2(x, g, last_dim(l1), |o, xr, gr| {
+            let r = sum_zip(xr, xr, |a, b| a * b).sqrt();
+            let n = r + self.0.eps;
+            let k = if r > 0.0 {
+                sum_zip(gr, xr, |a, b| a * b) / (n * n * r)
+            } else {
+                0.0
+            };
+            for ((o, x), g) in o.iter_mut().zip(xr).zip(gr) {
+                *o = g / n - x * k;
+            }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
