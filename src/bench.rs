@@ -180,13 +180,20 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         };
         // A collapse would skip the step's work and flatter the figure.
         full.guard.collapse = false;
-        Ok(crate::adapt::step::Adapter::new(full, &cfg, &tensors, stats.clone())?)
+        Ok(crate::adapt::step::Adapter::new(
+            full,
+            &cfg,
+            &tensors,
+            stats.clone(),
+        )?)
     };
     let strong = (&x * 0.9)?;
     let adapt_step = |train: &str| -> Result<Timing> {
         let mut adapter = adapter(train)?;
         let mut rng = StdRng::seed_from_u64(1);
-        time(spec, || Ok(adapter.step(&x, &strong, &mut rng).map(|_| ())?))
+        time(spec, || {
+            Ok(adapter.step(&x, &strong, &mut rng).map(|_| ())?)
+        })
     };
     let adapt_step_norm = adapt_step("norm")?;
     let adapt_step = adapt_step("all")?;
@@ -194,7 +201,9 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         let mut adapter = adapter("all")?;
         let mut rng = StdRng::seed_from_u64(1);
         adapter.step(&x, &strong, &mut rng)?; // warm-up
-        profile_steps(spec.reps, || Ok(adapter.step(&x, &strong, &mut rng).map(|_| ())?))?
+        profile_steps(spec.reps, || {
+            Ok(adapter.step(&x, &strong, &mut rng).map(|_| ())?)
+        })?
     } else {
         Vec::new()
     };
