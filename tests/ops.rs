@@ -125,27 +125,37 @@ fn finite_diff(inputs: &[Tensor], which: usize, f: impl Fn(&[Tensor]) -> Tensor,
 fn depthwise3x3_matches_shifted_sum_and_finite_differences() {
     let x = rand(&[2, 5, 7, 6], 1);
     let w = rand(&[6, 1, 3, 3], 2);
-    let f = |t: &[Tensor]| ops::depthwise3x3(&t[0], &t[1]).unwrap();
+    let b = rand(&[6], 7);
+    let f = |t: &[Tensor]| ops::depthwise3x3(&t[0], &t[1], &t[2]).unwrap();
     same_op(
-        &[x.clone(), w.clone()],
+        &[x.clone(), w.clone(), b.clone()],
         f,
-        |t| ops::depthwise3x3_generic(&t[0], &t[1]).unwrap(),
+        |t| {
+            ops::depthwise3x3_generic(&t[0], &t[1])
+                .unwrap()
+                .broadcast_add(&t[2])
+                .unwrap()
+        },
         1e-5,
     );
-    finite_diff(&[x.clone(), w.clone()], 0, f, 1e-2);
-    finite_diff(&[x, w], 1, f, 1e-2);
+    finite_diff(&[x.clone(), w.clone(), b.clone()], 0, f, 1e-2);
+    finite_diff(&[x.clone(), w.clone(), b.clone()], 1, f, 1e-2);
+    finite_diff(&[x, w, b], 2, f, 1e-2);
 }
 
 #[test]
 fn depthwise3x3_equals_grouped_conv2d() {
     let x = rand(&[2, 5, 7, 6], 3);
     let w = rand(&[6, 1, 3, 3], 4);
-    let ours = ops::depthwise3x3(&x, &w).unwrap();
+    let b = rand(&[6], 8);
+    let ours = ops::depthwise3x3(&x, &w, &b).unwrap();
     let nchw = x.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
     let reference = nchw
         .conv2d(&w, 1, 1, 1, 6)
         .unwrap()
         .permute((0, 2, 3, 1))
+        .unwrap()
+        .broadcast_add(&b)
         .unwrap();
     assert!(max_diff(&ours, &reference) < 1e-5);
 }

@@ -577,10 +577,7 @@ impl MixFfn {
         let (b, n, _) = x.dims3()?;
         let y = self.dense1.forward(x)?; // [B, N, 4C]
         let hm = y.dim(2)?;
-        let y = ops::add_bias(
-            &ops::depthwise3x3(&y.reshape((b, h, w, hm))?, &self.dw_w)?,
-            &self.dw_b,
-        )?;
+        let y = ops::depthwise3x3(&y.reshape((b, h, w, hm))?, &self.dw_w, &self.dw_b)?;
         let y = ops::gelu(&y.reshape((b, n, hm))?)?;
         let y = dropout(&y, cfg.hidden_dropout_prob, train.as_deref_mut())?;
         let y = self.dense2.forward(&y)?;

@@ -1,23 +1,27 @@
 //! Depthwise 3x3 convolution (stride 1, padding 1) on channel-last maps, as in the Mix-FFN.
 //! One pass over all channels at once, instead of candle's one convolution per group.
 
-use super::{as_f32, output_buffer, MIN_CHUNK};
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use super::{as_f32, output_buffer, ColumnSum, MIN_CHUNK};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `x`: [B, H, W, C] channel-last, `w`: [C, 1, 3, 3] (HF/PyTorch layout). Returns [B, H, W, C],
-/// without bias.
-pub fn depthwise3x3(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    check_shapes(x, w)?;
+/// `x`: [B, H, W, C] channel-last, `w`: [C, 1, 3, 3] (HF/PyTorch layout), `b`: [C]. Returns
+/// [B, H, W, C].
+pub fn depthwise3x3(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (.., c) = check_shapes(x, w)?;
+    if b.dims() != [c] {
+        bail!("depthwise3x3: bias {:?} for {c} channels", b.dims());
+    }
     if x.device().is_cpu() {
         x.contiguous()?
-            .apply_op2(&w.contiguous()?, DwConv { flip: false })
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, DwConvBias)
     } else {
-        depthwise3x3_generic(x, w)
+        depthwise3x3_generic(x, w)?.broadcast_add(b)
     }
 }
 
-/// The same convolution as nine shifted, weighted copies: differentiable through plain ops.
+/// The same convolution, without bias, as nine shifted, weighted copies: differentiable through
+/// plain ops.
 pub fn depthwise3x3_generic(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (_, h, wd, c) = check_shapes(x, w)?;
     let xp = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
@@ -48,10 +52,11 @@ fn check_shapes(x: &Tensor, w: &Tensor) -> Result<(usize, usize, usize, usize)> 
     Ok((b, h, wd, c))
 }
 
-/// Forward op; with `flip` the kernel is rotated 180 degrees, which is the input gradient.
-struct DwConv {
-    flip: bool,
-}
+/// The forward op: convolution plus bias.
+struct DwConvBias;
+
+/// The input gradient: the correlation with the kernel rotated 180 degrees, no bias.
+struct DwConvFlipped;
 
 /// Weights as [9][C] so the inner loop runs over contiguous channels.
 fn taps_by_channel(w: &[f32], c: usize, flip: bool) -> Vec<f32> {
@@ -65,13 +70,23 @@ fn taps_by_channel(w: &[f32], c: usize, flip: bool) -> Vec<f32> {
     t
 }
 
-fn conv_rows(x: &[f32], taps: &[f32], h: usize, wd: usize, c: usize, out: &mut [f32]) {
+/// `bias` (or zero) plus the 3x3 taps over each output row.
+fn conv_rows(
+    x: &[f32],
+    taps: &[f32],
+    bias: Option<&[f32]>,
+    (h, wd, c): (usize, usize, usize),
+    out: &mut [f32],
+) {
     out.par_chunks_mut(wd * c)
         .with_min_len(MIN_CHUNK)
         .enumerate()
         .for_each(|(row, o)| {
-            // Zeroed here rather than up front, while the row is in cache.
-            o.fill(0.0);
+            // Initialised here rather than up front, while the row is in cache.
+            match bias {
+                Some(b) => o.chunks_exact_mut(c).for_each(|px| px.copy_from_slice(b)),
+                None => o.fill(0.0),
+            }
             let (bi, i) = (row / h, row % h);
             for ky in 0..3 {
                 let ii = i + ky;
@@ -97,7 +112,7 @@ fn conv_rows(x: &[f32], taps: &[f32], h: usize, wd: usize, c: usize, out: &mut [
         });
 }
 
-impl CustomOp2 for DwConv {
+impl CustomOp3 for DwConvBias {
     fn name(&self) -> &'static str {
         "depthwise3x3"
     }
@@ -108,14 +123,22 @@ impl CustomOp2 for DwConv {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let _t = crate::profile::scope(self.name());
-        let x = as_f32(s1, l1, "depthwise3x3")?;
-        let w = as_f32(s2, l2, "depthwise3x3")?;
+        let x = as_f32(s1, l1, self.name())?;
+        let w = as_f32(s2, l2, self.name())?;
+        let b = as_f32(s3, l3, self.name())?;
         let (_, h, wd, c) = l1.shape().dims4()?;
-        let taps = taps_by_channel(w, c, self.flip);
         let mut out = output_buffer(x.len());
-        conv_rows(x, &taps, h, wd, c, &mut out);
+        conv_rows(
+            x,
+            &taps_by_channel(w, c, false),
+            Some(b),
+            (h, wd, c),
+            &mut out,
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -123,13 +146,37 @@ impl CustomOp2 for DwConv {
         &self,
         x: &Tensor,
         w: &Tensor,
+        _b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?;
-        let dx = g.apply_op2_no_bwd(w, &DwConv { flip: !self.flip })?;
+        let dx = g.apply_op2_no_bwd(w, &DwConvFlipped)?;
         let dw = x.apply_op2_no_bwd(&g, &DwConvWeightGrad)?;
-        Ok((Some(dx), Some(dw)))
+        let db = g.apply_op1_no_bwd(&ColumnSum)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp2 for DwConvFlipped {
+    fn name(&self) -> &'static str {
+        "depthwise3x3-dx"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
+        let g = as_f32(s1, l1, self.name())?;
+        let w = as_f32(s2, l2, self.name())?;
+        let (_, h, wd, c) = l1.shape().dims4()?;
+        let mut out = output_buffer(g.len());
+        conv_rows(g, &taps_by_channel(w, c, true), None, (h, wd, c), &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
