@@ -551,8 +551,8 @@ impl Attention {
         };
         let k = split(self.key.forward(&kv_in)?)?;
         let v = split(self.value.forward(&kv_in)?)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [B, heads, N, M]
-        let probs = ops::softmax_last_dim(&scores)?;
+        let scores = q.matmul(&k.t()?)?; // [B, heads, N, M]
+        let probs = ops::softmax_last_dim(&scores, 1.0 / (hd as f64).sqrt())?;
         let probs = dropout(
             &probs,
             cfg.attention_probs_dropout_prob,

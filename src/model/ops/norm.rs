@@ -21,16 +21,21 @@ pub fn layer_norm_generic(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resul
     xhat.broadcast_mul(w)?.broadcast_add(b)
 }
 
-/// Softmax over the last dimension.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(Softmax)
+/// Softmax of `scale * x` over the last dimension (attention's scores with their 1/sqrt(d)
+/// scale: folded in, the scaling is not a pass of its own forward and backward).
+pub fn softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op1(Softmax {
+            scale: scale as f32,
+        })
     } else {
-        candle_nn::ops::softmax(x, D::Minus1)
+        candle_nn::ops::softmax(&(x * scale)?, D::Minus1)
     }
 }
 
-struct Softmax;
+struct Softmax {
+    scale: f32,
+}
 
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
@@ -41,11 +46,11 @@ impl CustomOp1 for Softmax {
         let _t = crate::profile::scope(self.name());
         let x = as_f32(st, l, "softmax-last-dim")?;
         let out = map_rows(x, last_dim(l), |o, row| {
-            let max = max_lanes(row);
+            o.iter_mut().zip(row).for_each(|(o, v)| *o = v * self.scale);
+            let max = max_lanes(o);
             // Exponentials first so the loop vectorises; the sum after.
-            for (o, v) in o.iter_mut().zip(row) {
-                *o = super::fused::exp_neg(v - max);
-            }
+            o.iter_mut()
+                .for_each(|o| *o = super::fused::exp_neg(*o - max));
             let sum = sum_lanes(o);
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|o| *o *= inv);
@@ -54,14 +59,17 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?,
-        ))
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &SoftmaxGrad { scale: self.scale },
+        )?))
     }
 }
 
-/// dx = (g - sum(g * y)) * y per row, y the softmax output.
-struct SoftmaxGrad;
+/// dx = (g - sum(g * y)) * y * scale per row, y the softmax output.
+struct SoftmaxGrad {
+    scale: f32,
+}
 
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
@@ -81,7 +89,7 @@ impl CustomOp2 for SoftmaxGrad {
         let dx = map_rows2(y, g, last_dim(l1), |o, yr, gr| {
             let s = sum_zip(gr, yr, |g, y| g * y);
             for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
-                *o = (g - s) * y;
+                *o = (g - s) * y * self.scale;
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
