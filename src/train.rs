@@ -100,6 +100,15 @@ impl Trainer {
         labels: &Tensor,
         rng: &mut StdRng,
     ) -> Result<StepStats> {
+        crate::model::ops::on_pool(|| self.step_on_pool(images, labels, rng))
+    }
+
+    fn step_on_pool(
+        &mut self,
+        images: &Tensor,
+        labels: &Tensor,
+        rng: &mut StdRng,
+    ) -> Result<StepStats> {
         let t = self.opt.step_count();
         let (_, _, h, w) = images.dims4()?;
         let out = {

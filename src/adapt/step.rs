@@ -143,6 +143,15 @@ impl Adapter {
 
     /// One step on `weak` / `strong` views of the same frames ([B, 3, H, W], same geometry).
     pub fn step(&mut self, weak: &Tensor, strong: &Tensor, rng: &mut StdRng) -> Result<StepReport> {
+        crate::model::ops::on_pool(|| self.step_on_pool(weak, strong, rng))
+    }
+
+    fn step_on_pool(
+        &mut self,
+        weak: &Tensor,
+        strong: &Tensor,
+        rng: &mut StdRng,
+    ) -> Result<StepReport> {
         if self.cfg.tent {
             return self.tent_step(strong, rng);
         }

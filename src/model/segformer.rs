@@ -433,7 +433,11 @@ impl Segformer {
 
     /// `x`: [B, 3, H, W] normalised pixels. `train` carries the RNG for dropout and drop path and
     /// switches BatchNorm to batch statistics.
-    pub fn forward(&self, x: &Tensor, mut train: Option<&mut StdRng>) -> Result<SegOutput> {
+    pub fn forward(&self, x: &Tensor, train: Option<&mut StdRng>) -> Result<SegOutput> {
+        ops::on_pool(|| self.forward_on_pool(x, train))
+    }
+
+    fn forward_on_pool(&self, x: &Tensor, mut train: Option<&mut StdRng>) -> Result<SegOutput> {
         let cfg = &self.cfg;
         let training = train.is_some();
         let mut h = x.permute((0, 2, 3, 1))?.contiguous()?; // [B, H, W, 3]
