@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 /// Sums rows of a [N, D] slice into [D].
 fn column_sums(x: &[f32], d: usize) -> Vec<f32> {
-    fold_rows(x.len() / d, d, |acc, r| {
+    fold_rows(x.len() / d, d, 64, |acc, r| {
         acc.iter_mut()
             .zip(&x[r * d..(r + 1) * d])
             .for_each(|(a, v)| *a += v)
@@ -232,7 +232,7 @@ impl CustomOp2 for LayerNormParamGrad<'_> {
         let x = as_f32(s1, l1, "layer-norm-affine-dwb")?;
         let g = as_f32(s2, l2, "layer-norm-affine-dwb")?;
         let d = last_dim(l1);
-        let acc = fold_rows(x.len() / d, 2 * d, |acc, r| {
+        let acc = fold_rows(x.len() / d, 2 * d, 64, |acc, r| {
             let (row, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
             let (mean, rstd) = self.stats[r];
             let (dw, db) = acc.split_at_mut(d);

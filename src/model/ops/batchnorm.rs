@@ -13,13 +13,13 @@ pub fn column_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
     let rows = x.len() / c;
     let p = rows.max(1) as f32;
     let row = |r: usize| &x[r * c..(r + 1) * c];
-    let mean: Vec<f32> = fold_rows(rows, c, |acc, r| {
+    let mean: Vec<f32> = fold_rows(rows, c, 64, |acc, r| {
         acc.iter_mut().zip(row(r)).for_each(|(a, v)| *a += v)
     })
     .into_iter()
     .map(|s| s / p)
     .collect();
-    let var = fold_rows(rows, c, |acc, r| {
+    let var = fold_rows(rows, c, 64, |acc, r| {
         for ((a, v), m) in acc.iter_mut().zip(row(r)).zip(&mean) {
             *a += (v - m) * (v - m);
         }
@@ -168,7 +168,7 @@ impl CustomOp2 for GradSums<'_> {
         let _t = crate::profile::scope(self.name());
         let (x, g) = (as_f32(s1, l1, self.name())?, as_f32(s2, l2, self.name())?);
         let c = self.k.len();
-        let acc = fold_rows(x.len() / c, 2 * c, |acc, r| {
+        let acc = fold_rows(x.len() / c, 2 * c, 64, |acc, r| {
             let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
             for j in 0..c {
                 let gj = gated(gr[j], xr[j], self.k[j], self.m[j]);

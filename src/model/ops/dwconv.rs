@@ -1,7 +1,7 @@
 //! Depthwise 3x3 convolution (stride 1, padding 1) on channel-last maps, as in the Mix-FFN.
 //! One pass over all channels at once, instead of candle's one convolution per group.
 
-use super::{as_f32, output_buffer, ColumnSum, MIN_CHUNK};
+use super::{as_f32, fold_rows, output_buffer, ColumnSum, MIN_CHUNK};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -199,45 +199,32 @@ impl CustomOp2 for DwConvWeightGrad {
         let x = as_f32(s1, l1, "depthwise3x3-wgrad")?;
         let g = as_f32(s2, l2, "depthwise3x3-wgrad")?;
         let (b, h, wd, c) = l1.shape().dims4()?;
-        let acc = (0..b * h)
-            .into_par_iter()
-            .with_min_len(MIN_CHUNK)
-            .fold(
-                || vec![0f32; 9 * c],
-                |mut acc, row| {
-                    let (bi, i) = (row / h, row % h);
-                    let grow = &g[row * wd * c..][..wd * c];
-                    for ky in 0..3 {
-                        let ii = i + ky;
-                        if ii < 1 || ii > h {
+        // Image rows in blocks of 4: fold_rows keeps the sum's order fixed.
+        let acc = fold_rows(b * h, 9 * c, 4, |acc, row| {
+            let (bi, i) = (row / h, row % h);
+            let grow = &g[row * wd * c..][..wd * c];
+            for ky in 0..3 {
+                let ii = i + ky;
+                if ii < 1 || ii > h {
+                    continue;
+                }
+                let xrow = &x[(bi * h + ii - 1) * wd * c..][..wd * c];
+                for kx in 0..3 {
+                    let a = &mut acc[(ky * 3 + kx) * c..][..c];
+                    for j in 0..wd {
+                        let jj = j + kx;
+                        if jj < 1 || jj > wd {
                             continue;
                         }
-                        let xrow = &x[(bi * h + ii - 1) * wd * c..][..wd * c];
-                        for kx in 0..3 {
-                            let a = &mut acc[(ky * 3 + kx) * c..][..c];
-                            for j in 0..wd {
-                                let jj = j + kx;
-                                if jj < 1 || jj > wd {
-                                    continue;
-                                }
-                                let xs = &xrow[(jj - 1) * c..][..c];
-                                let gs = &grow[j * c..][..c];
-                                for t in 0..c {
-                                    a[t] += xs[t] * gs[t];
-                                }
-                            }
+                        let xs = &xrow[(jj - 1) * c..][..c];
+                        let gs = &grow[j * c..][..c];
+                        for t in 0..c {
+                            a[t] += xs[t] * gs[t];
                         }
                     }
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0f32; 9 * c],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+                }
+            }
+        });
         let mut out = vec![0f32; 9 * c];
         for ch in 0..c {
             for k in 0..9 {

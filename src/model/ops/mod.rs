@@ -145,30 +145,30 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 pub(crate) const MIN_CHUNK: usize = 4;
 
 /// Sums per-row contributions into `width` accumulators: `add(acc, r)` adds row `r`'s share.
-/// Rows go in blocks of 64 over the cores, each block into its own accumulators, then summed;
-/// the column sums of the bias, norm and BatchNorm gradients all have this shape.
+/// Rows go in fixed blocks of `block`, each block into its own accumulators in parallel, and the
+/// blocks' sums are added in block order: the same bits for any thread count and schedule
+/// (rayon's `fold` splits wherever work is stolen, so its sums changed from run to run). The
+/// column sums of the bias, norm, BatchNorm and depthwise-kernel gradients all have this shape.
 pub(crate) fn fold_rows(
     rows: usize,
     width: usize,
+    block: usize,
     add: impl Fn(&mut [f32], usize) + Sync,
 ) -> Vec<f32> {
     use rayon::prelude::*;
-    (0..rows.div_ceil(64))
+    let partials: Vec<Vec<f32>> = (0..rows.div_ceil(block))
         .into_par_iter()
-        .fold(
-            || vec![0f32; width],
-            |mut acc, block| {
-                for r in block * 64..((block + 1) * 64).min(rows) {
-                    add(&mut acc, r);
-                }
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f32; width],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+        .map(|k| {
+            let mut acc = vec![0f32; width];
+            for r in k * block..((k + 1) * block).min(rows) {
+                add(&mut acc, r);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f32; width];
+    for p in partials {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
+    total
 }
