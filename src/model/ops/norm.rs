@@ -1,5 +1,6 @@
-//! Layer norm (fused with its affine, see `affine.rs`) and softmax over the last dimension with
-//! analytic backward passes: candle-nn's fast versions of both drop the gradient without an error.
+//! Row-wise normalisations over the last dimension with analytic backward passes: layer norm
+//! (fused with its affine, see `affine.rs`), softmax, log-softmax and L2 normalisation.
+//! candle-nn's fast softmax and layer norm drop the gradient without an error.
 
 use super::{as_f32, last_dim, map_rows, map_rows2, max_lanes, sum_lanes, sum_zip};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
