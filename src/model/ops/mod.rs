@@ -1,7 +1,7 @@
 //! Differentiable ops that candle lacks, runs one-channel-at-a-time, or silently drops gradients
 //! for. Each has a fast CPU kernel (a candle custom op with an analytic backward) and a generic
 //! twin built from differentiable tensor ops, used on other devices and as the test reference.
-//! The helpers at the bottom keep the kernels' row loops, sums and thread use in one place.
+//! The helpers below the re-exports keep the kernels' row loops, sums and thread use in one place.
 
 mod affine;
 mod batchnorm;
