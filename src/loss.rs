@@ -13,7 +13,8 @@ pub fn cross_entropy(
     ignore: u32,
 ) -> Result<Tensor> {
     let valid = labels.ne(ignore)?; // u8 [P]
-                                    // The fused kernel is CPU-only; elsewhere the same loss comes from differentiable ops.
+
+    // The fused kernel is CPU-only; elsewhere the same loss comes from differentiable ops.
     let nll = if logits.device().is_cpu() && logits.dtype() == DType::F32 {
         ops::softmax_cross_entropy(logits, labels, ignore)?
     } else {

@@ -489,7 +489,8 @@ impl Segformer {
             });
         }
         let y = y.expect("at least one stage").reshape(((), dd))?; // [B*h1*w1, D]
-                                                                   // Bilinear weights sum to one, so the stages' biases pass through upsampling unchanged.
+
+        // Bilinear weights sum to one, so the stages' biases pass through upsampling unchanged.
         let y = match bias {
             Some(bias) => ops::add_bias(&y, &bias)?,
             None => y,
