@@ -1,12 +1,8 @@
 //! BatchNorm followed by ReLU over the rows of [P, C] as one op (the decode head's fuse unit):
 //! given per-column statistics, one pass forward and two backward, the ReLU mask recomputed.
 
-use super::{as_f32, fold_rows, output_buffer};
+use super::{as_f32, fold_rows, map_rows, map_rows2};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
-
-/// Rows per rayon task.
-const ROWS: usize = 64;
 
 /// Per-column mean and biased variance of a [P, C] slice, two parallel passes.
 pub fn column_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
@@ -83,17 +79,11 @@ impl CustomOp3 for BatchNormRelu {
         let _t = crate::profile::scope(self.name());
         let x = as_f32(s1, l1, self.name())?;
         let (k, m) = self.folded(as_f32(s2, l2, self.name())?, as_f32(s3, l3, self.name())?);
-        let c = k.len();
-        let mut out = output_buffer(x.len());
-        out.par_chunks_mut(c * ROWS)
-            .zip(x.par_chunks(c * ROWS))
-            .for_each(|(o, xs)| {
-                for (orow, xrow) in o.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
-                    for j in 0..c {
-                        orow[j] = (xrow[j] * k[j] + m[j]).max(0.0);
-                    }
-                }
-            });
+        let out = map_rows(x, k.len(), |o, row| {
+            for (((o, v), k), m) in o.iter_mut().zip(row).zip(&k).zip(&m) {
+                *o = (v * k + m).max(0.0);
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -108,7 +98,6 @@ impl CustomOp3 for BatchNormRelu {
         let (wv, bv) = (w.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
         let (k, m) = self.folded(&wv, &bv);
         let g = grad.contiguous()?;
-        let c = k.len();
         let sums = x.apply_op2_no_bwd(
             &g,
             &GradSums {
@@ -131,7 +120,6 @@ impl CustomOp3 for BatchNormRelu {
                 dw: &dw.to_vec1()?,
             },
         )?;
-        debug_assert_eq!(dw.dim(0)?, c);
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
@@ -208,22 +196,13 @@ impl CustomOp2 for GradX<'_> {
         let c = self.k.len();
         let n = (x.len() / c) as f32;
         let scale: Vec<f32> = (0..c).map(|j| self.w[j] * self.rstd[j] / n).collect();
-        let mut dx = output_buffer(x.len());
-        dx.par_chunks_mut(c * ROWS)
-            .zip(x.par_chunks(c * ROWS).zip(g.par_chunks(c * ROWS)))
-            .for_each(|(o, (xs, gs))| {
-                for ((orow, xr), gr) in o
-                    .chunks_exact_mut(c)
-                    .zip(xs.chunks_exact(c))
-                    .zip(gs.chunks_exact(c))
-                {
-                    for j in 0..c {
-                        let gj = gated(gr[j], xr[j], self.k[j], self.m[j]);
-                        let xhat = (xr[j] - self.mean[j]) * self.rstd[j];
-                        orow[j] = scale[j] * (n * gj - self.db[j] - xhat * self.dw[j]);
-                    }
-                }
-            });
+        let dx = map_rows2(x, g, c, |o, xr, gr| {
+            for j in 0..c {
+                let gj = gated(gr[j], xr[j], self.k[j], self.m[j]);
+                let xhat = (xr[j] - self.mean[j]) * self.rstd[j];
+                o[j] = scale[j] * (n * gj - self.db[j] - xhat * self.dw[j]);
+            }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

@@ -5,7 +5,7 @@
 use super::{as_f32, max_lanes, output_buffer, sum_lanes};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 /// erf in f32 as a rational function on [-4, 4] (Eigen's `generic_fast_erf_float`; outside it
 /// erf is +-1 in f32). Branch-free, so the GELU loops vectorise; within 1e-6 of libm's erff
@@ -235,7 +235,7 @@ pub fn scale_by(x: &Tensor, factors: Vec<f32>) -> Result<Tensor> {
         bail!("scale-by: {} factors for {n} elements", factors.len());
     }
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        x.contiguous()?.apply_op1(ScaleBy(Arc::new(factors)))
+        x.contiguous()?.apply_op1(ScaleBy(factors))
     } else {
         let block = n / factors.len();
         let f = Tensor::from_vec(factors, (n / block, 1), x.device())?.to_dtype(x.dtype())?;
@@ -245,8 +245,7 @@ pub fn scale_by(x: &Tensor, factors: Vec<f32>) -> Result<Tensor> {
     }
 }
 
-#[derive(Clone)]
-struct ScaleBy(Arc<Vec<f32>>);
+struct ScaleBy(Vec<f32>);
 
 impl CustomOp1 for ScaleBy {
     fn name(&self) -> &'static str {
