@@ -15,7 +15,7 @@ pub fn cross_entropy(
     let valid = labels.ne(ignore)?; // u8 [P]
 
     // The fused kernel is CPU-only; elsewhere the same loss comes from differentiable ops.
-    let nll = if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+    let nll = if ops::cpu_f32(logits) {
         ops::softmax_cross_entropy(logits, labels, ignore)?
     } else {
         let safe = valid.where_cond(labels, &labels.zeros_like()?)?;

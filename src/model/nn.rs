@@ -2,7 +2,7 @@
 //! strided patch convolution, batch norm + ReLU with running statistics, dropout and drop path.
 
 use super::ops;
-use candle_core::{DType, Result, Storage, Tensor};
+use candle_core::{Result, Storage, Tensor};
 use rand::rngs::StdRng;
 use rand::Rng;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -79,7 +79,7 @@ pub struct BatchNormRelu {
 
 impl BatchNormRelu {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !(x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2) {
+        if !(ops::cpu_f32(x) && x.rank() == 2) {
             return self.forward_generic(x, train);
         }
         let x = x.contiguous()?;

@@ -2,7 +2,7 @@
 //! exact (erf) GELU, softmax cross-entropy with an ignore label and constant (dropout, drop
 //! path) scaling, each with its backward.
 
-use super::{as_f32, max_lanes, output_buffer, sum_lanes};
+use super::{as_f32, cpu_f32, max_lanes, output_buffer, sum_lanes};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -234,7 +234,7 @@ pub fn scale_by(x: &Tensor, factors: Vec<f32>) -> Result<Tensor> {
     if factors.is_empty() || n % factors.len() != 0 {
         bail!("scale-by: {} factors for {n} elements", factors.len());
     }
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if cpu_f32(x) {
         x.contiguous()?.apply_op1(ScaleBy(factors))
     } else {
         let block = n / factors.len();

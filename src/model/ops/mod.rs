@@ -41,6 +41,11 @@ pub(crate) fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a 
     }
 }
 
+/// Whether the CPU kernels (f32 on the CPU) serve `x`; the generic twins serve the rest.
+pub(crate) fn cpu_f32(x: &candle_core::Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
 /// An output buffer of `n` floats for a kernel that writes every element before anything reads
 /// it. `vec![0.0; n]` would zero it first: a pass over memory that was 5% of a training step.
 pub(crate) fn output_buffer(n: usize) -> Vec<f32> {

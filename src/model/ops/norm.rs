@@ -2,7 +2,7 @@
 //! (fused with its affine, see `affine.rs`), softmax, log-softmax and L2 normalisation.
 //! candle-nn's fast softmax and layer norm drop the gradient without an error.
 
-use super::{as_f32, last_dim, map_rows, map_rows2, max_lanes, sum_lanes, sum_zip};
+use super::{as_f32, cpu_f32, last_dim, map_rows, map_rows2, max_lanes, sum_lanes, sum_zip};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 
 /// Layer norm over the last dimension with affine `w`, `b` (each [D]).
@@ -25,7 +25,7 @@ pub fn layer_norm_generic(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resul
 /// Softmax of `scale * x` over the last dimension (attention's scores with their 1/sqrt(d)
 /// scale: folded in, the scaling is not a pass of its own forward and backward).
 pub fn softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if cpu_f32(x) {
         x.contiguous()?.apply_op1(Softmax {
             scale: scale as f32,
         })
@@ -107,7 +107,7 @@ pub fn log_softmax_generic(x: &Tensor) -> Result<Tensor> {
 
 /// Log-softmax over the last dimension: one pass forward, dx = g - softmax * sum(g) backward.
 pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if cpu_f32(x) {
         x.contiguous()?.apply_op1(LogSoftmax)
     } else {
         log_softmax_generic(x)
@@ -181,7 +181,7 @@ pub fn l2_normalize_generic(x: &Tensor, eps: f64) -> Result<Tensor> {
 /// y = x / (|x| + eps) per row of the last dimension, with the analytic backward
 /// dx = g / n - x (g.x) / (n^2 |x|), n = |x| + eps (0 for the second term of a zero row).
 pub fn l2_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if cpu_f32(x) {
         x.contiguous()?.apply_op1(L2Normalize { eps: eps as f32 })
     } else {
         l2_normalize_generic(x, eps)
