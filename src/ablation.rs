@@ -22,7 +22,7 @@ pub struct Ablation {
     pub loops: u32,
     /// Training steps after each served frame.
     pub steps_per_frame: u32,
-    pub methods: Vec<String>,
+    pub methods: Vec<crate::adapt::Method>,
     pub seeds: Vec<u64>,
     pub out: PathBuf,
 }
@@ -128,7 +128,7 @@ impl Ablation {
                 let s = Session {
                     model: self.model.clone(),
                     profile: self.profile.clone(),
-                    method: method.clone(),
+                    method: *method,
                     out,
                     eval: Some(eval.clone()),
                     eval_every: eval.len() as u64,
@@ -154,13 +154,13 @@ impl Ablation {
                 );
                 before = r.source_only.clone();
                 reports.push(r);
-                if method == "source-only" {
+                if *method == crate::adapt::Method::SourceOnly {
                     // Nothing random happens without training: one run is every seed's.
                     break;
                 }
             }
-            let mut r = row(method, &reports);
-            if method == "source-only" {
+            let mut r = row(method.name(), &reports);
+            if *method == crate::adapt::Method::SourceOnly {
                 r.miou = vec![r.miou[0]; self.seeds.len()];
             }
             rows.push(r);

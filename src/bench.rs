@@ -173,9 +173,9 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         &[ex],
         255,
     )?;
-    let adapter = |train: &str| -> Result<crate::adapt::step::Adapter> {
+    let adapter = |train: crate::adapt::config::TrainScope| -> Result<crate::adapt::step::Adapter> {
         let mut full = crate::adapt::AdaptConfig {
-            train: train.into(),
+            train,
             ..Default::default()
         };
         // A collapse would skip the step's work and flatter the figure.
@@ -188,17 +188,17 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         )?)
     };
     let strong = (&x * 0.9)?;
-    let adapt_step = |train: &str| -> Result<Timing> {
+    let adapt_step = |train: crate::adapt::config::TrainScope| -> Result<Timing> {
         let mut adapter = adapter(train)?;
         let mut rng = StdRng::seed_from_u64(1);
         time(spec, || {
             Ok(adapter.step(&x, &strong, &mut rng).map(|_| ())?)
         })
     };
-    let adapt_step_norm = adapt_step("norm")?;
-    let adapt_step = adapt_step("all")?;
+    let adapt_step_norm = adapt_step(crate::adapt::config::TrainScope::Norm)?;
+    let adapt_step = adapt_step(crate::adapt::config::TrainScope::All)?;
     let adapt_ops = if spec.ops {
-        let mut adapter = adapter("all")?;
+        let mut adapter = adapter(crate::adapt::config::TrainScope::All)?;
         let mut rng = StdRng::seed_from_u64(1);
         adapter.step(&x, &strong, &mut rng)?; // warm-up
         profile_steps(spec.reps, || {

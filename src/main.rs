@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
+use segadapt::adapt::Method;
 use segadapt::config::{PreprocessConfig, SegformerConfig};
 use segadapt::data::{AugmentConfig, Dataset, LabelMap};
 use segadapt::model::{init_tensors, weights, Segformer};
@@ -196,7 +197,7 @@ struct AdaptArgs {
     /// source-only, or: profile (its own switches), tent, plain, ias, hpla, cpsl, region,
     /// sepico, protocl, bida, dida, replay, full (replay needs --replay)
     #[arg(long, default_value = "profile")]
-    method: String,
+    method: Method,
     /// Labelled folder to score on (labels are never trained on).
     #[arg(long)]
     eval_data: Option<PathBuf>,
@@ -288,7 +289,7 @@ struct AblateArgs {
         value_delimiter = ',',
         default_value = "source-only,tent,plain,ias,hpla,cpsl,region,sepico,protocl,bida,dida,replay,full"
     )]
-    methods: Vec<String>,
+    methods: Vec<Method>,
     #[arg(long, default_value = "runs/ablation")]
     out: PathBuf,
 }
@@ -300,7 +301,7 @@ struct InspectArgs {
     #[arg(long, default_value = "models/camvid-day")]
     model: PathBuf,
     #[arg(long, default_value = "profile")]
-    method: String,
+    method: Method,
     #[arg(long)]
     json: bool,
 }
@@ -563,7 +564,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     let session = segadapt::runtime::session::Session {
         model: a.model.clone(),
         profile: a.profile.load()?,
-        method: "profile".into(),
+        method: Method::Profile,
         out: model_out.clone(),
         eval,
         eval_every: 0,
@@ -807,7 +808,7 @@ fn adapt(a: AdaptArgs) -> Result<()> {
         model: a.model.clone(),
         replay: load_replay(&a.replay, &a.replay_filter, &a.model, &profile)?,
         profile,
-        method: a.method.clone(),
+        method: a.method,
         out: a.out.clone(),
         eval: load_eval(&a.eval_data, &a.eval_filter, &a.model)?.map(Arc::new),
         eval_every: a.eval_every,
@@ -847,8 +848,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
     let dev = Device::Cpu;
     let files = weights::load_model_dir(&a.model, &dev)?;
     let stats = segadapt::stats::SourceStats::load(&a.model, &dev)?;
-    let cfg = segadapt::adapt::AdaptConfig::for_method(&profile.adapt, &a.method)
-        .with_context(|| format!("--method {}: unknown", a.method))?;
+    let cfg = a.method.config(&profile.adapt);
     let plan =
         segadapt::budget::measured_plan(&profile, &files.config, &files.tensors, &stats, &cfg)?;
     if a.json {
@@ -873,7 +873,7 @@ fn ablate(a: AblateArgs) -> Result<()> {
         replay: match a
             .methods
             .iter()
-            .any(|m| m == "replay" || (m == "profile" && profile.adapt.replay.on))
+            .any(|&m| m == Method::Replay || (m == Method::Profile && profile.adapt.replay.on))
         {
             true => load_replay(&Some(a.replay), &a.replay_filter, &a.model, &profile)?,
             false => None,

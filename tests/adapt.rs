@@ -8,6 +8,7 @@ use rand::SeedableRng;
 use segadapt::adapt::replay::Replay;
 use segadapt::adapt::step::Adapter;
 use segadapt::adapt::AdaptConfig;
+use segadapt::adapt::Method;
 use segadapt::config::PreprocessConfig;
 use segadapt::data::Dataset;
 use segadapt::model::{init_tensors, Segformer};
@@ -90,17 +91,18 @@ fn every_variant_steps_with_finite_bounded_state() {
     let (cfg, tensors) = (&fx.cfg, &fx.tensors);
     let x = Tensor::randn(0f32, 1.0, (2, 3, 48, 64), &Device::Cpu).unwrap();
     let strong = (&x * 0.9).unwrap();
-    let mut variants: Vec<(&str, AdaptConfig)> = segadapt::adapt::config::METHODS
+    let mut variants: Vec<(&str, AdaptConfig)> = Method::ALL
         .iter()
-        .map(|m| (*m, AdaptConfig::for_method(&full(), m).unwrap()))
+        .filter(|&&m| m != Method::SourceOnly)
+        .map(|m| (m.name(), m.config(&full())))
         .collect();
-    let mut bida_replay = AdaptConfig::for_method(&full(), "bida").unwrap();
+    let mut bida_replay = Method::Bida.config(&full());
     bida_replay.replay.on = true;
     variants.push(("bida with source replay", bida_replay));
     variants.push((
         "full, norms only",
         AdaptConfig {
-            train: "norm".into(),
+            train: segadapt::adapt::config::TrainScope::Norm,
             ..full()
         },
     ));
@@ -122,7 +124,7 @@ fn every_variant_steps_with_finite_bounded_state() {
             assert!(r.terms.iter().all(|(_, v)| v.is_finite()), "{name}: {r:?}");
         }
         let r: segadapt::adapt::step::StepReport = r;
-        assert_eq!(a.opt.step_count(), 3, "{name}");
+        assert_eq!(a.optimizer_steps(), 3, "{name}");
         let after = &a.teacher.tensors().unwrap()["decode_head.classifier.weight"];
         let moved = (after - &before)
             .unwrap()
@@ -132,7 +134,7 @@ fn every_variant_steps_with_finite_bounded_state() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        if ac.tent || ac.train == "norm" {
+        if ac.tent.on || ac.train == segadapt::adapt::config::TrainScope::Norm {
             assert_eq!(moved, 0.0, "{name}: only norm affines train");
             assert!(a
                 .student
@@ -142,21 +144,24 @@ fn every_variant_steps_with_finite_bounded_state() {
         } else {
             assert!(moved > 0.0, "{name}: the teacher must follow the student");
         }
+        let state = a.state().unwrap();
         if ac.cpsl.on {
-            let q = a.queue.as_ref().unwrap().dim(0).unwrap();
+            let q = state["adapt.cpsl.queue"].dim(0).unwrap();
             assert!(
                 q <= ac.cpsl.queue,
                 "{name}: queue {q} over {}",
                 ac.cpsl.queue
             );
-            let s: f32 = a.prior.iter().sum();
+            let prior: Vec<f32> = state["adapt.cpsl.prior"].to_vec1().unwrap();
+            let s: f32 = prior.iter().sum();
             assert!((s - 1.0).abs() < 1e-3, "{name}: prior sums to {s}");
         }
         if ac.dida.on {
-            assert_eq!(a.bank.as_ref().unwrap().len(), ac.dida.bank);
+            assert_eq!(state["adapt.dida.feats"].dim(0).unwrap(), ac.dida.bank);
         }
         if ac.hpla.on {
-            assert_eq!(a.paste.as_ref().unwrap().len(), ac.hpla.pool);
+            let pooled = state["adapt.hpla.images"].dim(0).unwrap();
+            assert_eq!(pooled, ac.hpla.pool.min(3), "{name}");
         }
         let terms: Vec<&str> = r.terms.iter().map(|(k, _)| *k).collect();
         let expected = [
@@ -167,10 +172,10 @@ fn every_variant_steps_with_finite_bounded_state() {
             (ac.dida.on, "dida"),
             (ac.replay.on, "source"),
         ];
-        for (on, term) in expected.into_iter().filter(|_| !ac.tent) {
+        for (on, term) in expected.into_iter().filter(|_| !ac.tent.on) {
             assert_eq!(terms.contains(&term), on, "{name}: {terms:?}");
         }
-        assert!(!ac.tent || terms == ["entropy"], "{name}: {terms:?}");
+        assert!(!ac.tent.on || terms == ["entropy"], "{name}: {terms:?}");
     }
 }
 
@@ -316,7 +321,7 @@ fn source_replay_leaves_the_target_batchnorm_statistics_alone() {
 #[test]
 fn a_rollback_keeps_the_source_frames_on_board() {
     let fx = fixture(3, true);
-    let mut ac = AdaptConfig::for_method(&full(), "replay").unwrap();
+    let mut ac = Method::Replay.config(&full());
     ac.guard.collapse = false;
     let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);

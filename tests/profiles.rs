@@ -43,7 +43,7 @@ fn session(model: &Path, profile: Profile, out: &Path) -> Session {
     Session {
         model: model.to_path_buf(),
         profile,
-        method: "profile".into(),
+        method: segadapt::adapt::Method::Profile,
         out: out.to_path_buf(),
         eval: None,
         eval_every: 0,
@@ -144,7 +144,7 @@ fn bad_profiles_are_refused_naming_key_value_and_what_is_allowed() {
         ),
         (
             ("[adapt]", "[adapt]\nsepico.variant = \"mean\""),
-            "adapt.sepico.variant",
+            "unknown variant `mean`, expected `dist` or `proto`",
         ),
     ] {
         let text = good.replacen(edit.0, edit.1, 1);

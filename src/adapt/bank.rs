@@ -2,7 +2,84 @@
 //! each slot moved by EMA towards its class's current mean; and the instance-level loss,
 //! computed at feature resolution (DIDA's full-resolution maps would need hundreds of MB).
 
-use candle_core::{Result, Tensor, D};
+use super::component::{need, Component, Geometry, Step};
+use super::config;
+use crate::model::Student;
+use crate::stats::SourceStats;
+use candle_core::{Device, Result, Tensor, D};
+use rand::rngs::StdRng;
+
+/// DIDA as a step component.
+pub struct Dida {
+    cfg: config::Dida,
+    bank: InstanceBank,
+}
+
+impl Dida {
+    pub fn new(cfg: &config::Dida, stats: &SourceStats) -> Result<Self> {
+        Ok(Self {
+            cfg: cfg.clone(),
+            bank: InstanceBank::from_source(
+                &stats.mean,
+                &stats.prior,
+                &stats.count,
+                cfg.bank,
+                cfg.momentum,
+            )?,
+        })
+    }
+}
+
+impl Component for Dida {
+    fn name(&self) -> &'static str {
+        "dida"
+    }
+
+    fn losses(
+        &mut self,
+        step: &mut Step,
+        _student: &Student,
+        _rng: &mut StdRng,
+    ) -> Result<Vec<(&'static str, Tensor)>> {
+        let out = step.out();
+        let probs = candle_nn::ops::softmax_last_dim(&out.logits)?;
+        let l = self.bank.instance_loss(
+            &step.labels.feats,
+            &out.feats,
+            &probs,
+            &out.same,
+            self.cfg.weight,
+        )?;
+        Ok(vec![("dida", l)])
+    }
+
+    fn update(&mut self, step: &Step, _student: &Student, _rng: &mut StdRng) -> Result<()> {
+        self.bank.update(&step.labels.feats, &step.view.labels)
+    }
+
+    fn bytes(&self, g: &Geometry) -> (usize, String) {
+        (
+            self.cfg.bank * (g.dim + 1) * 4,
+            format!("bank {}", self.cfg.bank),
+        )
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![
+            ("feats".into(), self.bank.feats.clone()),
+            (
+                "labels".into(),
+                Tensor::new(self.bank.labels.as_slice(), &Device::Cpu)?,
+            ),
+        ])
+    }
+
+    fn load(&mut self, get: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
+        self.bank.feats = need(get, "dida", "feats")?;
+        self.bank.labels = need(get, "dida", "labels")?.to_vec1()?;
+        Ok(())
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct InstanceBank {

@@ -7,11 +7,105 @@
 //! source replay on (`adapt.replay`), they are the student's own features of the replayed
 //! source crop instead, up to `per_class` pixels of each labelled class.
 
+use super::component::{need, Component, Flow, Geometry, Labels, Step};
+use super::config;
 use super::contrast::cosine;
 use crate::loss::cross_entropy;
+use crate::model::Student;
+use crate::stats::SourceStats;
 use candle_core::{Result, Tensor};
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
+
+/// BiDA as a step component: label transfer as a check on the classifier's labels, the two
+/// contrast directions as a loss, the prototypes and bias as its state.
+pub struct Bida {
+    cfg: config::Bida,
+    protos: Prototypes,
+    stats: SourceStats,
+}
+
+impl Bida {
+    pub fn new(cfg: &config::Bida, stats: &SourceStats) -> Result<Self> {
+        Ok(Self {
+            cfg: cfg.clone(),
+            protos: Prototypes::new(&stats.prototypes, cfg.momentum, cfg.ramp)?,
+            stats: stats.clone(),
+        })
+    }
+}
+
+impl Component for Bida {
+    fn name(&self) -> &'static str {
+        "bida"
+    }
+
+    /// With `check`, a pixel stays only where label transfer agrees with its label.
+    fn label(&mut self, l: &mut Labels, t: u64) -> Result<Flow> {
+        if self.cfg.check {
+            let transfer: Vec<u32> = self.protos.transfer(&l.feats, t)?.0.to_vec1()?;
+            l.keep
+                .iter_mut()
+                .zip(transfer.iter().zip(&l.pred))
+                .for_each(|(k, (t, p))| *k &= t == p);
+        }
+        Ok(Flow::Go)
+    }
+
+    fn losses(
+        &mut self,
+        step: &mut Step,
+        _student: &Student,
+        rng: &mut StdRng,
+    ) -> Result<Vec<(&'static str, Tensor)>> {
+        let replayed = step.student.as_mut().and_then(|o| o.source_pixels.take());
+        let (fs_src, ys) = match replayed {
+            Some(p) => p,
+            None => sample_source_pixels(
+                &self.stats.mean,
+                &self.stats.var,
+                &self.stats.count,
+                self.cfg.per_class,
+                rng,
+            )?,
+        };
+        let out = step.out();
+        let l = bidirectional_loss(
+            &out.feats,
+            &out.y,
+            &fs_src,
+            &ys,
+            &self.protos,
+            self.cfg.tau,
+            super::IGNORE,
+        )?;
+        Ok(vec![("bida", (l * self.cfg.weight)?)])
+    }
+
+    fn update(&mut self, step: &Step, _student: &Student, _rng: &mut StdRng) -> Result<()> {
+        self.protos.update(&step.labels.feats, &step.view.labels)
+    }
+
+    fn bytes(&self, g: &Geometry) -> (usize, String) {
+        (
+            3 * g.classes * g.dim * 4,
+            "source and target prototypes, bias".into(),
+        )
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![
+            ("target".into(), self.protos.target.clone()),
+            ("bias".into(), self.protos.bias.clone()),
+        ])
+    }
+
+    fn load(&mut self, get: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
+        self.protos.target = need(get, "bida", "target")?;
+        self.protos.bias = need(get, "bida", "bias")?;
+        Ok(())
+    }
+}
 
 /// Target prototypes and the source-to-target bias, both tracked by EMA.
 #[derive(Debug, Clone)]

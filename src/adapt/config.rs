@@ -13,9 +13,8 @@ pub struct AdaptConfig {
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub ema: f64,
-    /// Which student parameters train: "all", or "norm" (the norm layers' affine parameters
-    /// only, as TENT; the rest stays at its source values).
-    pub train: String,
+    /// Which student parameters train.
+    pub train: TrainScope,
     /// Fixed confidence threshold of plain self-training (used when `ias` is off).
     pub threshold: f32,
     pub ias: Ias,
@@ -27,10 +26,35 @@ pub struct AdaptConfig {
     pub dida: Dida,
     pub replay: Replay,
     pub guard: Guard,
-    /// TENT instead of self-training: entropy of the model's own predictions, only the norm
-    /// layers' affine parameters train, no teacher. Set by the `tent` method.
-    #[serde(skip)]
-    pub tent: bool,
+    pub tent: Tent,
+}
+
+/// Which student parameters an adaptation step trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainScope {
+    /// Every weight.
+    All,
+    /// The norm layers' affine parameters only (as TENT); the rest keeps its source values.
+    Norm,
+}
+
+/// SePiCo's contrast against the source class statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SepicoVariant {
+    /// DistCL: the closed form over Gaussian class distributions (means and variances).
+    Dist,
+    /// ProtoCL: class centroids only.
+    Proto,
+}
+
+/// TENT instead of self-training: the entropy of the model's own predictions on the frame, only
+/// the norm layers' affine parameters train, and the served model is the adapted one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tent {
+    pub on: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,8 +104,7 @@ pub struct Region {
 #[serde(deny_unknown_fields, default)]
 pub struct Sepico {
     pub on: bool,
-    /// "dist" (DistCL) or "proto" (ProtoCL, centroids only).
-    pub variant: String,
+    pub variant: SepicoVariant,
     pub tau: f64,
     pub weight: f64,
     pub reg: f64,
@@ -145,7 +168,7 @@ impl Default for AdaptConfig {
             weight_decay: 0.01,
             max_grad_norm: 10.0,
             ema: 0.999,
-            train: "all".into(),
+            train: TrainScope::All,
             threshold: 0.968,
             ias: Ias::default(),
             hpla: Hpla::default(),
@@ -156,7 +179,7 @@ impl Default for AdaptConfig {
             dida: Dida::default(),
             replay: Replay::default(),
             guard: Guard::default(),
-            tent: false,
+            tent: Tent::default(),
         }
     }
 }
@@ -214,7 +237,7 @@ impl Default for Sepico {
     fn default() -> Self {
         Self {
             on: true,
-            variant: "dist".into(),
+            variant: SepicoVariant::Dist,
             tau: 100.0,
             weight: 1.0,
             reg: 1.0,
@@ -293,12 +316,6 @@ impl AdaptConfig {
             self.threshold,
             "a confidence in [0, 1]",
         )?;
-        check(
-            self.train == "all" || self.train == "norm",
-            "adapt.train",
-            &self.train,
-            "\"all\" or \"norm\"",
-        )?;
         let s = &self.ias;
         unit("adapt.ias.alpha", s.alpha as f64)?;
         unit("adapt.ias.beta", s.beta as f64)?;
@@ -339,12 +356,6 @@ impl AdaptConfig {
             check(v >= 0.0 && v.is_finite(), k, v, ">= 0")?;
         }
         let p = &self.sepico;
-        check(
-            p.variant == "dist" || p.variant == "proto",
-            "adapt.sepico.variant",
-            &p.variant,
-            "\"dist\" (DistCL) or \"proto\" (ProtoCL)",
-        )?;
         positive("adapt.sepico.tau", p.tau)?;
         check(p.weight >= 0.0, "adapt.sepico.weight", p.weight, ">= 0")?;
         check(p.reg >= 0.0, "adapt.sepico.reg", p.reg, ">= 0")?;
@@ -378,14 +389,115 @@ impl AdaptConfig {
     }
 }
 
-/// The ablation's rows by name. `profile` keeps the profile's switches; `plain` is mean-teacher
-/// self-training with the fixed threshold; a component's name is plain plus that component;
-/// `full` switches every component of the five methods on (source replay stays off).
-/// Hyperparameters always come from `base`.
-pub const METHODS: &[&str] = &[
-    "profile", "tent", "plain", "ias", "hpla", "cpsl", "region", "sepico", "protocl", "bida",
-    "dida", "replay", "full",
-];
+/// What an adaptation run does: the profile's own switches, no training, a baseline, one
+/// component on top of plain self-training, or every component of the five methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// The profile's switches as they are.
+    Profile,
+    /// No training: the source model serves.
+    SourceOnly,
+    Tent,
+    /// Mean-teacher self-training with the fixed threshold, every component off.
+    Plain,
+    Ias,
+    Hpla,
+    Cpsl,
+    Region,
+    Sepico,
+    /// SePiCo with the centroid variant.
+    Protocl,
+    Bida,
+    Dida,
+    /// Plain plus source replay (needs labelled source frames on board).
+    Replay,
+    /// Every component of the five methods (source replay stays off).
+    Full,
+}
+
+impl Method {
+    pub const ALL: [Method; 14] = [
+        Method::Profile,
+        Method::SourceOnly,
+        Method::Tent,
+        Method::Plain,
+        Method::Ias,
+        Method::Hpla,
+        Method::Cpsl,
+        Method::Region,
+        Method::Sepico,
+        Method::Protocl,
+        Method::Bida,
+        Method::Dida,
+        Method::Replay,
+        Method::Full,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Profile => "profile",
+            Method::SourceOnly => "source-only",
+            Method::Tent => "tent",
+            Method::Plain => "plain",
+            Method::Ias => "ias",
+            Method::Hpla => "hpla",
+            Method::Cpsl => "cpsl",
+            Method::Region => "region",
+            Method::Sepico => "sepico",
+            Method::Protocl => "protocl",
+            Method::Bida => "bida",
+            Method::Dida => "dida",
+            Method::Replay => "replay",
+            Method::Full => "full",
+        }
+    }
+
+    /// The adaptation settings of this method, hyperparameters from `base`. Source-only
+    /// returns plain's settings (the runner takes no step).
+    pub fn config(self, base: &AdaptConfig) -> AdaptConfig {
+        use Method as M;
+        let mut c = base.clone();
+        if self == M::Profile {
+            return c;
+        }
+        let all = self == M::Full;
+        c.ias.on = all || self == M::Ias;
+        c.hpla.on = all || self == M::Hpla;
+        c.cpsl.on = all || self == M::Cpsl;
+        c.region.on = all || self == M::Region;
+        c.sepico.on = all || matches!(self, M::Sepico | M::Protocl);
+        if self == M::Protocl {
+            c.sepico.variant = SepicoVariant::Proto;
+        }
+        c.bida.on = all || self == M::Bida;
+        c.dida.on = all || self == M::Dida;
+        // Source replay is an option of the deployment (it needs source frames on board), not one
+        // of the five methods: `full` leaves it off.
+        c.replay.on = self == M::Replay;
+        c.tent.on = self == M::Tent;
+        c
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Method::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+                format!("unknown method {s:?}; one of {}", names.join(", "))
+            })
+    }
+}
 
 /// The norm layers' affine parameters (LayerNorms and the decode head's BatchNorm).
 pub fn is_norm_affine(name: &str) -> bool {
@@ -396,34 +508,11 @@ impl AdaptConfig {
     /// Whether the student parameter `name` trains: every one, or only the norm affines under
     /// TENT and `train = "norm"`.
     pub fn trains(&self, name: &str) -> bool {
-        !(self.tent || self.train == "norm") || is_norm_affine(name)
-    }
-
-    pub fn for_method(base: &AdaptConfig, method: &str) -> Option<AdaptConfig> {
-        let mut c = base.clone();
-        if method == "profile" {
-            return Some(c);
-        }
-        let all = method == "full";
-        c.ias.on = all || method == "ias";
-        c.hpla.on = all || method == "hpla";
-        c.cpsl.on = all || method == "cpsl";
-        c.region.on = all || method == "region";
-        c.sepico.on = all || method == "sepico" || method == "protocl";
-        if method == "protocl" {
-            c.sepico.variant = "proto".into();
-        }
-        c.bida.on = all || method == "bida";
-        c.dida.on = all || method == "dida";
-        // Source replay is an option of the deployment (it needs source frames on board), not one
-        // of the five methods: `full` leaves it off.
-        c.replay.on = method == "replay";
-        c.tent = method == "tent";
-        METHODS.contains(&method).then_some(c)
+        !(self.tent.on || self.train == TrainScope::Norm) || is_norm_affine(name)
     }
 
     /// Every component off: plain mean-teacher self-training.
     pub fn plain() -> AdaptConfig {
-        Self::for_method(&Self::default(), "plain").expect("plain is a method")
+        Method::Plain.config(&Self::default())
     }
 }

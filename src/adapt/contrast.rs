@@ -2,9 +2,58 @@
 //! variant (ProtoCL), the distribution-aware closed form (DistCL) and the anti-collapse
 //! regulariser. Features and statistics are as stored with the model (`stats.rs`).
 
+use super::component::{Component, Step};
+use super::config::{self, SepicoVariant};
 use crate::loss::cross_entropy;
 use crate::model::ops::{self, log_softmax_last_dim as log_softmax};
+use crate::model::Student;
+use crate::stats::SourceStats;
 use candle_core::{Result, Tensor};
+use rand::rngs::StdRng;
+
+/// SePiCo as a step component: the student's features on the strong view against the source
+/// class statistics, under the training labels.
+pub struct Sepico {
+    cfg: config::Sepico,
+    stats: SourceStats,
+}
+
+impl Sepico {
+    pub fn new(cfg: &config::Sepico, stats: &SourceStats) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            stats: stats.clone(),
+        }
+    }
+}
+
+impl Component for Sepico {
+    fn name(&self) -> &'static str {
+        "sepico"
+    }
+
+    fn losses(
+        &mut self,
+        step: &mut Step,
+        _student: &Student,
+        _rng: &mut StdRng,
+    ) -> Result<Vec<(&'static str, Tensor)>> {
+        let (out, s, p) = (step.out(), &self.stats, &self.cfg);
+        let l = match p.variant {
+            SepicoVariant::Proto => proto_cl(&out.feats, &out.y, &s.mean, p.tau, super::IGNORE)?,
+            SepicoVariant::Dist => {
+                dist_cl(&out.feats, &out.y, &s.mean, &s.var, p.tau, super::IGNORE)?
+            }
+        };
+        Ok(vec![
+            ("sepico", (l * p.weight)?),
+            (
+                "sepico_reg",
+                (proto_reg(&out.feats, &s.mean, p.tau)? * p.reg)?,
+            ),
+        ])
+    }
+}
 
 /// ProtoCL: CE(f mu^T / tau, y). `f`: [N, D]; `y`: u32 [N]; `mu`: [C, D].
 pub fn proto_cl(f: &Tensor, y: &Tensor, mu: &Tensor, tau: f64, ignore: u32) -> Result<Tensor> {

@@ -1,9 +1,83 @@
 //! Guards against a run that goes wrong: a collapse monitor on the teacher's predicted class
 //! distribution and confidence, and CoTTA's stochastic restore towards the source weights.
 
+use super::component::{Component, Flow, Labels, Step};
+use crate::model::Student;
 use candle_core::{Result, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::Rng;
+
+/// The collapse monitor as a step component: it watches the labels' class shares and mean
+/// confidence and stops a step that leaves the band.
+pub struct CollapseGuard(pub CollapseMonitor);
+
+impl Component for CollapseGuard {
+    fn name(&self) -> &'static str {
+        "guard"
+    }
+
+    fn label(&mut self, l: &mut Labels, _t: u64) -> Result<Flow> {
+        let c = l.probs.dim(1)?;
+        let n = l.len();
+        let mut shares = vec![0f64; c];
+        l.pred
+            .iter()
+            .for_each(|&p| shares[p as usize] += 1.0 / n as f64);
+        let mean_conf = l.conf.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        Ok(match self.0.observe(&shares, mean_conf) {
+            true => Flow::Collapse,
+            false => Flow::Go,
+        })
+    }
+}
+
+/// CoTTA's stochastic restore as a step component: after each update, every trainable weight
+/// element goes back to its source value with probability `p`.
+pub struct Restore {
+    p: f64,
+    /// Source values of the trainable weights, in the student's order.
+    source: Vec<Tensor>,
+}
+
+impl Restore {
+    /// `weights`: the source model's tensors by HF name; the ones `cfg` trains are kept, in
+    /// the student's order.
+    pub fn new(
+        cfg: &super::AdaptConfig,
+        model: &crate::config::SegformerConfig,
+        weights: &crate::model::TensorMap,
+    ) -> Result<Self> {
+        let source = crate::model::param_specs(model)
+            .into_iter()
+            .filter(|s| s.trainable && cfg.trains(&s.name))
+            .map(|s| {
+                weights.get(&s.name).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("restore: missing source tensor {}", s.name))
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            p: cfg.guard.restore,
+            source,
+        })
+    }
+}
+
+impl Component for Restore {
+    fn name(&self) -> &'static str {
+        "restore"
+    }
+
+    fn update(&mut self, _step: &Step, student: &Student, rng: &mut StdRng) -> Result<()> {
+        let vars: Vec<Var> = student.vars.iter().map(|(_, v)| v.clone()).collect();
+        stochastic_restore(&vars, &self.source, self.p, rng)
+    }
+
+    fn bytes(&self, _g: &super::component::Geometry) -> (usize, String) {
+        let n: usize = self.source.iter().map(|t| t.elem_count()).sum();
+        (n * 4, "source weights".into())
+    }
+}
 
 /// Running mean and variance (EMA) of a scalar, with the band it is expected to stay in.
 #[derive(Debug, Clone, Default)]

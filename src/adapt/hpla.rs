@@ -1,9 +1,82 @@
 //! HIAST's hard-aware pseudo-label augmentation: pixels of the least confident classes, with
 //! their pseudo labels, are copied from a bounded pool of recent frames into the student's view.
 
+use super::component::{Component, Geometry, Step};
+use super::config;
+use candle_core::{Result, Tensor};
 use rand::rngs::StdRng;
 use rand::Rng;
 use std::collections::VecDeque;
+
+/// HPLA as a step component: pastes hard-class pixels of recent frames into the student's view,
+/// then pools this batch's view and pseudo labels.
+pub struct Hpla {
+    cfg: config::Hpla,
+    paste: CopyPaste,
+}
+
+impl Hpla {
+    pub fn new(cfg: &config::Hpla, classes: usize) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            paste: CopyPaste::new(classes, cfg.pool, cfg.hard, cfg.rounds),
+        }
+    }
+}
+
+impl Component for Hpla {
+    fn name(&self) -> &'static str {
+        "hpla"
+    }
+
+    fn view(&mut self, step: &mut Step, rng: &mut StdRng) -> Result<()> {
+        let cp = &mut self.paste;
+        let (b, h, w) = step.labels.grid;
+        let v = &mut step.view;
+        cp.update_confidence(&step.labels.conf, &v.labels);
+        let dims = v.image.dims().to_vec();
+        let plane = dims[1] * dims[2] * dims[3];
+        let original: Vec<f32> = v.image.flatten_all()?.to_vec1()?;
+        let mut img = original.clone();
+        for i in 0..b {
+            let r = cp.paste(
+                &mut img[i * plane..(i + 1) * plane],
+                &mut v.train[i * h * w..(i + 1) * h * w],
+                (h, w),
+                rng,
+            );
+            v.pasted[i * h * w..(i + 1) * h * w].copy_from_slice(&r.mask);
+        }
+        for i in 0..b {
+            cp.push(
+                original[i * plane..(i + 1) * plane].to_vec(),
+                v.labels[i * h * w..(i + 1) * h * w].to_vec(),
+            );
+        }
+        v.image = Tensor::from_vec(img, dims, v.image.device())?;
+        Ok(())
+    }
+
+    fn bytes(&self, g: &Geometry) -> (usize, String) {
+        (
+            self.cfg.pool * g.crop.0 * g.crop.1 * (3 + 1) * 4,
+            format!("paste pool {}", self.cfg.pool),
+        )
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self
+            .paste
+            .state()?
+            .into_iter()
+            .map(|(k, t)| (k.to_string(), t))
+            .collect())
+    }
+
+    fn load(&mut self, get: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
+        self.paste.load_state(get)
+    }
+}
 
 /// One pooled frame: its strong view [3, H, W] and pseudo labels at feature resolution [h, w].
 struct Pooled {

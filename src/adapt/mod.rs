@@ -1,14 +1,18 @@
-//! The parts of one online adaptation step, one file per idea (see `design/methods.md`):
-//! instance-adaptive thresholds (HIAST/IAST), class-balanced Sinkhorn assignment (CPSL),
-//! distribution-aware pixel contrast (SePiCo), bidirectional pixel-prototype contrast with label
-//! transfer and bias calibration (BiDA), the labeled instance bank (DIDA), HIAST's
-//! region-adaptive regularisers, and the optional source replay buffer (DAFormer RCS, DACS
-//! ClassMix). The step that wires them to the pipeline builds on these.
+//! One online adaptation step and its parts, one file per idea (see `design/methods.md`):
+//! pseudo-label selection (fixed threshold or HIAST/IAST's instance-adaptive thresholds),
+//! class-balanced self-labeling (CPSL), distribution-aware pixel contrast (SePiCo),
+//! bidirectional pixel-prototype contrast with label transfer and bias calibration (BiDA), the
+//! labeled instance bank (DIDA), HIAST's region-adaptive regularisers and hard-class
+//! copy-paste (HPLA), source replay (DAFormer RCS, DACS ClassMix), and the guards (collapse
+//! monitor, CoTTA restore). Each is a [`component::Component`]; [`step::Adapter`] runs the
+//! switched-on ones as a pipeline.
 
 pub mod bank;
 pub mod bidirectional;
+pub mod component;
 pub mod config;
 pub mod contrast;
+pub mod cpsl;
 pub mod guard;
 pub mod hpla;
 pub mod region;
@@ -18,7 +22,67 @@ pub mod step;
 pub mod thresholds;
 pub mod views;
 
-pub use config::AdaptConfig;
+pub use component::{Component, Geometry, IGNORE};
+pub use config::{AdaptConfig, Method};
+
+use crate::config::SegformerConfig;
+use crate::model::TensorMap;
+use crate::stats::SourceStats;
+
+/// The switched-on components in pipeline order. The order is the order of every hook: CPSL
+/// rectifies before the guard watches and the selection keeps; copy-paste pastes before
+/// ClassMix; the loss terms add up in this order.
+pub fn components(
+    cfg: &AdaptConfig,
+    model: &SegformerConfig,
+    stats: &SourceStats,
+    source_weights: &TensorMap,
+) -> candle_core::Result<Vec<Box<dyn Component>>> {
+    let classes = model.num_labels();
+    let mut v: Vec<Box<dyn Component>> = Vec::new();
+    if cfg.hpla.on {
+        v.push(Box::new(hpla::Hpla::new(&cfg.hpla, classes)));
+    }
+    if cfg.replay.on {
+        v.push(Box::new(replay::SourceReplay::new(cfg)));
+    }
+    if cfg.region.on {
+        v.push(Box::new(region::RegionTerms(cfg.region.clone())));
+    }
+    if cfg.sepico.on {
+        v.push(Box::new(contrast::Sepico::new(&cfg.sepico, stats)));
+    }
+    if cfg.cpsl.on {
+        v.push(Box::new(cpsl::Cpsl::new(cfg, stats)?));
+    }
+    if cfg.guard.collapse {
+        v.push(Box::new(guard::CollapseGuard(guard::CollapseMonitor::new(
+            classes,
+            cfg.guard.band,
+            cfg.guard.warmup,
+        ))));
+    }
+    v.push(Box::new(match cfg.ias.on {
+        true => thresholds::Selection::Adaptive(thresholds::InstanceThresholds::new(
+            classes,
+            0.9,
+            cfg.ias.alpha,
+            cfg.ias.beta,
+            cfg.ias.gamma,
+        )),
+        false => thresholds::Selection::Fixed(cfg.threshold),
+    }));
+    if cfg.bida.on {
+        v.push(Box::new(bidirectional::Bida::new(&cfg.bida, stats)?));
+    }
+    if cfg.dida.on {
+        v.push(Box::new(bank::Dida::new(&cfg.dida, stats)?));
+    }
+    if cfg.guard.restore > 0.0 {
+        v.push(Box::new(guard::Restore::new(cfg, model, source_weights)?));
+    }
+    Ok(v)
+}
 
 /// Per-class means of the rows of `f` [N, D] under `labels` (values >= `classes` skipped):
 /// the flattened [classes, D] means and each class's row count (0: absent, mean left at 0).

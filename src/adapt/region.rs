@@ -2,8 +2,41 @@
 //! term (KL to uniform up to a constant), on ignored pixels entropy minimisation and a soft
 //! consistency to the EMA teacher.
 
+use super::component::{Component, Step};
+use super::config;
 use crate::model::ops::log_softmax_last_dim as log_softmax;
+use crate::model::Student;
 use candle_core::{DType, Result, Tensor, D};
+use rand::rngs::StdRng;
+
+/// The three region terms as a step component.
+pub struct RegionTerms(pub config::Region);
+
+impl Component for RegionTerms {
+    fn name(&self) -> &'static str {
+        "region"
+    }
+
+    fn losses(
+        &mut self,
+        step: &mut Step,
+        _student: &Student,
+        _rng: &mut StdRng,
+    ) -> Result<Vec<(&'static str, Tensor)>> {
+        let (out, r) = (step.out(), &self.0);
+        Ok(vec![
+            ("smooth", (smoothing(&out.logits, &out.kept)? * r.smooth)?),
+            (
+                "entropy",
+                (entropy(&out.logits, &out.ignored)? * r.entropy)?,
+            ),
+            (
+                "consistency",
+                (consistency(&out.logits, &step.labels.probs, &out.ignored)? * r.consistency)?,
+            ),
+        ])
+    }
+}
 
 /// Mean of `per_pixel` [N] over the pixels where `mask` (u8 [N]) is set; 0 when none is.
 pub(crate) fn masked_mean(per_pixel: &Tensor, mask: &Tensor) -> Result<Tensor> {

@@ -1,9 +1,13 @@
 //! Source replay (DAFormer/HAMLET): a bounded buffer of labelled source frames, chosen once by
 //! rare-class sampling, that supplies each step's source crop and the pixels ClassMix pastes.
 
+use super::component::{Component, Geometry, Step};
+use super::config;
 use crate::config::PreprocessConfig;
 use crate::data::augment::photometric;
 use crate::data::{normalize_into, Example};
+use crate::loss::{cross_entropy, flatten_pixels};
+use crate::model::Student;
 use candle_core::Tensor;
 use image::{imageops, GrayImage, RgbImage};
 use rand::rngs::StdRng;
@@ -316,6 +320,115 @@ impl Replay {
                 Tensor::from_vec(ys, k * ih * iw, dev)?,
             )),
         ))
+    }
+}
+
+/// Source replay as a step component: a source crop per frame, ClassMix onto the student's
+/// view, the source cross-entropy, and (for BiDA) the replayed crop's pixels.
+pub struct SourceReplay {
+    cfg: config::Replay,
+    /// Source pixels per class handed to BiDA's source side (None: BiDA is off).
+    bida_per_class: Option<usize>,
+}
+
+impl SourceReplay {
+    pub fn new(cfg: &config::AdaptConfig) -> Self {
+        Self {
+            cfg: cfg.replay.clone(),
+            bida_per_class: cfg.bida.on.then_some(cfg.bida.per_class),
+        }
+    }
+
+    /// The student on the source crop: its logits' cross-entropy and its embedding [K, h, w, D].
+    /// BatchNorm's running statistics are what the teacher serves the target with: the source
+    /// crop normalises with its own batch statistics but must not move them.
+    fn source_forward(
+        student: &Student,
+        xs: &Tensor,
+        ys: &Tensor,
+        rng: &mut StdRng,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (_, _, ih, iw) = xs.dims4()?;
+        let running: Vec<(&Tensor, Tensor)> = student
+            .model
+            .raw_tensors()
+            .iter()
+            .filter(|(n, _)| n.contains("running_"))
+            .map(|(_, t)| Ok((t, t.copy()?)))
+            .collect::<candle_core::Result<_>>()?;
+        let out = student.model.forward(xs, Some(rng))?;
+        for (t, saved) in &running {
+            t.slice_set(saved, 0, 0)?;
+        }
+        let up = crate::model::ops::resize_bilinear(&out.logits, ih, iw)?;
+        let l = cross_entropy(&flatten_pixels(&up)?, ys, None, super::IGNORE)?;
+        Ok((l, out.embed))
+    }
+}
+
+impl Component for SourceReplay {
+    fn name(&self) -> &'static str {
+        "replay"
+    }
+
+    fn view(&mut self, step: &mut Step, rng: &mut StdRng) -> candle_core::Result<()> {
+        let replay = step.replay.ok_or_else(|| {
+            candle_core::Error::Msg(
+                "adapt.replay.on needs labelled source frames (adapt --replay DIR)".into(),
+            )
+        })?;
+        let (_, h, w) = step.labels.grid;
+        let v = &mut step.view;
+        (v.image, v.source) = replay.apply(
+            &v.image,
+            &mut v.train,
+            &mut v.pasted,
+            (h, w),
+            self.cfg.mix,
+            rng,
+        )?;
+        Ok(())
+    }
+
+    fn losses(
+        &mut self,
+        step: &mut Step,
+        student: &Student,
+        rng: &mut StdRng,
+    ) -> candle_core::Result<Vec<(&'static str, Tensor)>> {
+        let Some((xs, ys)) = &step.view.source else {
+            return Ok(Vec::new());
+        };
+        let (l, embed) = Self::source_forward(student, xs, ys, rng)?;
+        if let Some(per_class) = self.bida_per_class {
+            let (_, _, ih, iw) = xs.dims4()?;
+            let (k, fh, fw, d) = embed.dims4()?;
+            let yv: Vec<u32> = ys.to_vec1()?;
+            let cells: Vec<u32> = yv
+                .chunks(ih * iw)
+                .flat_map(|plane| cell_labels(plane, (ih, iw), (fh, fw)))
+                .collect();
+            let c = step.stats.mean.dim(0)?;
+            let picked = super::bidirectional::pick_source_pixels(
+                &embed.reshape((k * fh * fw, d))?,
+                &cells,
+                c,
+                per_class,
+                rng,
+            )?;
+            if let Some(out) = step.student.as_mut() {
+                out.source_pixels = picked;
+            }
+        }
+        Ok(vec![("source", (l * self.cfg.weight)?)])
+    }
+
+    fn bytes(&self, g: &Geometry) -> (usize, String) {
+        // RGB bytes and a label byte per pixel at the input size.
+        (
+            self.cfg.size * g.input.0 * g.input.1 * 4,
+            format!("replay {} frames", self.cfg.size),
+        )
     }
 }
 

@@ -1,6 +1,63 @@
+//! Which pixels become pseudo labels: plain self-training's fixed confidence threshold, or
 //! HIAST's Instance Adaptive Selector: one confidence threshold per class, moved by each frame's
 //! own confidence quantile (theta_c <- beta theta_c + (1 - beta) psi_c,
 //! psi_c = quantile(conf_c + [theta_c], 1 - alpha theta_c^gamma)).
+
+use super::component::{need, Component, Flow, Labels};
+use candle_core::{Device, Result, Tensor};
+
+/// The selection rule as a step component.
+pub enum Selection {
+    Fixed(f32),
+    Adaptive(InstanceThresholds),
+}
+
+impl Component for Selection {
+    fn name(&self) -> &'static str {
+        match self {
+            Selection::Fixed(_) => "threshold",
+            Selection::Adaptive(_) => "ias",
+        }
+    }
+
+    /// Keeps a pixel when the confidence of its label clears the threshold of that label's
+    /// class; IAS first folds each frame of the batch into its thresholds.
+    fn label(&mut self, l: &mut Labels, _t: u64) -> Result<Flow> {
+        let pred: Vec<u8> = l.pred.iter().map(|&p| p as u8).collect();
+        let keep = match self {
+            Selection::Fixed(t) => l.conf.iter().map(|&p| p >= *t).collect(),
+            Selection::Adaptive(th) => {
+                let per = l.grid.1 * l.grid.2;
+                for i in 0..l.grid.0 {
+                    th.update(
+                        &l.conf[i * per..(i + 1) * per],
+                        &pred[i * per..(i + 1) * per],
+                    );
+                }
+                th.select(&l.conf, &pred)
+            }
+        };
+        l.keep.iter_mut().zip(keep).for_each(|(k, s)| *k &= s);
+        Ok(Flow::Go)
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            Selection::Fixed(_) => Ok(Vec::new()),
+            Selection::Adaptive(th) => Ok(vec![(
+                "theta".into(),
+                Tensor::new(th.theta.as_slice(), &Device::Cpu)?,
+            )]),
+        }
+    }
+
+    fn load(&mut self, get: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
+        if let Selection::Adaptive(th) = self {
+            th.theta = need(get, "ias", "theta")?.to_vec1()?;
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct InstanceThresholds {

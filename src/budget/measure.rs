@@ -95,6 +95,7 @@ pub fn measured_plan(
     super::plan(
         profile,
         model,
+        (tensors, stats),
         adapt,
         &mut Calibrator {
             model,

@@ -57,9 +57,11 @@ fn shrink(batch: usize, (w, h): (usize, usize)) -> Option<(usize, (usize, usize)
     (next != (w, h)).then_some((1, next))
 }
 
+/// The plan for `model` (its source weights and statistics) adapting under `adapt`.
 pub fn plan(
     profile: &Profile,
     model: &SegformerConfig,
+    (source, stats): (&crate::model::TensorMap, &crate::stats::SourceStats),
     adapt: &AdaptConfig,
     measure: &mut dyn Measure,
 ) -> Result<Plan> {
@@ -77,7 +79,7 @@ pub fn plan(
         .sum();
     let c = model.num_labels();
     let d = model.decoder_hidden_size;
-    let copies = 3 + usize::from(adapt.guard.restore > 0.0);
+    let copies = 3;
 
     // Activations: the largest (batch, crop) whose measured peak fits its share.
     let (mut batch, mut crop) = (
@@ -106,32 +108,25 @@ pub fn plan(
     let (iw, ih) = (profile.input.width, profile.input.height);
     let frame = iw * ih * 3;
     let serve = measure.serve_peak()?;
+    let geo = crate::adapt::Geometry {
+        classes: c,
+        dim: d,
+        crop,
+        input: (iw, ih),
+    };
     let mut state = 2 * c * d * f32s + 2 * c * d * f32s + 2 * c * f32s;
-    let mut holds = vec!["source statistics, prototypes".to_string()];
-    if adapt.cpsl.on {
-        state += adapt.cpsl.queue * d * f32s;
-        holds.push(format!("queue {}", adapt.cpsl.queue));
-    }
-    if adapt.dida.on {
-        state += adapt.dida.bank * d * f32s;
-        holds.push(format!("bank {}", adapt.dida.bank));
-    }
-    if adapt.hpla.on {
-        state += adapt.hpla.pool * crop.0 * crop.1 * (3 + 1) * f32s;
-        holds.push(format!("paste pool {}", adapt.hpla.pool));
-    }
-    if adapt.replay.on {
-        // RGB bytes and a label byte per pixel at the input size.
-        state += adapt.replay.size * iw * ih * 4;
-        holds.push(format!("replay {} frames", adapt.replay.size));
+    let mut holds = vec!["source statistics".to_string()];
+    for comp in crate::adapt::components(adapt, model, stats, source)? {
+        let (bytes, what) = comp.bytes(&geo);
+        state += bytes;
+        if !what.is_empty() {
+            holds.push(what);
+        }
     }
     let parts = vec![
         Part {
             name: "models",
-            holds: format!(
-                "{copies} copies of {params} parameters (student, teacher, served{})",
-                if copies > 3 { ", source" } else { "" }
-            ),
+            holds: format!("{copies} copies of {params} parameters (student, teacher, served)"),
             bytes: copies * params * f32s,
             share: share(mem.models_mb),
         },

@@ -4,7 +4,7 @@
 use super::online::{run_online, OnlineConfig, StepBudget};
 use super::{PipelineConfig, Summary};
 use crate::adapt::step::Adapter;
-use crate::adapt::AdaptConfig;
+use crate::adapt::{AdaptConfig, Method};
 use crate::budget::{measured_plan, Plan};
 use crate::checkpoint::CheckpointDir;
 use crate::config::Profile;
@@ -24,8 +24,7 @@ use std::sync::{Arc, Mutex};
 pub struct Session {
     pub model: PathBuf,
     pub profile: Profile,
-    /// One of [`crate::adapt::config::METHODS`], or "source-only".
-    pub method: String,
+    pub method: Method,
     pub out: PathBuf,
     /// Labelled frames to score on; never trained on.
     pub eval: Option<Arc<Vec<Example>>>,
@@ -92,19 +91,9 @@ impl Session {
                 None => Ok(None),
             }
         };
-        let source_only = self.method == "source-only";
+        let source_only = self.method == Method::SourceOnly;
         let base = self.adapt.clone().unwrap_or_else(|| p.adapt.clone());
-        let method = if source_only { "plain" } else { &self.method };
-        let cfg = AdaptConfig::for_method(&base, method).ok_or_else(|| {
-            Error::config(
-                "method",
-                &self.method,
-                format!(
-                    "source-only or one of {}",
-                    crate::adapt::config::METHODS.join(", ")
-                ),
-            )
-        })?;
+        let cfg = self.method.config(&base);
 
         if cfg.replay.on && self.replay.is_none() {
             return Err(Error::config(
@@ -229,7 +218,7 @@ impl Session {
         )?;
         adapter.stats.save(&self.out)?;
         Ok(Report {
-            method: self.method.clone(),
+            method: self.method.to_string(),
             seed: self.seed,
             summary,
             source_only: before,
