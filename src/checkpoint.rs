@@ -92,7 +92,21 @@ impl CheckpointDir {
 
     /// The newest checkpoint that loads; a damaged one is reported and the one before it tried.
     pub fn latest(&self, device: &candle_core::Device) -> Option<Checkpoint> {
-        for (step, path) in self.list().into_iter().rev() {
+        self.latest_at_or_before(u64::MAX, device)
+    }
+
+    /// The newest checkpoint saved at or before `step` that loads (the oldest one that loads
+    /// when none is that old): where a rollback goes, far enough back that the drift which set
+    /// the guard off had not begun.
+    pub fn latest_at_or_before(
+        &self,
+        step: u64,
+        device: &candle_core::Device,
+    ) -> Option<Checkpoint> {
+        let all = self.list();
+        let old = all.iter().filter(|(s, _)| *s <= step).count();
+        let order = all[..old].iter().rev().chain(all[old..].iter());
+        for (step, path) in order.cloned() {
             match load_checkpoint(&path, device) {
                 Ok((tensors, meta)) => {
                     return Some(Checkpoint {
@@ -127,4 +141,29 @@ pub fn load_checkpoint(
     let tensors =
         candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| ck(e.to_string()))?;
     Ok((tensors.into_iter().collect(), meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn a_rollback_target_is_the_newest_checkpoint_old_enough() {
+        let tmp = std::env::temp_dir().join(format!("segadapt-ck-{}", std::process::id()));
+        let dir = CheckpointDir::new(&tmp, 3);
+        for step in [0u64, 100, 200, 300] {
+            let mut m = crate::model::TensorMap::new();
+            m.insert("w".into(), Tensor::new(step as f32, &Device::Cpu).unwrap());
+            dir.save(step, &m, Default::default()).unwrap();
+        }
+        let at = |s: u64| dir.latest_at_or_before(s, &Device::Cpu).unwrap().step;
+        assert_eq!(at(u64::MAX), 300);
+        // Flagged at step 315 with a 20-step margin: 300 may already hold the drift.
+        assert_eq!(at(295), 200);
+        assert_eq!(at(200), 200);
+        // Nothing kept is that old (0 was pruned): the oldest kept.
+        assert_eq!(at(50), 100);
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
 }

@@ -11,6 +11,22 @@ use std::path::Path;
 
 pub const FILE: &str = "source_stats.safetensors";
 
+/// Most instances stored for DIDA's bank (profiles use up to 500).
+pub const BANK_MAX: usize = 512;
+
+/// A class present in an image below this many embedding pixels gives no instance.
+const MIN_INSTANCE_PIXELS: usize = 4;
+
+/// DIDA's labeled instances: the class mean of the embedding in one source image each (as
+/// DIDA's cache is built), ordered round-robin over the classes, rarest first, so any prefix of
+/// K entries is a class-balanced bank of K.
+#[derive(Clone)]
+pub struct Instances {
+    /// [K, D]
+    pub feats: Tensor,
+    pub labels: Vec<u32>,
+}
+
 /// Per-class statistics of the fused decoder embedding on labelled source frames.
 #[derive(Clone)]
 pub struct SourceStats {
@@ -24,6 +40,8 @@ pub struct SourceStats {
     pub prior: Tensor,
     /// [C, D] L2-normalised class means: the initial prototypes.
     pub prototypes: Tensor,
+    /// None in statistics written before the bank existed (`segadapt stats` adds it).
+    pub bank: Option<Instances>,
 }
 
 impl SourceStats {
@@ -40,6 +58,7 @@ impl SourceStats {
         let mut sq = vec![0f64; c * d];
         let mut n = vec![0f64; c];
         let mut pixels = vec![0f64; c];
+        let mut instances: Vec<Vec<Vec<f32>>> = vec![Vec::new(); c];
         for ex in examples {
             let Some(label) = &ex.label else { continue };
             label
@@ -53,16 +72,24 @@ impl SourceStats {
             let (iw, ih) = ex.image.dimensions();
             let lab = GrayImage::from_raw(iw, ih, label.clone()).expect("label matches image");
             let lab = imageops::resize(&lab, w as u32, h as u32, imageops::FilterType::Nearest);
+            let mut own = vec![(0usize, vec![0f64; d]); c];
             for (i, px) in lab.as_raw().iter().enumerate() {
                 let k = *px as usize;
                 if k >= c || *px == ignore {
                     continue;
                 }
                 n[k] += 1.0;
+                own[k].0 += 1;
                 let f = &emb[i * d..(i + 1) * d];
                 for j in 0..d {
                     sum[k * d + j] += f[j] as f64;
                     sq[k * d + j] += (f[j] as f64) * (f[j] as f64);
+                    own[k].1[j] += f[j] as f64;
+                }
+            }
+            for (k, (cnt, s)) in own.into_iter().enumerate() {
+                if cnt >= MIN_INSTANCE_PIXELS {
+                    instances[k].push(s.iter().map(|v| (v / cnt as f64) as f32).collect());
                 }
             }
         }
@@ -100,6 +127,7 @@ impl SourceStats {
                 &dev,
             )?,
             prototypes: Tensor::from_vec(protos, (c, d), &dev)?,
+            bank: Some(instance_bank(instances, &pixels, d)?),
         })
     }
 
@@ -110,6 +138,13 @@ impl SourceStats {
         m.insert("class_count".into(), self.count.clone());
         m.insert("class_prior".into(), self.prior.clone());
         m.insert("prototypes".into(), self.prototypes.clone());
+        if let Some(b) = &self.bank {
+            m.insert("bank_feats".into(), b.feats.clone());
+            m.insert(
+                "bank_labels".into(),
+                Tensor::new(b.labels.as_slice(), &Device::Cpu)?,
+            );
+        }
         let bytes = crate::model::weights::safetensors_bytes(&m, None)?;
         crate::checkpoint::write_atomic(&dir.join(FILE), &bytes)
     }
@@ -129,6 +164,43 @@ impl SourceStats {
             count: get("class_count")?,
             prior: get("class_prior")?,
             prototypes: get("prototypes")?,
+            bank: match (m.get("bank_feats"), m.get("bank_labels")) {
+                (Some(f), Some(l)) => Some(Instances {
+                    feats: f.clone(),
+                    labels: l.to_vec1()?,
+                }),
+                _ => None,
+            },
         })
     }
+}
+
+/// Per-class instance lists (image order) as a bank of at most [`BANK_MAX`]: round-robin over
+/// the classes that have instances, rarest (fewest pixels) first.
+fn instance_bank(per_class: Vec<Vec<Vec<f32>>>, pixels: &[f64], d: usize) -> Result<Instances> {
+    let mut order: Vec<usize> = (0..per_class.len())
+        .filter(|&k| !per_class[k].is_empty())
+        .collect();
+    order.sort_by(|&a, &b| pixels[a].total_cmp(&pixels[b]));
+    let (mut feats, mut labels) = (Vec::new(), Vec::new());
+    for round in 0.. {
+        let before = labels.len();
+        for &k in &order {
+            if labels.len() == BANK_MAX {
+                break;
+            }
+            if let Some(f) = per_class[k].get(round) {
+                feats.extend_from_slice(f);
+                labels.push(k as u32);
+            }
+        }
+        if labels.len() == before || labels.len() == BANK_MAX {
+            break;
+        }
+    }
+    let k = labels.len();
+    Ok(Instances {
+        feats: Tensor::from_vec(feats, (k, d), &Device::Cpu)?,
+        labels,
+    })
 }

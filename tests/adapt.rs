@@ -157,7 +157,20 @@ fn every_variant_steps_with_finite_bounded_state() {
             assert!((s - 1.0).abs() < 1e-3, "{name}: prior sums to {s}");
         }
         if ac.dida.on {
-            assert_eq!(state["adapt.dida.feats"].dim(0).unwrap(), ac.dida.bank);
+            let stored = fx.stats().bank.unwrap().labels.len();
+            let k = state["adapt.dida.feats"].dim(0).unwrap();
+            assert_eq!(k, ac.dida.bank.min(stored), "{name}");
+        }
+        if ac.cpsl.on {
+            let moved = (&state["adapt.cpsl.protos"] - &fx.stats().prototypes)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(moved > 0.0, "{name}: CPSL's prototypes are trained");
         }
         if ac.hpla.on {
             let pooled = state["adapt.hpla.images"].dim(0).unwrap();
@@ -168,7 +181,8 @@ fn every_variant_steps_with_finite_bounded_state() {
             (ac.region.on, "entropy"),
             (ac.sepico.on, "sepico"),
             (ac.cpsl.on, "cpsl_consist"),
-            (ac.bida.on, "bida"),
+            (ac.bida.on, "bida_t2s"),
+            (ac.bida.on, "bida_s2t"),
             (ac.dida.on, "dida"),
             (ac.replay.on, "source"),
         ];
@@ -334,4 +348,55 @@ fn a_rollback_keeps_the_source_frames_on_board() {
     // The replay buffer is not checkpointed; the next step still has its source crop.
     let r = a.step(&x, &x, &mut rng).unwrap();
     assert!(r.terms.iter().any(|(k, _)| *k == "source"), "{r:?}");
+}
+
+#[test]
+fn restore_after_a_resume_moves_towards_the_source_weights() {
+    let fx = fixture(3, false);
+    let mut ac = AdaptConfig::plain();
+    ac.lr = 1e-3;
+    ac.threshold = 0.0;
+    ac.guard.collapse = false;
+    ac.guard.restore = 0.01;
+    let mut a = Adapter::new(ac.clone(), &fx.cfg, &fx.tensors, fx.stats()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for _ in 0..3 {
+        a.step(&x, &x, &mut rng).unwrap();
+    }
+    let state = a.state().unwrap();
+    let name = "decode_head.classifier.weight";
+    let adapted = &state[&format!("student.{name}")];
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_ne!(flat(adapted), flat(&fx.tensors[name]), "the student moved");
+    // Resumed with every element restored each step: it must land on the source model's
+    // weights, not on the weights it resumed from.
+    ac.guard.restore = 1.0;
+    let mut b = Adapter::restore(ac, &fx.cfg, fx.stats(), &state).unwrap();
+    b.step(&x, &x, &mut rng).unwrap();
+    for (n, v) in &b.student.vars {
+        let diff = (v.as_tensor() - &fx.tensors[n])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{n} is back at its source value");
+    }
+}
+
+#[test]
+fn tent_adapts_on_the_frame_not_the_strong_view() {
+    let fx = fixture(3, false);
+    let ac = Method::Tent.config(&full());
+    let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
+    // A strong view full of NaN: TENT must not read it.
+    let strong = (x.zeros_like().unwrap() / 0.0).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let r = a.step(&x, &strong, &mut rng).unwrap();
+    assert!(r.total.is_finite(), "{r:?}");
+    assert_eq!(a.optimizer_steps(), 1);
 }

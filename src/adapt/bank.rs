@@ -1,31 +1,53 @@
-//! DIDA's labeled instance bank: K fixed slots of (decoder embedding, class), class-balanced,
-//! each slot moved by EMA towards its class's current mean; and the instance-level loss,
-//! computed at feature resolution (DIDA's full-resolution maps would need hundreds of MB).
+//! DIDA's labeled instance bank: K slots of (decoder embedding, class), each one source
+//! instance (a class's mean embedding in one source image) stored with the source statistics,
+//! taken class-balanced; slots move by EMA towards their class's current mean every `interval`
+//! steps; the instance-level loss and pseudo-label regeneration run at feature resolution
+//! (DIDA's full-resolution maps would need hundreds of MB).
+//!
+//! Two choices differ from DIDA's code, both written here because the paper leaves them open:
+//! similarities are cosines under a softmax with temperature `tau` over the bank (DIDA
+//! normalises raw dot products by their sum, which for 256-d non-negative embeddings is close to
+//! uniform over the slots and carries little instance information); and without source frames on
+//! board the bank follows the teacher's confident target pixels (with source replay on it
+//! follows the replayed source crop's features under their labels, as DIDA does).
 
-use super::component::{need, Component, Geometry, Step};
+use super::component::{need, Component, Flow, Geometry, Labels, Step};
 use super::config;
+use super::contrast::cosine;
+use crate::model::ops::log_softmax_last_dim as log_softmax;
 use crate::model::Student;
-use crate::stats::SourceStats;
-use candle_core::{Device, Result, Tensor, D};
+use crate::stats::{Instances, SourceStats};
+use candle_core::{DType, Device, Result, Tensor, D};
 use rand::rngs::StdRng;
 
 /// DIDA as a step component.
 pub struct Dida {
     cfg: config::Dida,
     bank: InstanceBank,
+    classes: usize,
 }
 
 impl Dida {
-    pub fn new(cfg: &config::Dida, stats: &SourceStats) -> Result<Self> {
+    pub fn new(cfg: &config::Dida, classes: usize, stats: &SourceStats) -> Result<Self> {
+        let inst = stats.bank.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "DIDA needs the instance bank stored with the source statistics, and this \
+                 model's source_stats.safetensors has none: recompute them with \
+                 `segadapt stats --model DIR --data SOURCE_DIR`"
+                    .into(),
+            )
+        })?;
+        if inst.labels.len() < cfg.bank {
+            log::warn!(
+                "adapt.dida.bank = {}: the source statistics hold {} instances; using them all",
+                cfg.bank,
+                inst.labels.len()
+            );
+        }
         Ok(Self {
             cfg: cfg.clone(),
-            bank: InstanceBank::from_source(
-                &stats.mean,
-                &stats.prior,
-                &stats.count,
-                cfg.bank,
-                cfg.momentum,
-            )?,
+            bank: InstanceBank::from_instances(inst, cfg.bank, cfg.momentum)?,
+            classes,
         })
     }
 }
@@ -33,6 +55,16 @@ impl Dida {
 impl Component for Dida {
     fn name(&self) -> &'static str {
         "dida"
+    }
+
+    /// Scatter: the instance-level class distribution blended into the class scores.
+    fn label(&mut self, l: &mut Labels, _t: u64) -> Result<Flow> {
+        if self.cfg.blend > 0.0 {
+            let inst = self.bank.scatter(&l.feats, self.cfg.tau, self.classes)?;
+            let b = self.cfg.blend;
+            l.rescore(((&l.scores * (1.0 - b))? + (inst * b)?)?)?;
+        }
+        Ok(Flow::Go)
     }
 
     fn losses(
@@ -48,13 +80,19 @@ impl Component for Dida {
             &out.feats,
             &probs,
             &out.same,
-            self.cfg.weight,
+            self.cfg.tau,
         )?;
-        Ok(vec![("dida", l)])
+        Ok(vec![("dida", (l * self.cfg.weight)?)])
     }
 
     fn update(&mut self, step: &Step, _student: &Student, _rng: &mut StdRng) -> Result<()> {
-        self.bank.update(&step.labels.feats, &step.view.labels)
+        if step.t % self.cfg.interval != 0 {
+            return Ok(());
+        }
+        match step.out().source_cells.as_ref() {
+            Some((f, labels)) => self.bank.update(f, labels),
+            None => self.bank.update(&step.labels.feats, &step.view.labels),
+        }
     }
 
     fn bytes(&self, g: &Geometry) -> (usize, String) {
@@ -91,29 +129,16 @@ pub struct InstanceBank {
 }
 
 impl InstanceBank {
-    /// K slots shared out across the classes seen in source training, rarest class first (as
-    /// DIDA's cache is built), so class counts differ by at most one; each slot starts at its
-    /// class's source mean.
-    pub fn from_source(
-        mean: &Tensor,
-        prior: &Tensor,
-        count: &Tensor,
-        k: usize,
-        momentum: f64,
-    ) -> Result<Self> {
-        let (c, _) = mean.dims2()?;
-        let prior: Vec<f32> = prior.to_vec1()?;
-        let count: Vec<f32> = count.to_vec1()?;
-        let mut classes: Vec<usize> = (0..c).filter(|&i| count[i] > 0.0).collect();
-        if classes.is_empty() || k == 0 {
-            candle_core::bail!("instance bank: no source classes or K = 0");
+    /// The first `k` stored instances: a class-balanced bank (the store is ordered round-robin
+    /// over the classes, rarest first).
+    pub fn from_instances(inst: &Instances, k: usize, momentum: f64) -> Result<Self> {
+        let k = k.min(inst.labels.len());
+        if k == 0 {
+            candle_core::bail!("instance bank: no stored instances or K = 0");
         }
-        classes.sort_by(|&a, &b| prior[a].total_cmp(&prior[b]));
-        let labels: Vec<u32> = (0..k).map(|i| classes[i % classes.len()] as u32).collect();
-        let idx = Tensor::new(labels.as_slice(), mean.device())?;
         Ok(Self {
-            feats: mean.detach().index_select(&idx, 0)?,
-            labels,
+            feats: inst.feats.narrow(0, 0, k)?.copy()?,
+            labels: inst.labels[..k].to_vec(),
             momentum,
         })
     }
@@ -154,92 +179,103 @@ impl InstanceBank {
         Ok(())
     }
 
-    /// DIDA's instance loss, per pixel at feature resolution:
-    /// P_w = normalise_K(S_w * p_student[label_k]), S_s = normalise_K(f_s . bank),
-    /// L = weight * mean_pixels(-sum_k P_w,k log(S_s,k + 1e-10)).
-    /// `f_teacher`, `f_student`: [N, D] non-negative (post-ReLU) embeddings; `student_probs`: [N, C];
-    /// `same`: u8 [N], the pixels where both views show the same content (pasted pixels have no
-    /// teacher feature of their own).
+    /// softmax over the slots of cos(f, bank) / tau: [N, K].
+    fn similarity(&self, f: &Tensor, tau: f64) -> Result<Tensor> {
+        candle_nn::ops::softmax_last_dim(&(cosine(&f.detach(), &self.feats)? / tau)?)
+    }
+
+    /// [K, C] one-hot of the slots' classes.
+    fn onehot(&self, classes: usize) -> Result<Tensor> {
+        let mut v = vec![0f32; self.len() * classes];
+        for (s, &l) in self.labels.iter().enumerate() {
+            v[s * classes + l as usize] = 1.0;
+        }
+        Tensor::from_vec(v, (self.len(), classes), self.feats.device())
+    }
+
+    /// Scatter: each pixel's instance similarities summed into classes, [N, C] (rows sum to 1).
+    pub fn scatter(&self, f: &Tensor, tau: f64, classes: usize) -> Result<Tensor> {
+        self.similarity(f, tau)?.matmul(&self.onehot(classes)?)
+    }
+
+    /// DIDA's instance loss, per pixel at feature resolution, mean over `same` (u8 [N], the
+    /// pixels both views show alike): the teacher's instance similarities calibrated by the
+    /// student's class probabilities gathered to the slots (P_w = normalise_K(S_w * p[l_k])),
+    /// as the target of the student's instance distribution: -sum_k P_w,k log S_s,k.
     pub fn instance_loss(
         &self,
         f_teacher: &Tensor,
         f_student: &Tensor,
         student_probs: &Tensor,
         same: &Tensor,
-        weight: f64,
+        tau: f64,
     ) -> Result<Tensor> {
         let bank = self.feats.detach();
         let idx = Tensor::new(self.labels.as_slice(), bank.device())?;
-        let s_w = f_teacher.detach().matmul(&bank.t()?)?; // [N, K]
         let gathered = student_probs.detach().index_select(&idx, 1)?; // [N, K]
-        let p_w = (s_w * gathered)?;
+        let p_w = (self.similarity(f_teacher, tau)? * gathered)?;
         let p_w = p_w.broadcast_div(&(p_w.sum_keepdim(D::Minus1)? + 1e-10)?)?;
-        let s_s = f_student.matmul(&bank.t()?)?;
-        let s_s = s_s.broadcast_div(&(s_s.sum_keepdim(D::Minus1)? + 1e-10)?)?;
-        let nll = (p_w * (s_s + 1e-10)?.log()?)?.sum(D::Minus1)?.neg()?;
-        super::region::masked_mean(&nll, same)? * weight
+        let log_s = log_softmax(&(cosine(f_student, &bank)? / tau)?)?;
+        let nll = (p_w * log_s)?.sum(D::Minus1)?.neg()?;
+        super::region::masked_mean(&nll, &same.to_dtype(DType::U8)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     fn t(v: &[f32], shape: (usize, usize)) -> Tensor {
         Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
     }
 
-    fn bank(k: usize) -> InstanceBank {
-        let mean = t(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 9.0, 9.0], (4, 2));
-        let prior = Tensor::new(&[0.5f32, 0.1, 0.4, 0.0], &Device::Cpu).unwrap();
-        let count = Tensor::new(&[50f32, 10.0, 40.0, 0.0], &Device::Cpu).unwrap();
-        InstanceBank::from_source(&mean, &prior, &count, k, 0.5).unwrap()
-    }
-
-    #[test]
-    fn bank_is_bounded_and_class_balanced() {
-        for k in [1, 3, 7, 10, 300] {
-            let mut b = bank(k);
-            assert_eq!(b.len(), k);
-            assert_eq!(b.feats.dims(), [k, 2]);
-            let n = b.class_counts(4);
-            assert_eq!(n[3], 0, "a class never seen in source gets no slot");
-            let seen = &n[..3];
-            assert!(
-                seen.iter().max().unwrap() - seen.iter().min().unwrap() <= 1,
-                "{n:?}"
-            );
-            if k < 3 {
-                assert_eq!(b.labels[0], 1, "the rarest class comes first");
-            }
-            // Updates never change the size or the class layout.
-            let f = t(&[2.0, 2.0, 4.0, 0.0], (2, 2));
-            b.update(&f, &[0, 0]).unwrap();
-            assert_eq!(b.len(), k);
-            assert_eq!(b.class_counts(4), n);
+    /// Three stored instances: two distinct ones of class 0, one of class 1 (round-robin
+    /// order: class 1 is rarer).
+    fn stored() -> Instances {
+        Instances {
+            feats: t(&[0.0, 1.0, 1.0, 0.0, 0.8, 0.2], (3, 2)),
+            labels: vec![1, 0, 0],
         }
     }
 
     #[test]
-    fn slots_move_towards_their_class_mean_only() {
-        let mut b = bank(3); // labels [1, 2, 0]
-        let f = t(&[2.0, 2.0, 4.0, 0.0], (2, 2)); // class 0 mean (3, 1)
-        b.update(&f, &[0, 0]).unwrap();
+    fn slots_of_one_class_stay_distinct_instances_after_updates() {
+        let mut b = InstanceBank::from_instances(&stored(), 3, 0.5).unwrap();
+        assert_eq!(b.class_counts(2), vec![2, 1]);
+        let f = t(&[0.6, 0.6, 0.4, 0.4], (2, 2)); // class 0 mean (0.5, 0.5)
+        for _ in 0..3 {
+            b.update(&f, &[0, 0]).unwrap();
+        }
         let v = b.feats.to_vec2::<f32>().unwrap();
         assert_eq!(v[0], vec![0.0, 1.0], "class 1 absent: unchanged");
-        assert_eq!(v[1], vec![1.0, 1.0], "class 2 absent: unchanged");
-        assert_eq!(v[2], vec![2.0, 0.5], "0.5 * (1, 0) + 0.5 * (3, 1)");
+        // Each class-0 slot moved 7/8 of the way to (0.5, 0.5) from where it started.
+        let moved = |x0: f32| 0.125 * x0 + 0.875 * 0.5;
+        assert!((v[1][0] - moved(1.0)).abs() < 1e-6 && (v[2][0] - moved(0.8)).abs() < 1e-6);
+        assert_ne!(v[1], v[2], "two instances of one class stay two");
+        let k1 = InstanceBank::from_instances(&stored(), 2, 0.5).unwrap();
+        assert_eq!(k1.labels, vec![1, 0], "a prefix keeps one of each class");
+    }
+
+    #[test]
+    fn scatter_sums_instance_similarities_into_classes() {
+        let b = InstanceBank::from_instances(&stored(), 3, 0.5).unwrap();
+        let f = t(&[0.9, 0.1, 0.0, 1.0], (2, 2));
+        let q = b.scatter(&f, 0.1, 2).unwrap().to_vec2::<f32>().unwrap();
+        for row in &q {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+        assert!(q[0][0] > 0.99, "near the class-0 instances: {q:?}");
+        assert!(q[1][1] > 0.99, "on the class-1 instance: {q:?}");
     }
 
     #[test]
     fn instance_loss_is_lowest_when_the_student_matches_the_teacher() {
-        let b = bank(3);
-        let teacher = t(&[0.0, 3.0], (1, 2)); // near the class 1 slot
-        let probs = t(&[0.1, 0.8, 0.1, 0.0], (1, 4));
+        let b = InstanceBank::from_instances(&stored(), 3, 0.5).unwrap();
+        let teacher = t(&[0.0, 3.0], (1, 2)); // on the class 1 instance
+        let probs = t(&[0.2, 0.8], (1, 2));
         let all = Tensor::new(&[1u8], &Device::Cpu).unwrap();
         let loss = |s: &[f32]| {
-            b.instance_loss(&teacher, &t(s, (1, 2)), &probs, &all, 0.5)
+            b.instance_loss(&teacher, &t(s, (1, 2)), &probs, &all, 0.1)
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap()
@@ -250,7 +286,7 @@ mod tests {
         assert!(same.is_finite() && other.is_finite());
         let none = Tensor::new(&[0u8], &Device::Cpu).unwrap();
         let masked = b
-            .instance_loss(&teacher, &t(&[3.0, 0.0], (1, 2)), &probs, &none, 0.5)
+            .instance_loss(&teacher, &t(&[3.0, 0.0], (1, 2)), &probs, &none, 0.1)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();

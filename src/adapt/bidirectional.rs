@@ -17,12 +17,19 @@ use candle_core::{Result, Tensor};
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
-/// BiDA as a step component: label transfer as a check on the classifier's labels, the two
-/// contrast directions as a loss, the prototypes and bias as its state.
+/// BiDA as a step component. Label transfer gives every target pixel a dynamic label (the
+/// class of its most similar calibrated source prototype); with `check` a pseudo label is kept
+/// only where the classifier agrees with it. Both contrast directions reach the student: target
+/// pixels against the calibrated source prototypes, and source pixels (replayed, or drawn from
+/// the stored statistics) against target prototypes built from this batch's student features
+/// under the transferred labels (the EMA target prototype stands in for a class the batch
+/// lacks). The EMA target prototypes and the bias follow the teacher under transferred labels.
 pub struct Bida {
     cfg: config::Bida,
     protos: Prototypes,
     stats: SourceStats,
+    /// This step's transferred labels of the teacher's pixels.
+    transfer: Vec<u32>,
 }
 
 impl Bida {
@@ -31,6 +38,7 @@ impl Bida {
             cfg: cfg.clone(),
             protos: Prototypes::new(&stats.prototypes, cfg.momentum, cfg.ramp)?,
             stats: stats.clone(),
+            transfer: Vec::new(),
         })
     }
 }
@@ -40,13 +48,12 @@ impl Component for Bida {
         "bida"
     }
 
-    /// With `check`, a pixel stays only where label transfer agrees with its label.
     fn label(&mut self, l: &mut Labels, t: u64) -> Result<Flow> {
+        self.transfer = self.protos.transfer(&l.feats, t)?.0.to_vec1()?;
         if self.cfg.check {
-            let transfer: Vec<u32> = self.protos.transfer(&l.feats, t)?.0.to_vec1()?;
             l.keep
                 .iter_mut()
-                .zip(transfer.iter().zip(&l.pred))
+                .zip(self.transfer.iter().zip(&l.pred))
                 .for_each(|(k, (t, p))| *k &= t == p);
         }
         Ok(Flow::Go)
@@ -70,20 +77,23 @@ impl Component for Bida {
             )?,
         };
         let out = step.out();
-        let l = bidirectional_loss(
-            &out.feats,
-            &out.y,
-            &fs_src,
-            &ys,
-            &self.protos,
-            self.cfg.tau,
-            super::IGNORE,
-        )?;
-        Ok(vec![("bida", (l * self.cfg.weight)?)])
+        let (tau, w) = (self.cfg.tau, self.cfg.weight);
+        let calibrated = self.protos.calibrated(step.t)?;
+        let t2s = pixel_to_prototype(&out.feats, &out.y, &calibrated, tau, super::IGNORE)?;
+        // Transferred labels of pixels the student sees as the teacher did.
+        let labels: Vec<u32> = self
+            .transfer
+            .iter()
+            .zip(&step.view.pasted)
+            .map(|(&l, &p)| if p { super::IGNORE } else { l })
+            .collect();
+        let target = batch_prototypes(&out.feats, &labels, &self.protos.target)?;
+        let s2t = pixel_to_prototype(&fs_src, &ys, &target, tau, super::IGNORE)?;
+        Ok(vec![("bida_t2s", (t2s * w)?), ("bida_s2t", (s2t * w)?)])
     }
 
     fn update(&mut self, step: &Step, _student: &Student, _rng: &mut StdRng) -> Result<()> {
-        self.protos.update(&step.labels.feats, &step.view.labels)
+        self.protos.update(&step.labels.feats, &self.transfer)
     }
 
     fn bytes(&self, g: &Geometry) -> (usize, String) {
@@ -105,6 +115,31 @@ impl Component for Bida {
         self.protos.bias = need(get, "bida", "bias")?;
         Ok(())
     }
+}
+
+/// Class means of `f` [N, D] under `labels` (values >= C ignored), differentiable in `f`, with
+/// the row of `fallback` [C, D] (detached) for each class absent from `labels`.
+pub fn batch_prototypes(f: &Tensor, labels: &[u32], fallback: &Tensor) -> Result<Tensor> {
+    let (c, _) = fallback.dims2()?;
+    let n = labels.len();
+    let mut onehot = vec![0f32; n * c];
+    let mut count = vec![0f32; c];
+    for (i, &l) in labels.iter().enumerate() {
+        if (l as usize) < c {
+            onehot[i * c + l as usize] = 1.0;
+            count[l as usize] += 1.0;
+        }
+    }
+    let dev = f.device();
+    let onehot = Tensor::from_vec(onehot, (n, c), dev)?;
+    let inv: Vec<f32> = count.iter().map(|&k| 1.0 / k.max(1.0)).collect();
+    let present: Vec<f32> = count.iter().map(|&k| f32::from(k > 0.0)).collect();
+    let means = onehot
+        .t()?
+        .matmul(f)?
+        .broadcast_mul(&Tensor::from_vec(inv, (c, 1), dev)?)?;
+    let present = Tensor::from_vec(present, (c, 1), dev)?;
+    means.broadcast_mul(&present)? + fallback.detach().broadcast_mul(&(1.0 - &present)?)?
 }
 
 /// Target prototypes and the source-to-target bias, both tracked by EMA.
@@ -187,22 +222,6 @@ pub fn pixel_to_prototype(
     ignore: u32,
 ) -> Result<Tensor> {
     cross_entropy(&(cosine(f, protos)? / tau)?, y, None, ignore)
-}
-
-/// L_T->S + L_S->T: target pixels (pseudo labels) against source prototypes, and source
-/// pixels (ground truth, or drawn from the statistics) against target prototypes.
-pub fn bidirectional_loss(
-    f_t: &Tensor,
-    y_t: &Tensor,
-    f_s: &Tensor,
-    y_s: &Tensor,
-    protos: &Prototypes,
-    tau: f64,
-    ignore: u32,
-) -> Result<Tensor> {
-    let t2s = pixel_to_prototype(f_t, y_t, &protos.source, tau, ignore)?;
-    let s2t = pixel_to_prototype(f_s, y_s, &protos.target.detach(), tau, ignore)?;
-    t2s + s2t
 }
 
 /// `per_class` source "pixels" per class from N(mean_c, diag var_c): [C * per_class, D] and
@@ -332,25 +351,63 @@ mod tests {
     }
 
     #[test]
-    fn both_directions_contribute_and_are_low_when_aligned() {
-        let src = t(&[1.0, 0.0, 0.0, 1.0], (2, 2));
-        let p = Prototypes::new(&src, 0.9, 0).unwrap();
-        let y = Tensor::new(&[0u32, 1], &Device::Cpu).unwrap();
-        let aligned = t(&[1.0, 0.0, 0.0, 1.0], (2, 2));
-        let swapped = t(&[0.0, 1.0, 1.0, 0.0], (2, 2));
-        let l = |ft: &Tensor, fs: &Tensor| {
-            bidirectional_loss(ft, &y, fs, &y, &p, 0.1, 255)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        let (good, t_bad, s_bad) = (
-            l(&aligned, &aligned),
-            l(&swapped, &aligned),
-            l(&aligned, &swapped),
+    fn the_source_to_target_term_reaches_the_student() {
+        // Source pixels drawn from fixed statistics are constants: the gradient must come
+        // through the target prototypes built from the student's features.
+        let f = candle_core::Var::from_tensor(&t(&[0.9, 0.1, 0.2, 0.8, 0.7, 0.3], (3, 2))).unwrap();
+        let ema = t(&[1.0, 0.0, 0.0, 1.0, 0.5, 0.5], (3, 2));
+        let target = batch_prototypes(f.as_tensor(), &[0, 1, 0], &ema).unwrap();
+        let protos = target.to_vec2::<f32>().unwrap();
+        assert!((protos[0][0] - 0.8).abs() < 1e-6 && (protos[0][1] - 0.2).abs() < 1e-6);
+        assert_eq!(
+            protos[2],
+            vec![0.5, 0.5],
+            "an absent class keeps its EMA prototype"
         );
-        assert!(good < 1e-3, "{good}");
-        assert!(t_bad > 5.0 && s_bad > 5.0, "{t_bad} {s_bad}");
+        let src = t(&[1.0, 0.1, 0.1, 1.0], (2, 2));
+        let ys = Tensor::new(&[0u32, 1], &Device::Cpu).unwrap();
+        let s2t = pixel_to_prototype(&src, &ys, &target, 0.1, 255).unwrap();
+        let g = s2t.backward().unwrap();
+        let g = g
+            .get(f.as_tensor())
+            .expect("the student's features get a gradient");
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 1e-6, "{norm}");
+    }
+
+    #[test]
+    fn label_transfer_checks_pseudo_labels_and_moves_the_target_prototypes() {
+        let stats = SourceStats {
+            mean: t(&[1.0, 0.0, 0.0, 1.0], (2, 2)),
+            var: t(&[0.1, 0.1, 0.1, 0.1], (2, 2)),
+            count: Tensor::new(&[5f32, 5.0], &Device::Cpu).unwrap(),
+            prior: Tensor::new(&[0.5f32, 0.5], &Device::Cpu).unwrap(),
+            prototypes: t(&[1.0, 0.0, 0.0, 1.0], (2, 2)),
+            bank: None,
+        };
+        let cfg = config::Bida {
+            momentum: 0.0,
+            ..Default::default()
+        };
+        assert!(cfg.check, "label transfer checks pseudo labels by default");
+        let mut b = Bida::new(&cfg, &stats).unwrap();
+        // Pixel 0 sits at class 1's source prototype but the classifier says class 0.
+        let probs = t(&[0.9, 0.1, 0.9, 0.1], (2, 2));
+        let feats = t(&[0.1, 1.0, 1.0, 0.1], (2, 2));
+        let mut l = Labels::from_scores(probs.clone(), feats, (1, 1, 2), probs).unwrap();
+        b.label(&mut l, 0).unwrap();
+        assert_eq!(b.transfer, vec![1, 0]);
+        assert_eq!(l.keep, vec![false, true], "disagreement drops the pixel");
+        // Momentum 0: the target prototype of class 1 is the pixel it was transferred to.
+        b.protos.update(&l.feats, &b.transfer.clone()).unwrap();
+        let tgt = b.protos.target.to_vec2::<f32>().unwrap();
+        assert_eq!(tgt[1], vec![0.1, 1.0]);
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub struct StudentOut {
     pub same: Tensor,
     /// Source pixels of a replayed crop for BiDA's source side: features [M, D], labels u32 [M].
     pub source_pixels: Option<(Tensor, Tensor)>,
+    /// The replayed crop's embedding cells [K h w, D] and their labels, for DIDA's bank.
+    pub source_cells: Option<(Tensor, Vec<u32>)>,
 }
 
 /// Everything the hooks of one step may read.
@@ -164,6 +166,11 @@ pub trait Component: Send {
     /// Changes the student's view (after every `label` hook).
     fn view(&mut self, _step: &mut Step, _rng: &mut StdRng) -> Result<()> {
         Ok(())
+    }
+
+    /// Judges the student's outputs before any loss is taken (the collapse guard).
+    fn inspect(&mut self, _step: &Step) -> Result<Flow> {
+        Ok(Flow::Go)
     }
 
     /// Loss terms on the student's outputs, weights applied.

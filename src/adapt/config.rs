@@ -88,7 +88,16 @@ pub struct Cpsl {
     pub pixels: usize,
     pub weight: f64,
     pub consistency: f64,
-    pub prior_momentum: f64,
+    /// Learning-rate multiplier of the learnable prototypes (CPSL: x5).
+    pub proto_lr: f64,
+    /// Momentum of the EMA prototypes that rectify and teach the consistency.
+    pub proto_ema: f64,
+    /// Steps over which the target class prior is estimated from the teacher's labels before
+    /// it is frozen (CPSL estimates it once from the warm-up model).
+    pub prior_steps: u64,
+    /// Share of the source class prior mixed into the target prior, so no class the source
+    /// knows can lose all its assignment mass.
+    pub prior_mix: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -108,6 +117,11 @@ pub struct Sepico {
     pub tau: f64,
     pub weight: f64,
     pub reg: f64,
+    /// Width of the projection head's output (the contrast space).
+    pub dim: usize,
+    /// Source pixels per class drawn from the stored statistics each step to update the
+    /// projected class statistics.
+    pub samples: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +133,7 @@ pub struct Bida {
     pub momentum: f64,
     pub ramp: u64,
     pub per_class: usize,
+    /// Keep a pseudo label only where label transfer agrees with the classifier.
     pub check: bool,
 }
 
@@ -126,9 +141,16 @@ pub struct Bida {
 #[serde(deny_unknown_fields, default)]
 pub struct Dida {
     pub on: bool,
+    /// Instances used, taken class-balanced from the bank stored with the source statistics.
     pub bank: usize,
     pub momentum: f64,
+    /// Steps between bank updates (DIDA: 50).
+    pub interval: u64,
     pub weight: f64,
+    /// Temperature of the instance similarities (softmax over the bank).
+    pub tau: f64,
+    /// Weight of the instance-level class distribution (scatter) in the pseudo labels.
+    pub blend: f64,
 }
 
 /// Source replay: labelled source frames on board (DAFormer's source cross-entropy and DACS
@@ -154,8 +176,12 @@ pub struct Guard {
     pub collapse: bool,
     /// Band half-width in running standard deviations.
     pub band: f64,
-    /// Steps before the band is trusted.
+    /// Steps before the band is trusted; a rollback goes to a checkpoint at least this many
+    /// steps older than the flagged step.
     pub warmup: u64,
+    /// Consecutive flagged steps after which the new level is accepted as the stream's own
+    /// (a domain change, not a collapse).
+    pub patience: u64,
     /// CoTTA stochastic restore: each weight goes back to its source value with this probability.
     pub restore: f64,
 }
@@ -217,7 +243,10 @@ impl Default for Cpsl {
             pixels: 256,
             weight: 0.1,
             consistency: 5.0,
-            prior_momentum: 0.99,
+            proto_lr: 5.0,
+            proto_ema: 0.999,
+            prior_steps: 50,
+            prior_mix: 0.2,
         }
     }
 }
@@ -241,6 +270,8 @@ impl Default for Sepico {
             tau: 100.0,
             weight: 1.0,
             reg: 1.0,
+            dim: 128,
+            samples: 16,
         }
     }
 }
@@ -254,7 +285,7 @@ impl Default for Bida {
             momentum: 0.99,
             ramp: 500,
             per_class: 16,
-            check: false,
+            check: true,
         }
     }
 }
@@ -265,7 +296,10 @@ impl Default for Dida {
             on: true,
             bank: 100,
             momentum: 0.999,
+            interval: 50,
             weight: 0.5,
+            tau: 0.1,
+            blend: 0.5,
         }
     }
 }
@@ -288,6 +322,7 @@ impl Default for Guard {
             collapse: true,
             band: 6.0,
             warmup: 20,
+            patience: 10,
             restore: 0.0,
         }
     }
@@ -341,12 +376,14 @@ impl AdaptConfig {
             c.consistency,
             ">= 0",
         )?;
+        positive("adapt.cpsl.proto_lr", c.proto_lr)?;
         check(
-            (0.0..1.0).contains(&c.prior_momentum),
-            "adapt.cpsl.prior_momentum",
-            c.prior_momentum,
+            (0.0..1.0).contains(&c.proto_ema),
+            "adapt.cpsl.proto_ema",
+            c.proto_ema,
             "a momentum in [0, 1)",
         )?;
+        unit("adapt.cpsl.prior_mix", c.prior_mix)?;
         let r = &self.region;
         for (k, v) in [
             ("adapt.region.smooth", r.smooth),
@@ -359,6 +396,8 @@ impl AdaptConfig {
         positive("adapt.sepico.tau", p.tau)?;
         check(p.weight >= 0.0, "adapt.sepico.weight", p.weight, ">= 0")?;
         check(p.reg >= 0.0, "adapt.sepico.reg", p.reg, ">= 0")?;
+        at_least("adapt.sepico.dim", p.dim, 1)?;
+        at_least("adapt.sepico.samples", p.samples, 1)?;
         let b = &self.bida;
         positive("adapt.bida.tau", b.tau)?;
         check(b.weight >= 0.0, "adapt.bida.weight", b.weight, ">= 0")?;
@@ -378,12 +417,16 @@ impl AdaptConfig {
             "a momentum in [0, 1)",
         )?;
         check(d.weight >= 0.0, "adapt.dida.weight", d.weight, ">= 0")?;
+        positive("adapt.dida.tau", d.tau)?;
+        unit("adapt.dida.blend", d.blend)?;
+        at_least("adapt.dida.interval", d.interval as usize, 1)?;
         let r = &self.replay;
         at_least("adapt.replay.size", r.size, 1)?;
         positive("adapt.replay.temp", r.temp)?;
         check(r.weight >= 0.0, "adapt.replay.weight", r.weight, ">= 0")?;
         let g = &self.guard;
         positive("adapt.guard.band", g.band)?;
+        at_least("adapt.guard.patience", g.patience as usize, 1)?;
         unit("adapt.guard.restore", g.restore)?;
         Ok(())
     }

@@ -1,29 +1,120 @@
-//! SePiCo's semantic-guided pixel contrast against per-class source statistics: the centroid
-//! variant (ProtoCL), the distribution-aware closed form (DistCL) and the anti-collapse
-//! regulariser. Features and statistics are as stored with the model (`stats.rs`).
+//! SePiCo's semantic-guided pixel contrast (methods.md section 3): a projection head on the
+//! decoder embedding, L2-normalised; per-class source statistics in that space; the centroid
+//! variant (ProtoCL), the distribution-aware closed form (DistCL) and the regulariser.
+//!
+//! SePiCo estimates the class statistics every iteration from the EMA teacher's projections of
+//! labelled source pixels. No source image is on board here, so the source pixels are drawn
+//! from the Gaussian class statistics stored with the model (raw embedding space) and pushed
+//! through the teacher's head: the same running estimator (cumulative mean and diagonal
+//! variance, w = n / (n + N)) sees samples of the same distribution SePiCo's sees, under the
+//! stored Gaussian model. As in SePiCo, the target side uses all pseudo labels (no confidence
+//! filter) and tau = 100 on unit-norm projections.
 
-use super::component::{Component, Step};
+use super::component::{need, Component, Geometry, Step};
 use super::config::{self, SepicoVariant};
 use crate::loss::cross_entropy;
 use crate::model::ops::{self, log_softmax_last_dim as log_softmax};
 use crate::model::Student;
 use crate::stats::SourceStats;
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
+use rand::SeedableRng;
 
-/// SePiCo as a step component: the student's features on the strong view against the source
-/// class statistics, under the training labels.
+/// The projection head: two linear layers with a ReLU between, then L2 normalisation.
+/// Weights in the order w1 [D, D], b1 [D], w2 [P, D], b2 [P].
+fn project(f: &Tensor, head: &[Tensor]) -> Result<Tensor> {
+    let h = ops::linear(f, &head[0], &head[1])?.relu()?;
+    ops::l2_normalize(&ops::linear(&h, &head[2], &head[3])?, COSINE_EPS)
+}
+
+/// He-uniform weights and zero biases, from a fixed seed (every run starts alike).
+fn init_head(d: usize, p: usize) -> Result<Vec<Tensor>> {
+    use rand::Rng;
+    let mut rng = StdRng::seed_from_u64(0x5e91c0);
+    let dev = &Device::Cpu;
+    let mut uniform = |rows: usize, cols: usize| {
+        let a = (6.0 / cols as f32).sqrt();
+        let v: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
+        Tensor::from_vec(v, (rows, cols), dev)
+    };
+    Ok(vec![
+        uniform(d, d)?,
+        Tensor::zeros(d, candle_core::DType::F32, dev)?,
+        uniform(p, d)?,
+        Tensor::zeros(p, candle_core::DType::F32, dev)?,
+    ])
+}
+
+const HEAD: [&str; 4] = ["w1", "b1", "w2", "b2"];
+
+/// SePiCo as a step component.
 pub struct Sepico {
     cfg: config::Sepico,
     stats: SourceStats,
+    /// The student's head (trained) and the teacher's (EMA of it, `ema` momentum).
+    head: Vec<Var>,
+    teacher: Vec<Tensor>,
+    ema: f64,
+    lr_mult: f64,
+    /// Running projected source statistics: class means [C, P], variances [C, P], counts.
+    mean: Tensor,
+    var: Tensor,
+    count: Vec<f64>,
 }
 
 impl Sepico {
-    pub fn new(cfg: &config::Sepico, stats: &SourceStats) -> Self {
-        Self {
-            cfg: cfg.clone(),
+    pub fn new(cfg: &config::AdaptConfig, stats: &SourceStats) -> Result<Self> {
+        let (c, d) = stats.mean.dims2()?;
+        let p = cfg.sepico.dim;
+        let init = init_head(d, p)?;
+        Ok(Self {
+            cfg: cfg.sepico.clone(),
             stats: stats.clone(),
+            head: init.iter().map(Var::from_tensor).collect::<Result<_>>()?,
+            teacher: init,
+            ema: cfg.ema,
+            lr_mult: cfg.head_lr_mult,
+            mean: Tensor::zeros((c, p), candle_core::DType::F32, &Device::Cpu)?,
+            var: Tensor::zeros((c, p), candle_core::DType::F32, &Device::Cpu)?,
+            count: vec![0.0; c],
+        })
+    }
+
+    /// SePiCo's estimator over one batch of projected source pixels: w = n / (n + N),
+    /// var <- (1 - w) var + w v + w (1 - w) (mu - m)^2, mu <- (1 - w) mu + w m, N += n.
+    fn update_statistics(&mut self, proj: &Tensor, labels: &[u32]) -> Result<()> {
+        let (c, p) = self.mean.dims2()?;
+        let (m, n) = super::class_means(proj, labels, c)?;
+        let sq = super::class_means(&proj.sqr()?, labels, c)?.0;
+        let mut mean: Vec<f32> = self.mean.flatten_all()?.to_vec1()?;
+        let mut var: Vec<f32> = self.var.flatten_all()?.to_vec1()?;
+        for k in (0..c).filter(|&k| n[k] > 0.0) {
+            let w = (n[k] as f64 / (n[k] as f64 + self.count[k])) as f32;
+            for j in 0..p {
+                let i = k * p + j;
+                let v = (sq[i] - m[i] * m[i]).max(0.0);
+                let d = mean[i] - m[i];
+                var[i] = (1.0 - w) * var[i] + w * v + w * (1.0 - w) * d * d;
+                mean[i] = (1.0 - w) * mean[i] + w * m[i];
+            }
+            self.count[k] += n[k] as f64;
         }
+        self.mean = Tensor::from_vec(mean, (c, p), &Device::Cpu)?;
+        self.var = Tensor::from_vec(var, (c, p), &Device::Cpu)?;
+        Ok(())
+    }
+
+    /// All pseudo labels of the view: the teacher's (rectified) labels, pasted pixels' own.
+    fn all_labels(step: &Step) -> Result<Tensor> {
+        let v = &step.view;
+        let y: Vec<u32> = step
+            .labels
+            .pred
+            .iter()
+            .zip(v.train.iter().zip(&v.pasted))
+            .map(|(&p, (&t, &pasted))| if pasted { t } else { p })
+            .collect();
+        Tensor::from_vec(y, v.train.len(), v.image.device())
     }
 }
 
@@ -36,22 +127,79 @@ impl Component for Sepico {
         &mut self,
         step: &mut Step,
         _student: &Student,
-        _rng: &mut StdRng,
+        rng: &mut StdRng,
     ) -> Result<Vec<(&'static str, Tensor)>> {
-        let (out, s, p) = (step.out(), &self.stats, &self.cfg);
+        let s = &self.stats;
+        let (src, ys) = super::bidirectional::sample_source_pixels(
+            &s.mean,
+            &s.var,
+            &s.count,
+            self.cfg.samples,
+            rng,
+        )?;
+        let proj = project(&src, &self.teacher)?;
+        self.update_statistics(&proj, &ys.to_vec1()?)?;
+        let head: Vec<Tensor> = self.head.iter().map(|v| v.as_tensor().clone()).collect();
+        let f = project(&step.out().feats, &head)?;
+        let y = Self::all_labels(step)?;
+        let (p, tau) = (&self.cfg, self.cfg.tau);
         let l = match p.variant {
-            SepicoVariant::Proto => proto_cl(&out.feats, &out.y, &s.mean, p.tau, super::IGNORE)?,
-            SepicoVariant::Dist => {
-                dist_cl(&out.feats, &out.y, &s.mean, &s.var, p.tau, super::IGNORE)?
-            }
+            SepicoVariant::Proto => proto_cl(&f, &y, &self.mean, tau, super::IGNORE)?,
+            SepicoVariant::Dist => dist_cl(&f, &y, &self.mean, &self.var, tau, super::IGNORE)?,
         };
         Ok(vec![
             ("sepico", (l * p.weight)?),
-            (
-                "sepico_reg",
-                (proto_reg(&out.feats, &s.mean, p.tau)? * p.reg)?,
-            ),
+            ("sepico_reg", (proto_reg(&f, &self.mean, tau)? * p.reg)?),
         ])
+    }
+
+    fn update(&mut self, _step: &Step, _student: &Student, _rng: &mut StdRng) -> Result<()> {
+        let m = self.ema;
+        for (t, v) in self.teacher.iter_mut().zip(&self.head) {
+            *t = ((&*t * m)? + (v.as_tensor().detach() * (1.0 - m))?)?;
+        }
+        Ok(())
+    }
+
+    fn params(&self) -> Vec<(String, Var, f64)> {
+        HEAD.iter()
+            .zip(&self.head)
+            .map(|(n, v)| (format!("head.{n}"), v.clone(), self.lr_mult))
+            .collect()
+    }
+
+    fn bytes(&self, g: &Geometry) -> (usize, String) {
+        let head = 2 * (g.dim * g.dim + g.dim + self.cfg.dim * g.dim + self.cfg.dim);
+        (
+            (head + 2 * g.classes * self.cfg.dim) * 4,
+            "projection heads, projected statistics".into(),
+        )
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut v = vec![
+            ("mean".into(), self.mean.clone()),
+            ("var".into(), self.var.clone()),
+        ];
+        let count: Vec<f32> = self.count.iter().map(|&c| c as f32).collect();
+        v.push(("count".into(), Tensor::new(count.as_slice(), &Device::Cpu)?));
+        for ((n, h), t) in HEAD.iter().zip(&self.head).zip(&self.teacher) {
+            v.push((format!("head.{n}"), h.as_tensor().copy()?));
+            v.push((format!("teacher.{n}"), t.clone()));
+        }
+        Ok(v)
+    }
+
+    fn load(&mut self, get: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
+        self.mean = need(get, "sepico", "mean")?;
+        self.var = need(get, "sepico", "var")?;
+        let count: Vec<f32> = need(get, "sepico", "count")?.to_vec1()?;
+        self.count = count.into_iter().map(f64::from).collect();
+        for ((n, h), t) in HEAD.iter().zip(&self.head).zip(&mut self.teacher) {
+            h.set(&need(get, "sepico", &format!("head.{n}"))?)?;
+            *t = need(get, "sepico", &format!("teacher.{n}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -85,19 +233,24 @@ pub fn dist_cl(
     ce + ((own * w)?.sum_all()? / n)?
 }
 
-/// The regulariser: the batch-mean feature should be equally similar to every centroid.
-/// Cross-entropy of softmax(mean(f) mu^T / tau) against uniform, divided by log C (1 at best).
+/// The regulariser as SePiCo's released code computes it (`proto_reg`): with the batch-mean
+/// feature f, sum_c log softmax(f mu^T / tau)_c / (C log C), added to the loss. Its value is
+/// -1 when f is equally similar to every centroid and lower otherwise.
 pub fn proto_reg(f: &Tensor, mu: &Tensor, tau: f64) -> Result<Tensor> {
     let c = mu.dim(0)? as f64;
     let mean = f.mean_keepdim(0)?; // [1, D]
     let lp = log_softmax(&(mean.matmul(&mu.t()?)? / tau)?)?; // [1, C]
-    lp.sum_all()?.neg()? / (c * c.ln())
+    lp.sum_all()? / (c * c.ln())
 }
+
+/// Rows shorter than this are scaled by its inverse instead of normalised: a near-zero
+/// embedding then has a bounded gradient (1e12 times the incoming one at 1e-12).
+pub const COSINE_EPS: f64 = 1e-4;
 
 /// Cosine similarity matrix of rows: [N, D] x [C, D] -> [N, C].
 pub fn cosine(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let na = ops::l2_normalize(a, 1e-12)?;
-    let nb = ops::l2_normalize(b, 1e-12)?;
+    let na = ops::l2_normalize(a, COSINE_EPS)?;
+    let nb = ops::l2_normalize(b, COSINE_EPS)?;
     na.matmul(&nb.t()?)
 }
 
@@ -195,12 +348,87 @@ mod tests {
     }
 
     #[test]
-    fn regulariser_is_one_at_uniform_similarity_and_larger_when_collapsed() {
+    fn cosine_of_a_near_zero_row_has_a_bounded_gradient() {
+        let tiny = candle_core::Var::from_tensor(&t(&[1e-9, -2e-9, 1e-9], (1, 3))).unwrap();
+        let protos = t(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], (2, 3));
+        let s = cosine(tiny.as_tensor(), &protos).unwrap();
+        let g = s.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = g
+            .get(tiny.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let worst = g.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(worst <= 1.0 / COSINE_EPS as f32 + 1.0, "{g:?}");
+        // Ordinary rows are normalised exactly.
+        let a = t(&[3.0, 4.0, 0.0], (1, 3));
+        let c: Vec<f32> = cosine(&a, &protos)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            (c[0] - 0.6).abs() < 1e-6 && (c[1] - 0.8).abs() < 1e-6,
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn regulariser_has_the_released_sign() {
+        // SePiCo's proto_reg: + sum_c log p_c / (C log C): -1 at uniform similarity, lower
+        // (more negative) when the mean feature leans towards one centroid.
         let mu = t(&[1.0, 0.0, 0.0, 1.0], (2, 2));
         let balanced = t(&[1.0, 1.0, 0.5, 0.5], (2, 2));
-        let collapsed = t(&[5.0, 0.0, 4.0, 0.0], (2, 2));
+        let leaning = t(&[5.0, 0.0, 4.0, 0.0], (2, 2));
         let r = |f: &Tensor| proto_reg(f, &mu, 1.0).unwrap().to_scalar::<f32>().unwrap();
-        assert!((r(&balanced) - 1.0).abs() < 1e-5);
-        assert!(r(&collapsed) > 1.5);
+        assert!((r(&balanced) + 1.0).abs() < 1e-5);
+        let p0 = 1.0 / (1.0 + (-4.5f32).exp());
+        let want = (p0.ln() + (1.0 - p0).ln()) / (2.0 * 2f32.ln());
+        assert!(
+            (r(&leaning) - want).abs() < 1e-5,
+            "{} vs {want}",
+            r(&leaning)
+        );
+    }
+
+    #[test]
+    fn projections_are_unit_norm_and_the_statistics_follow_the_estimator() {
+        let head = init_head(3, 4).unwrap();
+        let f = t(&[0.2, -0.5, 1.0, 3.0, 0.1, 0.0], (2, 3));
+        let p = project(&f, &head).unwrap().to_vec2::<f32>().unwrap();
+        for row in &p {
+            let n: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!((n - 1.0).abs() < 1e-5 || n == 0.0, "{n}");
+        }
+        let stats = SourceStats {
+            mean: t(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], (2, 3)),
+            var: t(&[0.1; 6], (2, 3)),
+            count: Tensor::new(&[5f32, 5.0], &Device::Cpu).unwrap(),
+            prior: Tensor::new(&[0.5f32, 0.5], &Device::Cpu).unwrap(),
+            prototypes: t(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], (2, 3)),
+            bank: None,
+        };
+        let cfg = config::AdaptConfig {
+            sepico: config::Sepico {
+                dim: 2,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut s = Sepico::new(&cfg, &stats).unwrap();
+        // Two batches of class 0: {(1, 0), (0, 1)} then {(1, 0)}; running mean (2/3, 1/3),
+        // variance of all three values per dimension (2/9).
+        let a = t(&[1.0, 0.0, 0.0, 1.0], (2, 2));
+        s.update_statistics(&a, &[0, 0]).unwrap();
+        s.update_statistics(&t(&[1.0, 0.0], (1, 2)), &[0]).unwrap();
+        let m = s.mean.to_vec2::<f32>().unwrap();
+        let v = s.var.to_vec2::<f32>().unwrap();
+        assert!((m[0][0] - 2.0 / 3.0).abs() < 1e-6 && (m[0][1] - 1.0 / 3.0).abs() < 1e-6);
+        assert!((v[0][0] - 2.0 / 9.0).abs() < 1e-6 && (v[0][1] - 2.0 / 9.0).abs() < 1e-6);
+        assert_eq!(s.count, vec![3.0, 0.0]);
+        assert_eq!(m[1], vec![0.0, 0.0], "an unseen class stays empty");
     }
 }

@@ -1,14 +1,15 @@
 //! Guards against a run that goes wrong: a collapse monitor on the teacher's predicted class
 //! distribution and confidence, and CoTTA's stochastic restore towards the source weights.
 
-use super::component::{Component, Flow, Labels, Step};
+use super::component::{Component, Flow, Step};
 use crate::model::Student;
 use candle_core::{Result, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-/// The collapse monitor as a step component: it watches the labels' class shares and mean
-/// confidence and stops a step that leaves the band.
+/// The collapse monitor as a step component. It watches the student (the model that collapses
+/// first; the EMA teacher lags it by about 1 / (1 - momentum) steps): the class shares and mean
+/// confidence of its predictions on the pixels both views share, before any loss is taken.
 pub struct CollapseGuard(pub CollapseMonitor);
 
 impl Component for CollapseGuard {
@@ -16,15 +17,27 @@ impl Component for CollapseGuard {
         "guard"
     }
 
-    fn label(&mut self, l: &mut Labels, _t: u64) -> Result<Flow> {
-        let c = l.probs.dim(1)?;
-        let n = l.len();
+    fn inspect(&mut self, step: &Step) -> Result<Flow> {
+        let out = step.out();
+        let probs = candle_nn::ops::softmax_last_dim(&out.logits.detach())?;
+        let c = probs.dim(1)?;
+        let pred: Vec<u32> = probs.argmax(candle_core::D::Minus1)?.to_vec1()?;
+        let conf: Vec<f32> = probs.max(candle_core::D::Minus1)?.to_vec1()?;
+        let same: Vec<u8> = out.same.to_vec1()?;
         let mut shares = vec![0f64; c];
-        l.pred
-            .iter()
-            .for_each(|&p| shares[p as usize] += 1.0 / n as f64);
-        let mean_conf = l.conf.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
-        Ok(match self.0.observe(&shares, mean_conf) {
+        let (mut n, mut sum) = (0f64, 0f64);
+        for ((&p, &q), &s) in pred.iter().zip(&conf).zip(&same) {
+            if s != 0 {
+                shares[p as usize] += 1.0;
+                sum += q as f64;
+                n += 1.0;
+            }
+        }
+        if n == 0.0 {
+            return Ok(Flow::Go);
+        }
+        shares.iter_mut().for_each(|v| *v /= n);
+        Ok(match self.0.observe(&shares, sum / n) {
             true => Flow::Collapse,
             false => Flow::Go,
         })
@@ -35,8 +48,10 @@ impl Component for CollapseGuard {
 /// element goes back to its source value with probability `p`.
 pub struct Restore {
     p: f64,
-    /// Source values of the trainable weights, in the student's order.
-    source: Vec<Tensor>,
+    /// Names and source values of the trainable weights, in the student's order. They are part
+    /// of the checkpoint: a resumed or rolled-back run restores towards the source model, not
+    /// towards the weights it resumed from.
+    source: Vec<(String, Tensor)>,
 }
 
 impl Restore {
@@ -50,10 +65,9 @@ impl Restore {
         let source = crate::model::param_specs(model)
             .into_iter()
             .filter(|s| s.trainable && cfg.trains(&s.name))
-            .map(|s| {
-                weights.get(&s.name).cloned().ok_or_else(|| {
-                    candle_core::Error::Msg(format!("restore: missing source tensor {}", s.name))
-                })
+            .map(|s| match weights.get(&s.name) {
+                Some(t) => Ok((s.name, t.clone())),
+                None => candle_core::bail!("restore: missing source tensor {}", s.name),
             })
             .collect::<Result<_>>()?;
         Ok(Self {
@@ -70,12 +84,28 @@ impl Component for Restore {
 
     fn update(&mut self, _step: &Step, student: &Student, rng: &mut StdRng) -> Result<()> {
         let vars: Vec<Var> = student.vars.iter().map(|(_, v)| v.clone()).collect();
-        stochastic_restore(&vars, &self.source, self.p, rng)
+        let source: Vec<Tensor> = self.source.iter().map(|(_, t)| t.clone()).collect();
+        stochastic_restore(&vars, &source, self.p, rng)
     }
 
     fn bytes(&self, _g: &super::component::Geometry) -> (usize, String) {
-        let n: usize = self.source.iter().map(|t| t.elem_count()).sum();
+        let n: usize = self.source.iter().map(|(_, t)| t.elem_count()).sum();
         (n * 4, "source weights".into())
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self
+            .source
+            .iter()
+            .map(|(n, t)| (format!("source.{n}"), t.clone()))
+            .collect())
+    }
+
+    fn load(&mut self, get: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
+        for (n, t) in &mut self.source {
+            *t = super::component::need(get, "restore", &format!("source.{n}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -110,10 +140,13 @@ pub struct CollapseMonitor {
     seen: u64,
     warmup: u64,
     width: f64,
+    /// Consecutive flagged steps, and after how many the level is accepted.
+    flagged: u64,
+    patience: u64,
 }
 
 impl CollapseMonitor {
-    pub fn new(classes: usize, width: f64, warmup: u64) -> Self {
+    pub fn new(classes: usize, width: f64, warmup: u64, patience: u64) -> Self {
         Self {
             hist: vec![0.0; classes],
             shift: Band::default(),
@@ -121,11 +154,15 @@ impl CollapseMonitor {
             seen: 0,
             warmup,
             width,
+            flagged: 0,
+            patience,
         }
     }
 
     /// Feeds one step's class shares (summing to 1) and mean confidence; true when the step
-    /// looks like a collapse. A collapsed step does not enter the running band.
+    /// looks like a collapse. A flagged step does not enter the running band, unless it is the
+    /// `patience`-th in a row: a level that persists through that many rollbacks is the
+    /// stream's own (a new domain), and the band moves to it.
     pub fn observe(&mut self, shares: &[f64], confidence: f64) -> bool {
         let tv = 0.5
             * shares
@@ -141,8 +178,16 @@ impl CollapseMonitor {
         }
         let bad = self.seen > self.warmup
             && (self.shift.outside(tv, self.width) || self.conf.outside(confidence, self.width));
-        if bad {
+        if bad && self.flagged < self.patience {
+            self.flagged += 1;
             return true;
+        }
+        self.flagged = 0;
+        if bad {
+            // Accepted: the band starts again from this level.
+            self.hist = shares.to_vec();
+            self.conf.mean = confidence;
+            return false;
         }
         let m = 1.0 - 1.0 / (self.seen as f64 + 1.0).min(50.0);
         self.shift.update(tv, m);
@@ -180,7 +225,7 @@ mod tests {
 
     #[test]
     fn a_steady_stream_passes_and_a_collapse_is_caught() {
-        let mut m = CollapseMonitor::new(3, 6.0, 10);
+        let mut m = CollapseMonitor::new(3, 6.0, 10, 100);
         let mut rng = StdRng::seed_from_u64(0);
         for _ in 0..100 {
             let j: f64 = rng.random_range(-0.02..0.02);
@@ -193,6 +238,20 @@ mod tests {
         // Still flagged: a collapsed step does not widen the band.
         assert!(m.observe(&[1.0, 0.0, 0.0], 0.85));
         assert!(!m.observe(&[0.5, 0.3, 0.2], 0.85));
+    }
+
+    #[test]
+    fn a_persistent_new_level_is_accepted_after_patience() {
+        let mut m = CollapseMonitor::new(2, 6.0, 5, 3);
+        for i in 0..50 {
+            let j = if i % 2 == 0 { 0.01 } else { -0.01 };
+            assert!(!m.observe(&[0.7 + j, 0.3 - j], 0.9));
+        }
+        // The stream moves to a new level and stays: flagged three times, then accepted.
+        let flags: Vec<bool> = (0..5).map(|_| m.observe(&[0.3, 0.7], 0.6)).collect();
+        assert_eq!(flags, vec![true, true, true, false, false]);
+        // A single outlier after an in-band step is flagged again.
+        assert!(m.observe(&[1.0, 0.0], 0.6));
     }
 
     #[test]

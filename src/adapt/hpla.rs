@@ -43,6 +43,7 @@ impl Component for Hpla {
                 &mut img[i * plane..(i + 1) * plane],
                 &mut v.train[i * h * w..(i + 1) * h * w],
                 (h, w),
+                (dims[2], dims[3]),
                 rng,
             );
             v.pasted[i * h * w..(i + 1) * h * w].copy_from_slice(&r.mask);
@@ -196,24 +197,25 @@ impl CopyPaste {
         self.pool.push_back(Pooled { image, labels });
     }
 
-    /// Pastes into one view `image` [3, H, W] with labels [h, w] (H = s*h, W = s*w): up to
-    /// `rounds` times draw a hard class with probability proportional to (1 - conf)^2, pick a
-    /// pooled frame whose labels contain it, copy all its pixels of that class; stop once half
-    /// the hard classes are in, drawing later rounds only from those not yet pasted.
+    /// Pastes into one view `image` [3, H, W] with labels [h, w] on the feature grid (any
+    /// sizes: label cell (y, x) covers image rows y H / h .. (y + 1) H / h and the same for
+    /// columns): up to `rounds` times draw a hard class with probability proportional to
+    /// (1 - conf)^2, pick a pooled frame whose labels contain it, copy all its pixels of that
+    /// class; stop once half the hard classes are in, drawing later rounds only from those not
+    /// yet pasted.
     pub fn paste(
         &self,
         image: &mut [f32],
         labels: &mut [u32],
         (h, w): (usize, usize),
+        (big_h, big_w): (usize, usize),
         rng: &mut StdRng,
     ) -> Pasted {
         let mut out = Pasted {
             mask: vec![false; labels.len()],
             classes: Vec::new(),
         };
-        let plane = image.len() / 3;
-        let s = ((plane / (h * w)) as f64).sqrt().round() as usize;
-        let big_w = w * s;
+        let plane = big_h * big_w;
         let mut left = self.hard_classes();
         for _ in 0..self.rounds {
             if left.is_empty() || out.classes.len() * 2 >= self.hard {
@@ -249,10 +251,12 @@ impl CopyPaste {
                 labels[i] = k as u32;
                 out.mask[i] = true;
                 let (y, x) = (i / w, i % w);
+                let (y0, y1) = (y * big_h / h, ((y + 1) * big_h / h).min(big_h));
+                let (x0, x1) = (x * big_w / w, ((x + 1) * big_w / w).min(big_w));
                 for ch in 0..3 {
-                    for dy in 0..s {
-                        let row = ch * plane + (y * s + dy) * big_w + x * s;
-                        image[row..row + s].copy_from_slice(&src.image[row..row + s]);
+                    for yy in y0..y1 {
+                        let row = ch * plane + yy * big_w;
+                        image[row + x0..row + x1].copy_from_slice(&src.image[row + x0..row + x1]);
                     }
                 }
             }
@@ -281,7 +285,7 @@ mod tests {
         let mut img = vec![-1f32; src_img.len()];
         let mut lab = vec![1u32; h * w];
         let mut rng = StdRng::seed_from_u64(0);
-        let p = cp.paste(&mut img, &mut lab, (h, w), &mut rng);
+        let p = cp.paste(&mut img, &mut lab, (h, w), (h * s, w * s), &mut rng);
         assert_eq!(p.classes, vec![2]);
         assert_eq!(lab, vec![1, 2, 1, 1, 1, 2]);
         assert_eq!(p.mask, vec![false, true, false, false, false, true]);
@@ -296,6 +300,34 @@ mod tests {
                         if pasted { src_img[i] } else { -1.0 },
                         "{ch} {yy} {xx}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pastes_into_crops_whose_sides_are_not_multiples_of_the_grid() {
+        // A 50x70 view has a 13x18 feature grid (ceil of a quarter): cells cover 3 or 4 pixels.
+        let ((h, w), (ih, iw)) = ((13, 18), (50, 70));
+        let mut cp = CopyPaste::new(2, 1, 1, 1);
+        cp.class_conf = vec![0.9, 0.2];
+        let src: Vec<f32> = (0..3 * ih * iw).map(|v| v as f32).collect();
+        let mut src_lab = vec![0u32; h * w];
+        src_lab[h * w - 1] = 1; // the bottom-right cell
+        cp.push(src.clone(), src_lab);
+        let mut img = vec![-1f32; 3 * ih * iw];
+        let mut lab = vec![0u32; h * w];
+        let mut rng = StdRng::seed_from_u64(0);
+        let p = cp.paste(&mut img, &mut lab, (h, w), (ih, iw), &mut rng);
+        assert_eq!(p.classes, vec![1]);
+        assert_eq!(lab[h * w - 1], 1);
+        // The last cell covers rows 46..50 and columns 66..70, up to the image's edge.
+        for ch in 0..3 {
+            for y in 0..ih {
+                for x in 0..iw {
+                    let i = ch * ih * iw + y * iw + x;
+                    let inside = y >= 46 && x >= 66;
+                    assert_eq!(img[i], if inside { src[i] } else { -1.0 }, "{ch} {y} {x}");
                 }
             }
         }

@@ -30,8 +30,8 @@ use crate::model::TensorMap;
 use crate::stats::SourceStats;
 
 /// The switched-on components in pipeline order. The order is the order of every hook: CPSL
-/// rectifies before the guard watches and the selection keeps; copy-paste pastes before
-/// ClassMix; the loss terms add up in this order.
+/// rectifies and DIDA blends in its instance level before the selection keeps and BiDA checks;
+/// copy-paste pastes before ClassMix; the loss terms add up in this order.
 pub fn components(
     cfg: &AdaptConfig,
     model: &SegformerConfig,
@@ -50,16 +50,20 @@ pub fn components(
         v.push(Box::new(region::RegionTerms(cfg.region.clone())));
     }
     if cfg.sepico.on {
-        v.push(Box::new(contrast::Sepico::new(&cfg.sepico, stats)));
+        v.push(Box::new(contrast::Sepico::new(cfg, stats)?));
     }
     if cfg.cpsl.on {
-        v.push(Box::new(cpsl::Cpsl::new(cfg, stats)?));
+        v.push(Box::new(cpsl::Cpsl::new(&cfg.cpsl, stats)?));
+    }
+    if cfg.dida.on {
+        v.push(Box::new(bank::Dida::new(&cfg.dida, classes, stats)?));
     }
     if cfg.guard.collapse {
         v.push(Box::new(guard::CollapseGuard(guard::CollapseMonitor::new(
             classes,
             cfg.guard.band,
             cfg.guard.warmup,
+            cfg.guard.patience,
         ))));
     }
     v.push(Box::new(match cfg.ias.on {
@@ -74,9 +78,6 @@ pub fn components(
     }));
     if cfg.bida.on {
         v.push(Box::new(bidirectional::Bida::new(&cfg.bida, stats)?));
-    }
-    if cfg.dida.on {
-        v.push(Box::new(bank::Dida::new(&cfg.dida, stats)?));
     }
     if cfg.guard.restore > 0.0 {
         v.push(Box::new(guard::Restore::new(cfg, model, source_weights)?));

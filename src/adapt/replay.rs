@@ -400,25 +400,24 @@ impl Component for SourceReplay {
             return Ok(Vec::new());
         };
         let (l, embed) = Self::source_forward(student, xs, ys, rng)?;
+        let (_, _, ih, iw) = xs.dims4()?;
+        let (k, fh, fw, d) = embed.dims4()?;
+        let yv: Vec<u32> = ys.to_vec1()?;
+        let cells: Vec<u32> = yv
+            .chunks(ih * iw)
+            .flat_map(|plane| cell_labels(plane, (ih, iw), (fh, fw)))
+            .collect();
+        let feats = embed.reshape((k * fh * fw, d))?;
         if let Some(per_class) = self.bida_per_class {
-            let (_, _, ih, iw) = xs.dims4()?;
-            let (k, fh, fw, d) = embed.dims4()?;
-            let yv: Vec<u32> = ys.to_vec1()?;
-            let cells: Vec<u32> = yv
-                .chunks(ih * iw)
-                .flat_map(|plane| cell_labels(plane, (ih, iw), (fh, fw)))
-                .collect();
             let c = step.stats.mean.dim(0)?;
-            let picked = super::bidirectional::pick_source_pixels(
-                &embed.reshape((k * fh * fw, d))?,
-                &cells,
-                c,
-                per_class,
-                rng,
-            )?;
+            let picked =
+                super::bidirectional::pick_source_pixels(&feats, &cells, c, per_class, rng)?;
             if let Some(out) = step.student.as_mut() {
                 out.source_pixels = picked;
             }
+        }
+        if let Some(out) = step.student.as_mut() {
+            out.source_cells = Some((feats.detach(), cells));
         }
         Ok(vec![("source", (l * self.cfg.weight)?)])
     }

@@ -128,10 +128,7 @@ impl Adapter {
         let phase = crate::profile::scope("adapt: pseudo labels and views");
         for c in &mut self.components {
             if c.label(&mut labels, self.step)? == Flow::Collapse {
-                return Ok(StepReport {
-                    collapsed: true,
-                    ..Default::default()
-                });
+                return Ok(collapsed());
             }
         }
         let selected = labels.selected();
@@ -161,6 +158,11 @@ impl Adapter {
             step.student = Some(out);
             (ce, kept)
         };
+        for c in &mut self.components {
+            if c.inspect(&step)? == Flow::Collapse {
+                return Ok(collapsed());
+            }
+        }
         let phase = crate::profile::scope("adapt: losses");
         let mut terms: Vec<(&'static str, Tensor)> = vec![("ce", ce)];
         for c in &mut self.components {
@@ -239,6 +241,13 @@ fn optimize(
     Ok((report, outcome != StepOutcome::NonFinite))
 }
 
+fn collapsed() -> StepReport {
+    StepReport {
+        collapsed: true,
+        ..Default::default()
+    }
+}
+
 /// The student on the view with its training labels and masks; the share of pixels trained on.
 fn student_forward(student: &Student, v: &View, rng: &mut StdRng) -> Result<(StudentOut, f32)> {
     let n = v.train.len();
@@ -262,6 +271,7 @@ fn student_forward(student: &Student, v: &View, rng: &mut StdRng) -> Result<(Stu
             kept: mask(keep)?,
             same: mask(v.pasted.iter().map(|p| !p).collect())?,
             source_pixels: None,
+            source_cells: None,
         },
         kept,
     ))
@@ -286,11 +296,18 @@ impl Adapter {
         Ok(m)
     }
 
-    /// Goes back to a saved state in place (the source frames stay on board).
+    /// Goes back to a saved state in place. The source frames stay on board, and the collapse
+    /// guard keeps the band it has built and its count of flagged steps: restarting it would
+    /// blind it for its warm-up, and a level that keeps being flagged is then accepted.
     pub fn rollback(&mut self, state: &TensorMap) -> Result<()> {
         let cfg = self.teacher.cfg.clone();
         let replay = self.replay.take();
-        *self = Adapter::restore(self.cfg.clone(), &cfg, self.stats.clone(), state)?;
+        let mut back = Adapter::restore(self.cfg.clone(), &cfg, self.stats.clone(), state)?;
+        let guard = |a: &Adapter| a.components.iter().position(|c| c.name() == "guard");
+        if let (Some(i), Some(j)) = (guard(self), guard(&back)) {
+            std::mem::swap(&mut self.components[i], &mut back.components[j]);
+        }
+        *self = back;
         self.replay = replay;
         Ok(())
     }

@@ -106,10 +106,12 @@ fn train_once(
         .push(t0.elapsed().as_secs_f64() * 1e3);
     if rep.collapsed {
         counters.rollbacks.fetch_add(1, Ordering::Relaxed);
+        // Back past the guard's warm-up: the newest checkpoint may already hold the drift.
+        let margin = adapter.cfg.guard.warmup;
         let ck = cfg
             .checkpoints
             .as_ref()
-            .and_then(|d| d.latest(&Device::Cpu));
+            .and_then(|d| d.latest_at_or_before(adapter.step.saturating_sub(margin), &Device::Cpu));
         match ck {
             Some(ck) => {
                 log::warn!(

@@ -175,11 +175,12 @@ impl CustomOp2 for LogSoftmaxGrad {
 
 /// Rows of the last dimension divided by their L2 norm plus `eps`, generic twin.
 pub fn l2_normalize_generic(x: &Tensor, eps: f64) -> Result<Tensor> {
-    x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + eps)?)
+    x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(eps)?)
 }
 
-/// y = x / (|x| + eps) per row of the last dimension, with the analytic backward
-/// dx = g / n - x (g.x) / (n^2 |x|), n = |x| + eps (0 for the second term of a zero row).
+/// y = x / max(|x|, eps) per row of the last dimension (PyTorch's `F.normalize`), with the
+/// analytic backward dx = g / r - x (g.x) / r^3 for r = |x| > eps, and g / eps below it: rows
+/// shorter than eps are scaled, not normalised, so their gradient stays bounded by |g| / eps.
 pub fn l2_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
     if cpu_f32(x) {
         x.contiguous()?.apply_op1(L2Normalize { eps: eps as f32 })
@@ -202,7 +203,7 @@ impl CustomOp1 for L2Normalize {
         let _t = crate::profile::scope(self.name());
         let x = as_f32(st, l, self.name())?;
         let out = map_rows(x, last_dim(l), |o, row| {
-            let inv = 1.0 / (sum_zip(row, row, |a, b| a * b).sqrt() + self.eps);
+            let inv = 1.0 / sum_zip(row, row, |a, b| a * b).sqrt().max(self.eps);
             o.iter_mut().zip(row).for_each(|(o, v)| *o = v * inv);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -235,9 +236,9 @@ impl CustomOp2 for L2NormalizeGrad {
         let g = as_f32(s2, l2, self.name())?;
         let dx = map_rows2(x, g, last_dim(l1), |o, xr, gr| {
             let r = sum_zip(xr, xr, |a, b| a * b).sqrt();
-            let n = r + self.0.eps;
-            let k = if r > 0.0 {
-                sum_zip(gr, xr, |a, b| a * b) / (n * n * r)
+            let n = r.max(self.0.eps);
+            let k = if r > self.0.eps {
+                sum_zip(gr, xr, |a, b| a * b) / (r * r * r)
             } else {
                 0.0
             };
