@@ -38,6 +38,10 @@ pub struct Row {
     pub per_class: Vec<(String, Option<f64>)>,
     pub step_ms: f64,
     pub peak_heap_mb: f64,
+    /// The switched-on components, in pipeline order.
+    pub components: Vec<String>,
+    /// Each loss term's mean absolute value per step, averaged over seeds.
+    pub loss_terms: Vec<(String, f64)>,
 }
 
 impl Row {
@@ -92,7 +96,32 @@ fn row(method: &str, reports: &[Report]) -> Row {
         per_class,
         step_ms: med(reports.iter().map(|r| r.summary.step_ms_p50).collect()),
         peak_heap_mb: reports.iter().map(|r| r.peak_heap_mb).fold(0.0, f64::max),
+        components: reports
+            .first()
+            .map(|r| r.components.clone())
+            .unwrap_or_default(),
+        loss_terms: mean_terms(reports),
     }
+}
+
+/// Each term's mean over the runs that have it, in the first run's order.
+fn mean_terms(reports: &[Report]) -> Vec<(String, f64)> {
+    let Some(first) = reports.first() else {
+        return Vec::new();
+    };
+    first
+        .summary
+        .loss_terms
+        .iter()
+        .map(|(name, _)| {
+            let v: Vec<f64> = reports
+                .iter()
+                .filter_map(|r| r.summary.loss_terms.iter().find(|(n, _)| n == name))
+                .map(|(_, v)| *v)
+                .collect();
+            (name.clone(), v.iter().sum::<f64>() / v.len().max(1) as f64)
+        })
+        .collect()
 }
 
 impl Ablation {
@@ -213,6 +242,28 @@ pub fn markdown(rows: &[Row]) -> String {
             s += &v.map_or(" - |".into(), |v| format!(" {v:.1} |"));
         }
         s += "\n";
+    }
+    s += "\n| method | components (pipeline order) | loss terms: mean |value| per step |\n|---|---|---|\n";
+    for r in rows {
+        let terms: Vec<String> = r
+            .loss_terms
+            .iter()
+            .map(|(n, v)| format!("{n} {v:.4}"))
+            .collect();
+        s += &format!(
+            "| {} | {} | {} |\n",
+            r.method,
+            if r.components.is_empty() {
+                "-".into()
+            } else {
+                r.components.join(", ")
+            },
+            if terms.is_empty() {
+                "-".into()
+            } else {
+                terms.join(", ")
+            }
+        );
     }
     s
 }

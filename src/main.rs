@@ -48,6 +48,20 @@ enum Cmd {
     Ablate(AblateArgs),
     /// Print a profile's memory plan (each part's bytes, measured); non-zero when it does not fit.
     Inspect(InspectArgs),
+    /// Recompute a model's source statistics (class statistics, prior, prototypes and DIDA's
+    /// instance bank) from its labelled source frames, as `train` writes them.
+    Stats(StatsArgs),
+}
+
+#[derive(clap::Args)]
+struct StatsArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// The labelled source frames the model was trained on.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long = "where", value_parser = parse_where)]
+    filter: Vec<(String, String)>,
 }
 
 /// `COL=VAL` (or `COL=LO..HI`) for filtering a manifest; repeatable, all must hold.
@@ -363,7 +377,32 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Adapt(a) => adapt(a),
         Cmd::Inspect(a) => inspect(a),
         Cmd::Ablate(a) => ablate(a),
+        Cmd::Stats(a) => stats(a),
     }
+}
+
+fn stats(a: StatsArgs) -> Result<()> {
+    let dev = Device::Cpu;
+    let (model, pre) = load_model(&a.model, &dev)?;
+    let ignore = u8::try_from(model.cfg.ignore_label()).unwrap_or(255);
+    let examples =
+        Dataset::open(&a.data, &a.filter)?.load_all(model.cfg.num_labels(), ignore, true);
+    if examples.is_empty() {
+        bail!(
+            "{}: no labelled frames to compute statistics from",
+            a.data.display()
+        );
+    }
+    let stats = segadapt::stats::SourceStats::compute(&model, &pre, &examples, ignore)?;
+    stats.save(&a.model)?;
+    let bank = stats.bank.as_ref().map_or(0, |b| b.labels.len());
+    println!(
+        "{}: statistics of {} labelled frames, {bank} instances, written to {}",
+        a.model.display(),
+        examples.len(),
+        a.model.join(segadapt::stats::FILE).display()
+    );
+    Ok(())
 }
 
 fn model_config(a: &TrainArgs) -> Result<SegformerConfig> {

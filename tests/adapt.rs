@@ -250,6 +250,19 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
             Some(_) => assert_eq!(summary.train_steps, 8),
             None => assert_eq!(summary.train_steps, adapter.step),
         }
+        if summary.train_steps > 0 {
+            // Every switched-on component's terms are reported with their mean magnitude.
+            let names: Vec<&str> = summary.loss_terms.iter().map(|(n, _)| n.as_str()).collect();
+            for t in [
+                "ce", "sepico", "cpsl", "bida_t2s", "bida_s2t", "dida", "smooth",
+            ] {
+                assert!(names.contains(&t), "{t} missing from {names:?}");
+            }
+            assert!(summary
+                .loss_terms
+                .iter()
+                .all(|(_, v)| v.is_finite() && *v >= 0.0));
+        }
     }
 }
 

@@ -39,6 +39,10 @@ pub struct Summary {
     pub rollbacks: u64,
     /// Times a step waited because memory would have passed the budget.
     pub budget_waits: u64,
+    /// Each loss term's mean absolute value over the steps taken, in pipeline order: a term
+    /// that stays constant or at zero does nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loss_terms: Vec<(String, f64)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub miou: Option<f64>,
     /// Damage found in the recording (truncation, corrupt records).

@@ -53,6 +53,30 @@ struct Counters {
     rollbacks: AtomicU64,
     budget_waits: AtomicU64,
     step_ms: Mutex<Vec<f64>>,
+    /// Per loss term: sum of absolute values and steps seen.
+    terms: Mutex<Vec<(&'static str, f64, u64)>>,
+}
+
+impl Counters {
+    fn add_terms(&self, terms: &[(&'static str, f32)]) {
+        let mut all = self.terms.lock().expect("loss terms");
+        for &(name, v) in terms {
+            match all.iter_mut().find(|(n, _, _)| *n == name) {
+                Some(t) => {
+                    t.1 += v.abs() as f64;
+                    t.2 += 1;
+                }
+                None => all.push((name, v.abs() as f64, 1)),
+            }
+        }
+    }
+
+    fn mean_terms(&self) -> Vec<(String, f64)> {
+        let all = self.terms.lock().expect("loss terms");
+        all.iter()
+            .map(|(n, s, k)| (n.to_string(), s / (*k).max(1) as f64))
+            .collect()
+    }
 }
 
 /// The model serving predictions, replaced after every training step.
@@ -136,6 +160,7 @@ fn train_once(
         );
         return Ok(false);
     }
+    counters.add_terms(&rep.terms);
     if cfg.checkpoint_every > 0 && adapter.step % cfg.checkpoint_every == 0 {
         save(adapter, cfg)?;
     }
@@ -175,6 +200,7 @@ pub fn run_online(
         let mut t = counters.step_ms.lock().expect("step times").clone();
         t.sort_by(|a, b| a.total_cmp(b));
         s.step_ms_p50 = super::percentile(&t, 0.5);
+        s.loss_terms = counters.mean_terms();
         s
     };
     if let Some(k) = cfg.steps_per_frame {

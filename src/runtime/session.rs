@@ -45,6 +45,8 @@ pub struct Session {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub method: String,
+    /// The switched-on components, in pipeline order.
+    pub components: Vec<String>,
     pub seed: u64,
     pub summary: Summary,
     pub source_only: Option<Scores>,
@@ -184,6 +186,15 @@ impl Session {
             }),
         };
         let curve = Mutex::new(Vec::new());
+        let components: Vec<String> = match (source_only, adapter.cfg.tent.on) {
+            (true, _) => Vec::new(),
+            (false, true) => vec!["tent".into()],
+            (false, false) => adapter
+                .component_names()
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
+        };
         crate::budget::reset_peak();
         let (summary, adapter) = run_online(
             source,
@@ -219,6 +230,7 @@ impl Session {
         adapter.stats.save(&self.out)?;
         Ok(Report {
             method: self.method.to_string(),
+            components,
             seed: self.seed,
             summary,
             source_only: before,
