@@ -384,7 +384,7 @@ fn run(cli: Cli) -> Result<()> {
 fn stats(a: StatsArgs) -> Result<()> {
     let dev = Device::Cpu;
     let (model, pre) = load_model(&a.model, &dev)?;
-    let ignore = u8::try_from(model.cfg.ignore_label()).unwrap_or(255);
+    let ignore = model.cfg.ignore_label();
     let examples =
         Dataset::open(&a.data, &a.filter)?.load_all(model.cfg.num_labels(), ignore, true);
     if examples.is_empty() {
