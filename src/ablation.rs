@@ -91,7 +91,7 @@ fn row(method: &str, reports: &[Report]) -> Row {
         miou: scores.iter().map(|s| s.miou).collect(),
         curves: reports
             .iter()
-            .map(|r| r.curve.iter().map(|(_, m)| *m).collect())
+            .map(|r| r.points.iter().map(|p| p.scores.miou).collect())
             .collect(),
         per_class,
         step_ms: med(reports.iter().map(|r| r.summary.step_ms_p50).collect()),
@@ -128,8 +128,9 @@ impl Ablation {
     pub fn run(&self, stop: Arc<AtomicBool>) -> Result<Vec<Row>> {
         let cfg = crate::config::SegformerConfig::load(&self.model.join("config.json"))?;
         let (classes, ignore) = (cfg.num_labels(), cfg.ignore_label());
-        let eval =
-            Arc::new(Dataset::open(&self.data, &self.filter)?.load_all(classes, ignore, true));
+        let ds = Dataset::open(&self.data, &self.filter)?;
+        let frames = ds.samples.len() as u64;
+        let eval = Arc::new(ds.load_all(classes, ignore, true));
         if eval.is_empty() {
             return Err(Error::data(
                 &self.data,
@@ -142,6 +143,14 @@ impl Ablation {
             num_classes: classes,
             ignore,
             camera_size: None,
+            limit: None,
+        };
+        // Scored after every pass.
+        let schedule = crate::runtime::session::Schedule {
+            sets: vec![eval.clone()],
+            at: (1..=self.loops.max(1) as u64)
+                .map(|k| (k * frames, 0))
+                .collect(),
         };
         let spec = format!("folder:{}", self.data.display());
         let mut before = None;
@@ -160,13 +169,14 @@ impl Ablation {
                     method: *method,
                     out,
                     eval: Some(eval.clone()),
-                    eval_every: eval.len() as u64,
+                    eval_every: 0,
                     steps_per_frame: Some(self.steps_per_frame),
                     seed,
                     realtime: false,
                     adapt: None,
                     replay: self.replay.clone(),
                     before: before.clone(),
+                    schedule: schedule.clone(),
                 };
                 let source = Looped::open(&spec, &opts, self.loops)
                     .map_err(|e| Error::Invalid(e.to_string()))?;

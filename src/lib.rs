@@ -19,6 +19,7 @@ pub mod report;
 pub mod runtime;
 pub mod source;
 pub mod stats;
+pub mod suite;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -48,9 +48,43 @@ enum Cmd {
     Ablate(AblateArgs),
     /// Print a profile's memory plan (each part's bytes, measured); non-zero when it does not fit.
     Inspect(InspectArgs),
+    /// Methods x seeds x targets from a suite file (benches/suites/dev.toml): one table of
+    /// scores, gains and margins over the baselines; writes OUT/suite.md and OUT/suite.json.
+    Suite(SuiteArgs),
     /// Recompute a model's source statistics (class statistics, prior, prototypes and DIDA's
     /// instance bank) from its labelled source frames, as `train` writes them.
     Stats(StatsArgs),
+}
+
+#[derive(clap::Args)]
+struct SuiteArgs {
+    /// The suite file.
+    suite: PathBuf,
+    #[arg(long, default_value = "models/camvid-day")]
+    model: PathBuf,
+    #[command(flatten)]
+    profile: ProfileArgs,
+    /// Override the file's methods.
+    #[arg(long, value_delimiter = ',')]
+    methods: Option<Vec<Method>>,
+    /// Override the file's seeds.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
+    /// Only these targets (by name).
+    #[arg(long, value_delimiter = ',')]
+    targets: Option<Vec<String>>,
+    /// Smoke form: the first `--quick-frames` frames of each condition, one seed unless given.
+    #[arg(long)]
+    quick: bool,
+    #[arg(long, default_value_t = 10)]
+    quick_frames: usize,
+    /// Labelled source frames for methods with source replay.
+    #[arg(long, default_value = "../shared/data/camvid")]
+    replay: PathBuf,
+    #[arg(long = "replay-where", value_parser = parse_where, default_value = "role=source-train")]
+    replay_filter: Vec<(String, String)>,
+    #[arg(long, default_value = "runs/suite")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -378,7 +412,93 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Inspect(a) => inspect(a),
         Cmd::Ablate(a) => ablate(a),
         Cmd::Stats(a) => stats(a),
+        Cmd::Suite(a) => suite(a),
     }
+}
+
+fn suite(a: SuiteArgs) -> Result<()> {
+    use segadapt::suite::{run_target, Runner, SuiteFile, Target};
+    let file = SuiteFile::load(&a.suite)?;
+    let profile = a.profile.load()?;
+    let methods: Vec<Method> = match a.methods {
+        Some(m) => m,
+        None => file
+            .methods
+            .iter()
+            .map(|m| m.parse())
+            .collect::<Result<_, String>>()
+            .map_err(anyhow::Error::msg)?,
+    };
+    let seeds = match (a.seeds, a.quick) {
+        (Some(s), _) => s,
+        (None, true) => file.seeds[..1].to_vec(),
+        (None, false) => file.seeds.clone(),
+    };
+    let specs: Vec<_> = file
+        .targets
+        .iter()
+        .filter(|t| a.targets.as_ref().is_none_or(|only| only.contains(&t.name)))
+        .collect();
+    if specs.is_empty() {
+        bail!("{}: no target left after --targets", a.suite.display());
+    }
+    let cfg = SegformerConfig::load(&a.model.join("config.json"))?;
+    let limit = a.quick.then_some(a.quick_frames);
+    let replay_on = methods
+        .iter()
+        .any(|&m| m == Method::Replay || (m == Method::Profile && profile.adapt.replay.on));
+    let runner = Runner {
+        model: a.model.clone(),
+        replay: match replay_on {
+            true => load_replay(&Some(a.replay), &a.replay_filter, &a.model, &profile)?,
+            false => None,
+        },
+        profile,
+        steps_per_frame: 1,
+        out: a.out.clone(),
+        stop: stop_flag()?,
+    };
+    let trained = methods.iter().filter(|&&m| m != Method::SourceOnly).count();
+    let bar = indicatif::ProgressBar::new((specs.len() * trained * seeds.len()) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    let mut results = Vec::new();
+    for spec in specs {
+        let target = Target::open(
+            spec,
+            file.fps,
+            limit,
+            (cfg.num_labels(), cfg.ignore_label()),
+        )?;
+        let mut progress = |line: &str| {
+            bar.inc(1);
+            bar.set_message(line.to_string());
+            if bar.is_hidden() {
+                log::info!("{line}");
+            }
+        };
+        results.push(run_target(
+            &runner,
+            &target,
+            &methods,
+            &seeds,
+            &mut progress,
+        )?);
+    }
+    bar.finish_and_clear();
+    let table = segadapt::suite::markdown(&results);
+    std::fs::create_dir_all(&a.out)?;
+    std::fs::write(a.out.join("suite.md"), &table)?;
+    std::fs::write(
+        a.out.join("suite.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    print!("{table}");
+    Ok(())
 }
 
 fn stats(a: StatsArgs) -> Result<()> {
@@ -613,6 +733,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         adapt: None,
         replay: None,
         before: None,
+        schedule: Default::default(),
     };
     let opts = segadapt::source::SourceOptions {
         fps: 1.0,
@@ -732,6 +853,7 @@ fn open_source(
         num_classes: classes,
         ignore,
         camera_size: a.camera_size,
+        limit: None,
     };
     if a.loops > 1 {
         return Ok(Box::new(segadapt::source::Looped::open(
@@ -856,6 +978,7 @@ fn adapt(a: AdaptArgs) -> Result<()> {
         realtime: a.realtime,
         adapt: None,
         before: None,
+        schedule: Default::default(),
     };
     let source = open_source(&a.src, cfg.num_labels(), cfg.ignore_label())?;
     let r = session.run(source, stop_flag()?)?;

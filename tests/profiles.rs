@@ -53,6 +53,7 @@ fn session(model: &Path, profile: Profile, out: &Path) -> Session {
         adapt: None,
         replay: None,
         before: None,
+        schedule: Default::default(),
     }
 }
 

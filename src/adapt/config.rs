@@ -339,96 +339,120 @@ impl AdaptConfig {
             "a number in [0, 1)",
         )?;
         positive("adapt.max_grad_norm", self.max_grad_norm)?;
-        check(
-            (0.0..1.0).contains(&self.ema),
-            "adapt.ema",
-            self.ema,
-            "a momentum in [0, 1)",
-        )?;
+        momentum("adapt.ema", self.ema)?;
         check(
             (0.0..=1.0).contains(&self.threshold),
             "adapt.threshold",
             self.threshold,
             "a confidence in [0, 1]",
         )?;
-        let s = &self.ias;
-        unit("adapt.ias.alpha", s.alpha as f64)?;
-        unit("adapt.ias.beta", s.beta as f64)?;
-        positive("adapt.ias.gamma", s.gamma as f64)?;
-        at_least("adapt.hpla.pool", self.hpla.pool, 1)?;
-        at_least("adapt.hpla.hard", self.hpla.hard, 1)?;
-        at_least("adapt.hpla.rounds", self.hpla.rounds, 1)?;
-        let c = &self.cpsl;
-        positive("adapt.cpsl.tau", c.tau)?;
-        positive("adapt.cpsl.eps", c.eps as f64)?;
-        at_least("adapt.cpsl.iters", c.iters, 1)?;
-        at_least("adapt.cpsl.pixels", c.pixels, 1)?;
+        self.ias.validate()?;
+        self.hpla.validate()?;
+        self.cpsl.validate()?;
+        self.region.validate()?;
+        self.sepico.validate()?;
+        self.bida.validate()?;
+        self.dida.validate()?;
+        self.replay.validate()?;
+        self.guard.validate()
+    }
+}
+
+fn momentum(key: &str, v: f64) -> Result<()> {
+    check((0.0..1.0).contains(&v), key, v, "a momentum in [0, 1)")
+}
+
+fn weight(key: &str, v: f64) -> Result<()> {
+    check(v >= 0.0 && v.is_finite(), key, v, ">= 0")
+}
+
+impl Ias {
+    fn validate(&self) -> Result<()> {
+        unit("adapt.ias.alpha", self.alpha as f64)?;
+        unit("adapt.ias.beta", self.beta as f64)?;
+        positive("adapt.ias.gamma", self.gamma as f64)
+    }
+}
+
+impl Hpla {
+    fn validate(&self) -> Result<()> {
+        at_least("adapt.hpla.pool", self.pool, 1)?;
+        at_least("adapt.hpla.hard", self.hard, 1)?;
+        at_least("adapt.hpla.rounds", self.rounds, 1)
+    }
+}
+
+impl Cpsl {
+    fn validate(&self) -> Result<()> {
+        positive("adapt.cpsl.tau", self.tau)?;
+        positive("adapt.cpsl.eps", self.eps as f64)?;
+        at_least("adapt.cpsl.iters", self.iters, 1)?;
+        at_least("adapt.cpsl.pixels", self.pixels, 1)?;
         check(
-            c.queue >= c.pixels,
+            self.queue >= self.pixels,
             "adapt.cpsl.queue",
-            c.queue,
+            self.queue,
             "at least adapt.cpsl.pixels",
         )?;
-        check(c.weight >= 0.0, "adapt.cpsl.weight", c.weight, ">= 0")?;
-        check(
-            c.consistency >= 0.0,
-            "adapt.cpsl.consistency",
-            c.consistency,
-            ">= 0",
-        )?;
-        positive("adapt.cpsl.proto_lr", c.proto_lr)?;
-        check(
-            (0.0..1.0).contains(&c.proto_ema),
-            "adapt.cpsl.proto_ema",
-            c.proto_ema,
-            "a momentum in [0, 1)",
-        )?;
-        unit("adapt.cpsl.prior_mix", c.prior_mix)?;
-        let r = &self.region;
-        for (k, v) in [
-            ("adapt.region.smooth", r.smooth),
-            ("adapt.region.entropy", r.entropy),
-            ("adapt.region.consistency", r.consistency),
-        ] {
-            check(v >= 0.0 && v.is_finite(), k, v, ">= 0")?;
-        }
-        let p = &self.sepico;
-        positive("adapt.sepico.tau", p.tau)?;
-        check(p.weight >= 0.0, "adapt.sepico.weight", p.weight, ">= 0")?;
-        check(p.reg >= 0.0, "adapt.sepico.reg", p.reg, ">= 0")?;
-        at_least("adapt.sepico.dim", p.dim, 1)?;
-        at_least("adapt.sepico.samples", p.samples, 1)?;
-        let b = &self.bida;
-        positive("adapt.bida.tau", b.tau)?;
-        check(b.weight >= 0.0, "adapt.bida.weight", b.weight, ">= 0")?;
-        check(
-            (0.0..1.0).contains(&b.momentum),
-            "adapt.bida.momentum",
-            b.momentum,
-            "a momentum in [0, 1)",
-        )?;
-        at_least("adapt.bida.per_class", b.per_class, 1)?;
-        let d = &self.dida;
-        at_least("adapt.dida.bank", d.bank, 1)?;
-        check(
-            (0.0..1.0).contains(&d.momentum),
-            "adapt.dida.momentum",
-            d.momentum,
-            "a momentum in [0, 1)",
-        )?;
-        check(d.weight >= 0.0, "adapt.dida.weight", d.weight, ">= 0")?;
-        positive("adapt.dida.tau", d.tau)?;
-        unit("adapt.dida.blend", d.blend)?;
-        at_least("adapt.dida.interval", d.interval as usize, 1)?;
-        let r = &self.replay;
-        at_least("adapt.replay.size", r.size, 1)?;
-        positive("adapt.replay.temp", r.temp)?;
-        check(r.weight >= 0.0, "adapt.replay.weight", r.weight, ">= 0")?;
-        let g = &self.guard;
-        positive("adapt.guard.band", g.band)?;
-        at_least("adapt.guard.patience", g.patience as usize, 1)?;
-        unit("adapt.guard.restore", g.restore)?;
-        Ok(())
+        weight("adapt.cpsl.weight", self.weight)?;
+        weight("adapt.cpsl.consistency", self.consistency)?;
+        positive("adapt.cpsl.proto_lr", self.proto_lr)?;
+        momentum("adapt.cpsl.proto_ema", self.proto_ema)?;
+        unit("adapt.cpsl.prior_mix", self.prior_mix)
+    }
+}
+
+impl Region {
+    fn validate(&self) -> Result<()> {
+        weight("adapt.region.smooth", self.smooth)?;
+        weight("adapt.region.entropy", self.entropy)?;
+        weight("adapt.region.consistency", self.consistency)
+    }
+}
+
+impl Sepico {
+    fn validate(&self) -> Result<()> {
+        positive("adapt.sepico.tau", self.tau)?;
+        weight("adapt.sepico.weight", self.weight)?;
+        weight("adapt.sepico.reg", self.reg)?;
+        at_least("adapt.sepico.dim", self.dim, 1)?;
+        at_least("adapt.sepico.samples", self.samples, 1)
+    }
+}
+
+impl Bida {
+    fn validate(&self) -> Result<()> {
+        positive("adapt.bida.tau", self.tau)?;
+        weight("adapt.bida.weight", self.weight)?;
+        momentum("adapt.bida.momentum", self.momentum)?;
+        at_least("adapt.bida.per_class", self.per_class, 1)
+    }
+}
+
+impl Dida {
+    fn validate(&self) -> Result<()> {
+        at_least("adapt.dida.bank", self.bank, 1)?;
+        momentum("adapt.dida.momentum", self.momentum)?;
+        weight("adapt.dida.weight", self.weight)?;
+        positive("adapt.dida.tau", self.tau)?;
+        unit("adapt.dida.blend", self.blend)?;
+        at_least("adapt.dida.interval", self.interval as usize, 1)
+    }
+}
+
+impl Replay {
+    fn validate(&self) -> Result<()> {
+        at_least("adapt.replay.size", self.size, 1)?;
+        positive("adapt.replay.temp", self.temp)?;
+        weight("adapt.replay.weight", self.weight)
+    }
+}
+
+impl Guard {
+    fn validate(&self) -> Result<()> {
+        positive("adapt.guard.band", self.band)?;
+        at_least("adapt.guard.patience", self.patience as usize, 1)?;
+        unit("adapt.guard.restore", self.restore)
     }
 }
 

@@ -40,6 +40,25 @@ pub struct Session {
     pub replay: Option<Arc<Vec<Example>>>,
     /// Source-only scores computed earlier (the ablation scores them once).
     pub before: Option<Scores>,
+    /// Scoring points by frames served (the ablation's passes, a continual drive's conditions).
+    pub schedule: Schedule,
+}
+
+/// Scoring after given numbers of served (and trained-on) frames, each point on its own
+/// labelled set: a drive through several conditions is scored after each one on its frames.
+#[derive(Clone, Default)]
+pub struct Schedule {
+    pub sets: Vec<Arc<Vec<Example>>>,
+    /// (frames served, index into `sets`), ascending.
+    pub at: Vec<(u64, usize)>,
+}
+
+/// The served model's scores at one point of the schedule.
+#[derive(Debug, Clone, Serialize)]
+pub struct CurvePoint {
+    pub frames: u64,
+    pub set: usize,
+    pub scores: Scores,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +72,8 @@ pub struct Report {
     pub adapted: Option<Scores>,
     /// (step, mIoU) every `eval_every` steps.
     pub curve: Vec<(u64, f64)>,
+    /// The schedule's points that were reached.
+    pub points: Vec<CurvePoint>,
     pub plan: Plan,
     /// Heap peak of the whole run (counting allocator) and the process's resident peak.
     pub peak_heap_mb: f64,
@@ -195,6 +216,27 @@ impl Session {
                 .map(|n| n.to_string())
                 .collect(),
         };
+        let points = Mutex::new(Vec::new());
+        let mut served = 0u64;
+        let mut next = 0usize;
+        let mut due = |frames: u64, model: &Segformer| -> Result<Vec<CurvePoint>> {
+            let mut out = Vec::new();
+            while let Some(&(at, set)) = self.schedule.at.get(next) {
+                if at != frames {
+                    break;
+                }
+                let scores =
+                    crate::eval::evaluate(model, &pre, &self.schedule.sets[set], &map, &dev)?;
+                log::info!("{frames} frames: mIoU {:.2} on set {set}", scores.miou);
+                out.push(CurvePoint {
+                    frames,
+                    set,
+                    scores,
+                });
+                next += 1;
+            }
+            Ok(out)
+        };
         crate::budget::reset_peak();
         let (summary, adapter) = run_online(
             source,
@@ -203,6 +245,9 @@ impl Session {
             &online,
             stop,
             |item, model| {
+                // Frames before this one are served and trained on: the schedule's points there.
+                points.lock().expect("points").extend(due(served, model)?);
+                served += 1;
                 crate::eval::predict_image(model, &pre, &item.frame.image, &dev)?;
                 Ok(())
             },
@@ -217,6 +262,8 @@ impl Session {
             },
         )?;
         let peak_heap_mb = crate::budget::peak_bytes() as f64 / (1 << 20) as f64;
+        let mut points = points.into_inner().expect("points");
+        points.extend(due(served, &adapter.teacher)?);
         let adapted = score(&adapter.teacher)?;
         ckpts.save(adapter.step, &adapter.state()?, Default::default())?;
         weights::save_model_dir(
@@ -236,6 +283,7 @@ impl Session {
             source_only: before,
             adapted,
             curve: curve.into_inner().expect("curve"),
+            points,
             plan,
             peak_heap_mb,
             peak_rss_mb: crate::budget::peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),

@@ -20,9 +20,11 @@ impl FolderSource {
             msg: e.to_string(),
         })?;
         let fps = if opts.fps > 0.0 { opts.fps } else { 30.0 };
+        let mut samples = ds.samples;
+        samples.truncate(opts.limit.unwrap_or(usize::MAX));
         Ok(Self {
             spec: spec.to_string(),
-            samples: ds.samples,
+            samples,
             next: 0,
             period_ns: (1e9 / fps) as u64,
             num_classes: opts.num_classes,

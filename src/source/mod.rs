@@ -82,6 +82,8 @@ pub struct SourceOptions {
     pub ignore: u8,
     /// Capture size (width, height) requested from cameras.
     pub camera_size: Option<(u32, u32)>,
+    /// Folders: only the first N frames (after the filters).
+    pub limit: Option<usize>,
 }
 
 /// Opens `KIND:ARGS`.
@@ -119,8 +121,10 @@ pub fn open(spec: &str, opts: &SourceOptions) -> Result<Box<dyn FrameSource>, So
 /// A source replayed `loops` times end to end (an ablation's drive looped), with sequence
 /// numbers running on and timestamps shifted so they keep increasing.
 pub struct Looped {
-    spec: String,
-    opts: SourceOptions,
+    /// The segments played in order each pass: a spec and its options.
+    segments: Vec<(String, SourceOptions)>,
+    /// Segment being played.
+    at: usize,
     left: u32,
     inner: Box<dyn FrameSource>,
     seq: u64,
@@ -132,23 +136,58 @@ pub struct Looped {
 
 impl Looped {
     pub fn open(spec: &str, opts: &SourceOptions, loops: u32) -> Result<Self, SourceError> {
+        Self::playlist(vec![(spec.to_string(), opts.clone())], loops)
+    }
+
+    /// Plays `segments` one after the other (a drive through several conditions), the whole
+    /// list `loops` times; sequence numbers and timestamps run on across segments and passes.
+    pub fn playlist(
+        segments: Vec<(String, SourceOptions)>,
+        loops: u32,
+    ) -> Result<Self, SourceError> {
+        let Some((spec, opts)) = segments.first() else {
+            return Err(SourceError::Open {
+                source_spec: "playlist".into(),
+                msg: "no segments to play".into(),
+            });
+        };
+        let fps = opts.fps;
         Ok(Self {
-            spec: spec.to_string(),
-            opts: opts.clone(),
-            left: loops.max(1) - 1,
             inner: open(spec, opts)?,
+            segments,
+            at: 0,
+            left: loops.max(1) - 1,
             seq: 0,
             offset: 0,
             last: 0,
-            step: (1e9 / if opts.fps > 0.0 { opts.fps } else { 30.0 }) as u64,
+            step: (1e9 / if fps > 0.0 { fps } else { 30.0 }) as u64,
             damage: Vec::new(),
         })
+    }
+
+    /// Opens the segment after the current one, wrapping into the next pass; false at the end.
+    fn advance(&mut self) -> Result<bool, SourceError> {
+        let next = match (self.at + 1 < self.segments.len(), self.left > 0) {
+            (true, _) => self.at + 1,
+            (false, true) => {
+                self.left -= 1;
+                0
+            }
+            (false, false) => return Ok(false),
+        };
+        self.damage.extend(self.inner.damage());
+        let (spec, opts) = &self.segments[next];
+        self.inner = open(spec, opts)?;
+        self.at = next;
+        // The next segment starts one frame period after the last frame.
+        self.offset = self.last + self.step;
+        Ok(true)
     }
 }
 
 impl FrameSource for Looped {
     fn spec(&self) -> &str {
-        &self.spec
+        &self.segments[self.at].0
     }
 
     fn next_frame(&mut self) -> Option<Result<Frame, SourceError>> {
@@ -162,17 +201,11 @@ impl FrameSource for Looped {
                     return Some(Ok(f));
                 }
                 Some(Err(e)) => return Some(Err(e)),
-                None if self.left > 0 => {
-                    self.left -= 1;
-                    self.damage.extend(self.inner.damage());
-                    match open(&self.spec, &self.opts) {
-                        Ok(s) => self.inner = s,
-                        Err(e) => return Some(Err(e)),
-                    }
-                    // The next pass starts one frame period after the last frame.
-                    self.offset = self.last + self.step;
-                }
-                None => return None,
+                None => match self.advance() {
+                    Ok(true) => continue,
+                    Ok(false) => return None,
+                    Err(e) => return Some(Err(e)),
+                },
             }
         }
     }
