@@ -27,6 +27,7 @@ fn full() -> AdaptConfig {
     c.bida.per_class = 8;
     c.bida.check = true;
     c.dida.bank = 12;
+    c.dida.blend = 0.5;
     c.hpla.pool = 3;
     c.hpla.hard = 2;
     // Random weights give erratic predictions: the monitor has its own test.
