@@ -27,6 +27,44 @@ pub struct AdaptConfig {
     pub replay: Replay,
     pub guard: Guard,
     pub tent: Tent,
+    pub budget: Budget,
+}
+
+/// When to train: HAMLET's budgets (see `adapt::controller`). Off: every step trains at `lr`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Budget {
+    pub on: bool,
+    /// Steps granted for a condition not adapted to before; the learning rate decays linearly
+    /// to zero over them.
+    pub steps: u64,
+    /// Frames per window of the shift test.
+    pub window: usize,
+    /// Mean squared z-score of a window against the current condition that counts as a shift.
+    pub threshold: f64,
+    /// Budget factor per earlier visit of a known condition.
+    pub revisit: f64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            on: false,
+            steps: 250,
+            window: 8,
+            threshold: 9.0,
+            revisit: 0.5,
+        }
+    }
+}
+
+impl Budget {
+    fn validate(&self) -> Result<()> {
+        at_least("adapt.budget.steps", self.steps as usize, 1)?;
+        at_least("adapt.budget.window", self.window, 1)?;
+        positive("adapt.budget.threshold", self.threshold)?;
+        unit("adapt.budget.revisit", self.revisit)
+    }
 }
 
 /// Which student parameters an adaptation step trains.
@@ -207,6 +245,7 @@ impl Default for AdaptConfig {
             replay: Replay::default(),
             guard: Guard::default(),
             tent: Tent::default(),
+            budget: Budget::default(),
         }
     }
 }
@@ -355,7 +394,8 @@ impl AdaptConfig {
         self.bida.validate()?;
         self.dida.validate()?;
         self.replay.validate()?;
-        self.guard.validate()
+        self.guard.validate()?;
+        self.budget.validate()
     }
 }
 

@@ -12,6 +12,7 @@ pub mod bidirectional;
 pub mod component;
 pub mod config;
 pub mod contrast;
+pub mod controller;
 pub mod cpsl;
 pub mod guard;
 pub mod hpla;

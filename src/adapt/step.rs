@@ -27,6 +27,8 @@ pub struct StepReport {
     /// The predictions left their running band: nothing was updated, and the runner should
     /// roll back.
     pub collapsed: bool,
+    /// No training budget left: the step did nothing.
+    pub idle: bool,
 }
 
 pub struct Adapter {
@@ -35,6 +37,8 @@ pub struct Adapter {
     pub teacher: Segformer,
     opt: AdamW,
     components: Vec<Box<dyn Component>>,
+    /// When to train (None: every step at the configured rate).
+    controller: Option<super::controller::Controller>,
     /// Labelled source frames (shared, never changed by a step).
     pub replay: Option<Arc<Replay>>,
     pub stats: SourceStats,
@@ -77,6 +81,7 @@ impl Adapter {
             },
         )?;
         Ok(Self {
+            controller: cfg.budget.on.then(|| super::controller::Controller::new(&cfg.budget)),
             cfg,
             student,
             teacher,
@@ -100,9 +105,20 @@ impl Adapter {
 
     /// One step on `weak` / `strong` views of the same frames ([B, 3, H, W], same geometry).
     pub fn step(&mut self, weak: &Tensor, strong: &Tensor, rng: &mut StdRng) -> Result<StepReport> {
+        let scale = match &mut self.controller {
+            Some(c) => c.observe(weak)?,
+            None => 1.0,
+        };
+        if scale == 0.0 {
+            return Ok(StepReport {
+                idle: true,
+                ..Default::default()
+            });
+        }
+        let lr = self.cfg.lr * scale;
         crate::model::ops::on_pool(|| match self.cfg.tent.on {
-            true => self.tent_step(weak, rng),
-            false => self.self_training_step(weak, strong, rng),
+            true => self.tent_step(weak, lr, rng),
+            false => self.self_training_step(weak, strong, lr, rng),
         })
     }
 
@@ -122,6 +138,7 @@ impl Adapter {
         &mut self,
         weak: &Tensor,
         strong: &Tensor,
+        lr: f64,
         rng: &mut StdRng,
     ) -> Result<StepReport> {
         let mut labels = self.teacher_labels(weak)?;
@@ -169,7 +186,7 @@ impl Adapter {
             terms.extend(c.losses(&mut step, &self.student, rng)?);
         }
         drop(phase);
-        let (report, applied) = optimize(&mut self.opt, self.cfg.lr, terms, kept, self.step)?;
+        let (report, applied) = optimize(&mut self.opt, lr, terms, kept, self.step)?;
         if applied {
             let _phase = crate::profile::scope("adapt: EMA and state");
             for c in &mut self.components {
@@ -186,14 +203,14 @@ impl Adapter {
     }
 
     /// TENT: minimise the entropy of the model's own predictions; only norm affines move.
-    fn tent_step(&mut self, x: &Tensor, rng: &mut StdRng) -> Result<StepReport> {
+    fn tent_step(&mut self, x: &Tensor, lr: f64, rng: &mut StdRng) -> Result<StepReport> {
         let out = self.student.model.forward(x, Some(rng))?;
         let c = out.logits.dim(3)?;
         let logits = out.logits.reshape(((), c))?;
         let all = Tensor::ones(logits.dim(0)?, DType::U8, x.device())?;
         let loss = region::entropy(&logits, &all)?;
         let terms = vec![("entropy", loss)];
-        let (report, applied) = optimize(&mut self.opt, self.cfg.lr, terms, 1.0, self.step)?;
+        let (report, applied) = optimize(&mut self.opt, lr, terms, 1.0, self.step)?;
         // The served model is the adapted one itself.
         if applied {
             ema_update(&self.teacher, &self.student.model, 0.0)?;
@@ -235,7 +252,7 @@ fn optimize(
             .collect(),
         kept,
         outcome: Some(outcome),
-        collapsed: false,
+        ..Default::default()
     };
     log::debug!("step {step}: {:?}", report.terms);
     Ok((report, outcome != StepOutcome::NonFinite))
@@ -289,6 +306,11 @@ impl Adapter {
                 m.insert(format!("adapt.{}.{k}", c.name()), t);
             }
         }
+        if let Some(c) = &self.controller {
+            for (k, t) in c.state()? {
+                m.insert(format!("adapt.budget.{k}"), t);
+            }
+        }
         m.insert(
             "adapt.step".into(),
             Tensor::new(self.step as i64, &Device::Cpu)?,
@@ -330,6 +352,9 @@ impl Adapter {
         for c in &mut a.components {
             let prefix = format!("adapt.{}.", c.name());
             c.load(&|k: &str| state.get(&format!("{prefix}{k}")).cloned())?;
+        }
+        if let Some(c) = &mut a.controller {
+            c.load(&|k: &str| state.get(&format!("adapt.budget.{k}")).cloned())?;
         }
         let step = state
             .get("adapt.step")

@@ -128,6 +128,9 @@ fn train_once(
         .lock()
         .expect("step times")
         .push(t0.elapsed().as_secs_f64() * 1e3);
+    if rep.idle {
+        return Ok(false);
+    }
     if rep.collapsed {
         counters.rollbacks.fetch_add(1, Ordering::Relaxed);
         // Back past the guard's warm-up: the newest checkpoint may already hold the drift.
