@@ -137,7 +137,10 @@ impl Controller {
         self.left = self.cfg.steps;
         self.granted = self.cfg.steps.max(1);
         self.pending = true;
-        log::info!("training budget: {} steps for a new condition", self.cfg.steps);
+        log::info!(
+            "training budget: {} steps for a new condition",
+            self.cfg.steps
+        );
     }
 
     /// A condition adapted to k times before keeps `revisit`^k of its budget.
@@ -192,7 +195,10 @@ impl Controller {
         }
         let recent: Vec<f32> = self.recent.iter().flatten().map(|&v| v as f32).collect();
         Ok(vec![
-            ("current".into(), Tensor::new(stats(&self.current).as_slice(), dev)?),
+            (
+                "current".into(),
+                Tensor::new(stats(&self.current).as_slice(), dev)?,
+            ),
             ("known".into(), Tensor::new(known.as_slice(), dev)?),
             ("recent".into(), Tensor::new(recent.as_slice(), dev)?),
             (
@@ -263,7 +269,14 @@ mod tests {
     fn frame(level: f32, contrast: f32) -> Tensor {
         let (h, w) = (8, 8);
         let v: Vec<f32> = (0..3 * h * w)
-            .map(|i| level + if (i % w) % 2 == 0 { contrast } else { -contrast })
+            .map(|i| {
+                level
+                    + if (i % w) % 2 == 0 {
+                        contrast
+                    } else {
+                        -contrast
+                    }
+            })
             .collect();
         Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu).unwrap()
     }
@@ -299,21 +312,30 @@ mod tests {
         let mut phase = |c: &mut Controller, f: &dyn Fn(usize) -> Tensor| -> usize {
             (0..30).filter(|&i| c.observe(&f(i)).unwrap() > 0.0).count()
         };
-        assert_eq!(phase(&mut c, &day), 10, "the first condition: the whole budget");
-        assert_eq!(phase(&mut c, &night), 10, "a new condition: the whole budget");
+        assert_eq!(
+            phase(&mut c, &day),
+            10,
+            "the first condition: the whole budget"
+        );
+        assert_eq!(
+            phase(&mut c, &night),
+            10,
+            "a new condition: the whole budget"
+        );
         let again = phase(&mut c, &day);
-        assert!((4..10).contains(&again), "a known condition: less ({again})");
+        assert!(
+            (4..10).contains(&again),
+            "a known condition: less ({again})"
+        );
         assert_eq!(c.known.len(), 2);
         // The state round-trips.
         let state = c.state().unwrap();
         let mut d = Controller::new(&cfg());
-        d.load(&|k| {
-            state
-                .iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, t)| t.clone())
-        })
-        .unwrap();
-        assert_eq!((d.left, d.granted, d.known.len()), (c.left, c.granted, c.known.len()));
+        d.load(&|k| state.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone()))
+            .unwrap();
+        assert_eq!(
+            (d.left, d.granted, d.known.len()),
+            (c.left, c.granted, c.known.len())
+        );
     }
 }

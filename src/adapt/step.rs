@@ -81,7 +81,10 @@ impl Adapter {
             },
         )?;
         Ok(Self {
-            controller: cfg.budget.on.then(|| super::controller::Controller::new(&cfg.budget)),
+            controller: cfg
+                .budget
+                .on
+                .then(|| super::controller::Controller::new(&cfg.budget)),
             cfg,
             student,
             teacher,
