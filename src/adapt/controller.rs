@@ -38,10 +38,10 @@ impl Stats {
 
     fn add(&mut self, d: &[f64]) {
         self.n += 1.0;
-        for i in 0..DIMS {
-            let delta = d[i] - self.mean[i];
-            self.mean[i] += delta / self.n;
-            self.m2[i] += delta * (d[i] - self.mean[i]);
+        for ((x, m), m2) in d.iter().zip(&mut self.mean).zip(&mut self.m2) {
+            let delta = x - *m;
+            *m += delta / self.n;
+            *m2 += delta * (x - *m);
         }
     }
 
@@ -309,7 +309,7 @@ mod tests {
         let day = |i: usize| frame(0.5 + 0.01 * (i % 3) as f32, 0.3);
         let night = |i: usize| frame(-1.5 + 0.01 * (i % 3) as f32, 0.05);
         // Steps trained over 30 frames of a condition.
-        let mut phase = |c: &mut Controller, f: &dyn Fn(usize) -> Tensor| -> usize {
+        let phase = |c: &mut Controller, f: &dyn Fn(usize) -> Tensor| -> usize {
             (0..30).filter(|&i| c.observe(&f(i)).unwrap() > 0.0).count()
         };
         assert_eq!(
