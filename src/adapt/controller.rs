@@ -45,12 +45,14 @@ impl Stats {
         }
     }
 
-    /// Mean squared z-score of a window mean of `w` frames against these statistics; the
-    /// variance has a floor so a very steady stream does not flag noise.
-    fn distance(&self, window_mean: &[f64], w: usize) -> f64 {
+    /// Mean squared z-score of a window mean against these statistics, in units of the
+    /// per-frame spread: consecutive frames show the same scene, so a window's mean varies
+    /// nearly as much as one frame does. The variance has a floor so a very steady stream does
+    /// not flag noise.
+    fn distance(&self, window_mean: &[f64]) -> f64 {
         (0..DIMS)
             .map(|i| {
-                let var = (self.m2[i] / self.n.max(1.0)).max(1e-4) / w as f64;
+                let var = (self.m2[i] / self.n.max(1.0)).max(1e-4);
                 (window_mean[i] - self.mean[i]).powi(2) / var
             })
             .sum::<f64>()
@@ -97,7 +99,7 @@ impl Controller {
         let window = self.window_mean();
         let w = self.recent.len();
         let first = self.known.is_empty() && self.current.n == 0.0;
-        if first || (w >= self.cfg.window && self.current.distance(&window, w) > self.cfg.threshold)
+        if first || (w >= self.cfg.window && self.current.distance(&window) > self.cfg.threshold)
         {
             // The first frames are the shift away from the source domain.
             self.grant();
@@ -145,11 +147,11 @@ impl Controller {
 
     /// A condition adapted to k times before keeps `revisit`^k of its budget.
     fn rescale_if_known(&mut self) {
-        let (window, w) = (self.window_mean(), self.recent.len());
+        let window = self.window_mean();
         let Some(&(_, visits)) = self
             .known
             .iter()
-            .find(|(s, _)| s.distance(&window, w) <= self.cfg.threshold)
+            .find(|(s, _)| s.distance(&window) <= self.cfg.threshold)
         else {
             return;
         };
@@ -163,11 +165,10 @@ impl Controller {
     }
 
     fn remember(&mut self, done: Stats) {
-        let w = self.cfg.window;
         match self
             .known
             .iter_mut()
-            .find(|(s, _)| s.distance(&done.mean, w) <= self.cfg.threshold)
+            .find(|(s, _)| s.distance(&done.mean) <= self.cfg.threshold)
         {
             Some((_, visits)) => *visits += 1,
             None => self.known.push((done, 1)),
