@@ -583,6 +583,9 @@ impl Method {
         // of the five methods: `full` leaves it off.
         c.replay.on = self == M::Replay;
         c.tent.on = self == M::Tent;
+        // The baselines and the components' rows train on every frame, as their papers do;
+        // training budgets belong to the deployed profile.
+        c.budget.on = false;
         c
     }
 }
