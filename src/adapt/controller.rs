@@ -90,28 +90,23 @@ impl Controller {
     /// Folds in a batch of frames ([B, 3, H, W], normalised) and says how much to train on
     /// it: the learning-rate scale, 0 when no budget is left.
     pub fn observe(&mut self, frames: &Tensor) -> Result<f64> {
+        // A frame joins the current condition's statistics once it leaves the window, so the
+        // window is always compared with frames before it.
         for d in descriptors(frames)? {
             self.recent.push_back(d);
             if self.recent.len() > self.cfg.window {
-                self.recent.pop_front();
+                let old = self.recent.pop_front().expect("longer than the window");
+                self.current.add(&old);
             }
         }
-        let window = self.window_mean();
-        let w = self.recent.len();
-        let first = self.known.is_empty() && self.current.n == 0.0;
-        if first || (w >= self.cfg.window && self.current.distance(&window) > self.cfg.threshold)
+        let settled =
+            self.recent.len() >= self.cfg.window && self.current.n >= self.cfg.window as f64;
+        // The first frames are the shift away from the source domain.
+        if self.granted == 0
+            || (settled && self.current.distance(&self.window_mean()) > self.cfg.threshold)
         {
-            // The first frames are the shift away from the source domain.
             self.grant();
-            // The next check waits for a window of the new condition's own frames.
-            let last = self.recent.pop_back();
-            self.recent.clear();
-            self.recent.extend(last);
-        }
-        if let Some(d) = self.recent.back().cloned() {
-            self.current.add(&d);
-        }
-        if self.pending && self.recent.len() >= self.cfg.window {
+        } else if settled && self.pending {
             self.pending = false;
             self.rescale_if_known();
         }

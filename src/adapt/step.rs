@@ -156,6 +156,7 @@ impl Adapter {
         let mut step = Step {
             labels,
             view: View {
+                frame: weak.clone(),
                 image: strong.clone(),
                 train: selected.clone(),
                 labels: selected,
