@@ -170,6 +170,10 @@ pub trait Component: Send {
         Ok(())
     }
 
+    /// The stream has moved to another condition (the training budget's shift test): what
+    /// was normal before need not be now.
+    fn shift(&mut self) {}
+
     /// Judges the student's outputs before any loss is taken (the collapse guard).
     fn inspect(&mut self, _step: &Step) -> Result<Flow> {
         Ok(Flow::Go)

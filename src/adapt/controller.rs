@@ -88,8 +88,9 @@ impl Controller {
     }
 
     /// Folds in a batch of frames ([B, 3, H, W], normalised) and says how much to train on
-    /// it: the learning-rate scale, 0 when no budget is left.
-    pub fn observe(&mut self, frames: &Tensor) -> Result<f64> {
+    /// it: the learning-rate scale (0 when no budget is left), and whether the stream has just
+    /// moved to another condition.
+    pub fn observe(&mut self, frames: &Tensor) -> Result<(f64, bool)> {
         // A frame joins the current condition's statistics once it leaves the window, so the
         // window is always compared with frames before it.
         for d in descriptors(frames)? {
@@ -101,21 +102,22 @@ impl Controller {
         }
         let settled =
             self.recent.len() >= self.cfg.window && self.current.n >= self.cfg.window as f64;
+        let first = self.granted == 0;
         // The first frames are the shift away from the source domain.
-        if self.granted == 0
-            || (settled && self.current.distance(&self.window_mean()) > self.cfg.threshold)
-        {
+        let shifted =
+            first || (settled && self.current.distance(&self.window_mean()) > self.cfg.threshold);
+        if shifted {
             self.grant();
         } else if settled && self.pending {
             self.pending = false;
             self.rescale_if_known();
         }
         if self.left == 0 {
-            return Ok(0.0);
+            return Ok((0.0, shifted && !first));
         }
         let scale = self.left as f64 / self.granted as f64;
         self.left -= 1;
-        Ok(scale)
+        Ok((scale, shifted && !first))
     }
 
     fn window_mean(&self) -> Vec<f64> {
@@ -291,7 +293,11 @@ mod tests {
     fn a_steady_stream_spends_its_budget_and_stops() {
         let mut c = Controller::new(&cfg());
         let scales: Vec<f64> = (0..15)
-            .map(|i| c.observe(&frame(0.5 + 0.01 * (i % 3) as f32, 0.3)).unwrap())
+            .map(|i| {
+                c.observe(&frame(0.5 + 0.01 * (i % 3) as f32, 0.3))
+                    .unwrap()
+                    .0
+            })
             .collect();
         // Ten steps with the rate decaying linearly from 1, then nothing.
         assert_eq!(scales[0], 1.0);
@@ -306,7 +312,9 @@ mod tests {
         let night = |i: usize| frame(-1.5 + 0.01 * (i % 3) as f32, 0.05);
         // Steps trained over 30 frames of a condition.
         let phase = |c: &mut Controller, f: &dyn Fn(usize) -> Tensor| -> usize {
-            (0..30).filter(|&i| c.observe(&f(i)).unwrap() > 0.0).count()
+            (0..30)
+                .filter(|&i| c.observe(&f(i)).unwrap().0 > 0.0)
+                .count()
         };
         assert_eq!(
             phase(&mut c, &day),

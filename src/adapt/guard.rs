@@ -17,6 +17,12 @@ impl Component for CollapseGuard {
         "guard"
     }
 
+    /// A new condition changes the class shares and confidence by design: the band starts
+    /// over (with its warm-up) instead of rolling the adaptation back.
+    fn shift(&mut self) {
+        self.0.restart();
+    }
+
     fn inspect(&mut self, step: &Step) -> Result<Flow> {
         let out = step.out();
         let probs = candle_nn::ops::softmax_last_dim(&out.logits.detach())?;
@@ -159,6 +165,11 @@ impl CollapseMonitor {
         }
     }
 
+    /// Forgets the band (a new condition); the next steps warm it up again.
+    pub fn restart(&mut self) {
+        *self = Self::new(self.hist.len(), self.width, self.warmup, self.patience);
+    }
+
     /// Feeds one step's class shares (summing to 1) and mean confidence; true when the step
     /// looks like a collapse. A flagged step does not enter the running band, unless it is the
     /// `patience`-th in a row: a level that persists through that many rollbacks is the
@@ -238,6 +249,19 @@ mod tests {
         // Still flagged: a collapsed step does not widen the band.
         assert!(m.observe(&[1.0, 0.0, 0.0], 0.85));
         assert!(!m.observe(&[0.5, 0.3, 0.2], 0.85));
+    }
+
+    #[test]
+    fn a_new_condition_restarts_the_band() {
+        let mut m = CollapseMonitor::new(2, 6.0, 5, 3);
+        for i in 0..50 {
+            let j = if i % 2 == 0 { 0.01 } else { -0.01 };
+            assert!(!m.observe(&[0.7 + j, 0.3 - j], 0.9));
+        }
+        m.restart();
+        // The stream's new level is learned from scratch, not judged against the old one.
+        assert!(!m.observe(&[0.3, 0.7], 0.6));
+        assert!(!m.observe(&[0.31, 0.69], 0.61));
     }
 
     #[test]

@@ -108,10 +108,13 @@ impl Adapter {
 
     /// One step on `weak` / `strong` views of the same frames ([B, 3, H, W], same geometry).
     pub fn step(&mut self, weak: &Tensor, strong: &Tensor, rng: &mut StdRng) -> Result<StepReport> {
-        let scale = match &mut self.controller {
+        let (scale, shifted) = match &mut self.controller {
             Some(c) => c.observe(weak)?,
-            None => 1.0,
+            None => (1.0, false),
         };
+        if shifted {
+            self.components.iter_mut().for_each(|c| c.shift());
+        }
         if scale == 0.0 {
             return Ok(StepReport {
                 idle: true,
