@@ -101,8 +101,6 @@ impl Labels {
 
 /// The student's training view and its labels, as the `view` hooks leave them.
 pub struct View {
-    /// [B, 3, H, W] the frames as the teacher saw them (the weak view).
-    pub frame: Tensor,
     /// [B, 3, H, W] strong view.
     pub image: Tensor,
     /// Selected pseudo labels before any paste ([`IGNORE`] where not kept).

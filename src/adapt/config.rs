@@ -27,25 +27,7 @@ pub struct AdaptConfig {
     pub replay: Replay,
     pub guard: Guard,
     pub tent: Tent,
-    pub entropy: Entropy,
     pub budget: Budget,
-}
-
-/// TENT's entropy on the frame as an extra term of self-training.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Entropy {
-    pub on: bool,
-    pub weight: f64,
-}
-
-impl Default for Entropy {
-    fn default() -> Self {
-        Self {
-            on: false,
-            weight: 1.0,
-        }
-    }
 }
 
 /// When to train: HAMLET's budgets (see `adapt::controller`). Off: every step trains at `lr`.
@@ -263,7 +245,6 @@ impl Default for AdaptConfig {
             replay: Replay::default(),
             guard: Guard::default(),
             tent: Tent::default(),
-            entropy: Entropy::default(),
             budget: Budget::default(),
         }
     }
@@ -414,7 +395,6 @@ impl AdaptConfig {
         self.dida.validate()?;
         self.replay.validate()?;
         self.guard.validate()?;
-        weight("adapt.entropy.weight", self.entropy.weight)?;
         self.budget.validate()
     }
 }
@@ -606,7 +586,6 @@ impl Method {
         // The baselines and the components' rows train on every frame, as their papers do;
         // training budgets belong to the deployed profile.
         c.budget.on = false;
-        c.entropy.on = false;
         c
     }
 }

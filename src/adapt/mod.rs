@@ -50,9 +50,6 @@ pub fn components(
     if cfg.region.on {
         v.push(Box::new(region::RegionTerms(cfg.region.clone())));
     }
-    if cfg.entropy.on {
-        v.push(Box::new(region::FrameEntropy(cfg.entropy.clone())));
-    }
     if cfg.sepico.on {
         v.push(Box::new(contrast::Sepico::new(cfg, stats)?));
     }

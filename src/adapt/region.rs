@@ -9,43 +9,6 @@ use crate::model::Student;
 use candle_core::{DType, Result, Tensor, D};
 use rand::rngs::StdRng;
 
-/// TENT's objective as a term of self-training: the entropy of the student's predictions on
-/// the frame itself (the weak view the teacher labelled), every pixel. The student runs a
-/// second time for it; BatchNorm's running statistics are left as the strong view set them.
-pub struct FrameEntropy(pub config::Entropy);
-
-impl Component for FrameEntropy {
-    fn name(&self) -> &'static str {
-        "entropy"
-    }
-
-    fn losses(
-        &mut self,
-        step: &mut Step,
-        student: &Student,
-        rng: &mut StdRng,
-    ) -> Result<Vec<(&'static str, Tensor)>> {
-        let running: Vec<(&Tensor, Tensor)> = student
-            .model
-            .raw_tensors()
-            .iter()
-            .filter(|(n, _)| n.contains("running_"))
-            .map(|(_, t)| Ok((t, t.copy()?)))
-            .collect::<Result<_>>()?;
-        let out = student.model.forward(&step.view.frame, Some(rng))?;
-        for (t, saved) in &running {
-            t.slice_set(saved, 0, 0)?;
-        }
-        let c = out.logits.dim(3)?;
-        let logits = out.logits.reshape(((), c))?;
-        let all = Tensor::ones(logits.dim(0)?, DType::U8, logits.device())?;
-        Ok(vec![(
-            "frame_entropy",
-            (entropy(&logits, &all)? * self.0.weight)?,
-        )])
-    }
-}
-
 /// The three region terms as a step component.
 pub struct RegionTerms(pub config::Region);
 

@@ -159,7 +159,6 @@ impl Adapter {
         let mut step = Step {
             labels,
             view: View {
-                frame: weak.clone(),
                 image: strong.clone(),
                 train: selected.clone(),
                 labels: selected,
