@@ -361,7 +361,7 @@ impl Default for Guard {
         Self {
             collapse: true,
             band: 6.0,
-            warmup: 20,
+            warmup: 50,
             patience: 10,
             restore: 0.0,
         }

@@ -108,7 +108,9 @@ impl Controller {
             first || (settled && self.current.distance(&self.window_mean()) > self.cfg.threshold);
         if shifted {
             self.grant();
-        } else if settled && self.pending {
+        } else if self.pending && self.current.n >= (3 * self.cfg.window) as f64 {
+            // Training batches come from a ring of recent frames: only some windows after the
+            // shift do they hold the new condition alone, and only then can it be recognised.
             self.pending = false;
             self.rescale_if_known();
         }
