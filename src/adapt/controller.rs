@@ -281,10 +281,10 @@ mod tests {
         Tensor::from_vec(v, (1, 3, h, w), &Device::Cpu).unwrap()
     }
 
-    fn cfg() -> config::Budget {
+    fn cfg(steps: u64) -> config::Budget {
         config::Budget {
             on: true,
-            steps: 10,
+            steps,
             window: 4,
             threshold: 9.0,
             revisit: 0.5,
@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn a_steady_stream_spends_its_budget_and_stops() {
-        let mut c = Controller::new(&cfg());
+        let mut c = Controller::new(&cfg(10));
         let scales: Vec<f64> = (0..15)
             .map(|i| {
                 c.observe(&frame(0.5 + 0.01 * (i % 3) as f32, 0.3))
@@ -309,7 +309,7 @@ mod tests {
 
     #[test]
     fn a_new_condition_grants_a_budget_and_a_known_one_a_smaller_one() {
-        let mut c = Controller::new(&cfg());
+        let mut c = Controller::new(&cfg(40));
         let day = |i: usize| frame(0.5 + 0.01 * (i % 3) as f32, 0.3);
         let night = |i: usize| frame(-1.5 + 0.01 * (i % 3) as f32, 0.05);
         // Steps trained over 30 frames of a condition.
@@ -336,7 +336,7 @@ mod tests {
         assert_eq!(c.known.len(), 2);
         // The state round-trips.
         let state = c.state().unwrap();
-        let mut d = Controller::new(&cfg());
+        let mut d = Controller::new(&cfg(40));
         d.load(&|k| state.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone()))
             .unwrap();
         assert_eq!(
