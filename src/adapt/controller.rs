@@ -69,9 +69,12 @@ pub struct Controller {
     known: Vec<(Stats, u32)>,
     left: u64,
     granted: u64,
-    /// A budget was granted and the window has not yet filled with the new condition's frames
-    /// to tell whether it is one adapted to before.
+    /// A budget was granted and the new condition's statistics are not yet there to tell
+    /// whether it is one adapted to before.
     pending: bool,
+    /// Frames still to leave the window before the new condition's statistics start: for a
+    /// while after a shift, windows (and the ring training samples from) mix both conditions.
+    settling: usize,
 }
 
 impl Controller {
@@ -84,6 +87,7 @@ impl Controller {
             left: 0,
             granted: 0,
             pending: false,
+            settling: 0,
         }
     }
 
@@ -97,7 +101,10 @@ impl Controller {
             self.recent.push_back(d);
             if self.recent.len() > self.cfg.window {
                 let old = self.recent.pop_front().expect("longer than the window");
-                self.current.add(&old);
+                match self.settling {
+                    0 => self.current.add(&old),
+                    _ => self.settling -= 1,
+                }
             }
         }
         let settled =
@@ -108,9 +115,7 @@ impl Controller {
             first || (settled && self.current.distance(&self.window_mean()) > self.cfg.threshold);
         if shifted {
             self.grant();
-        } else if self.pending && self.current.n >= (3 * self.cfg.window) as f64 {
-            // Training batches come from a ring of recent frames: only some windows after the
-            // shift do they hold the new condition alone, and only then can it be recognised.
+        } else if settled && self.pending {
             self.pending = false;
             self.rescale_if_known();
         }
@@ -131,6 +136,9 @@ impl Controller {
 
     /// A new budget, in full until the window has filled with the new condition's frames.
     fn grant(&mut self) {
+        if self.granted > 0 {
+            self.settling = 2 * self.cfg.window;
+        }
         if self.current.n > 0.0 {
             let done = std::mem::replace(&mut self.current, Stats::new());
             self.remember(done);
@@ -203,7 +211,15 @@ impl Controller {
             ("recent".into(), Tensor::new(recent.as_slice(), dev)?),
             (
                 "budget".into(),
-                Tensor::new(&[self.left as f32, self.granted as f32], dev)?,
+                Tensor::new(
+                    &[
+                        self.left as f32,
+                        self.granted as f32,
+                        self.settling as f32,
+                        f32::from(u8::from(self.pending)),
+                    ],
+                    dev,
+                )?,
             ),
         ])
     }
@@ -227,6 +243,7 @@ impl Controller {
         self.recent = read("recent")?.chunks(DIMS).map(|c| c.to_vec()).collect();
         let b = read("budget")?;
         (self.left, self.granted) = (b[0] as u64, b[1] as u64);
+        (self.settling, self.pending) = (b[2] as usize, b[3] > 0.0);
         Ok(())
     }
 }
