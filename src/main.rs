@@ -85,6 +85,10 @@ struct SuiteArgs {
     replay_filter: Vec<(String, String)>,
     #[arg(long, default_value = "runs/suite")]
     out: PathBuf,
+    /// Run nothing: join earlier runs' suite.json files (e.g. methods run in separate
+    /// processes) into one table in OUT.
+    #[arg(long, value_delimiter = ',')]
+    join: Vec<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -418,6 +422,17 @@ fn run(cli: Cli) -> Result<()> {
 
 fn suite(a: SuiteArgs) -> Result<()> {
     use segadapt::suite::{run_target, Runner, SuiteFile, Target};
+    if !a.join.is_empty() {
+        let parts = a
+            .join
+            .iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(p).with_context(|| p.display().to_string())?;
+                serde_json::from_str(&text).with_context(|| p.display().to_string())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return write_suite(&a.out, &segadapt::suite::join(parts));
+    }
     let file = SuiteFile::load(&a.suite)?;
     let profile = a.profile.load()?;
     let methods: Vec<Method> = match a.methods {
@@ -490,12 +505,16 @@ fn suite(a: SuiteArgs) -> Result<()> {
         )?);
     }
     bar.finish_and_clear();
-    let table = segadapt::suite::markdown(&results);
-    std::fs::create_dir_all(&a.out)?;
-    std::fs::write(a.out.join("suite.md"), &table)?;
+    write_suite(&a.out, &results)
+}
+
+fn write_suite(out: &std::path::Path, results: &[segadapt::suite::TargetResult]) -> Result<()> {
+    let table = segadapt::suite::markdown(results);
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("suite.md"), &table)?;
     std::fs::write(
-        a.out.join("suite.json"),
-        serde_json::to_string_pretty(&results)?,
+        out.join("suite.json"),
+        serde_json::to_string_pretty(results)?,
     )?;
     print!("{table}");
     Ok(())

@@ -239,7 +239,7 @@ fn slug(s: &str) -> String {
 }
 
 /// One score with its per-class IoU (None: the class is absent from the set).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Point {
     pub miou: f64,
     pub per_class: Vec<Option<f64>>,
@@ -276,7 +276,7 @@ fn fold(points: &[Point], continual: bool) -> Point {
 }
 
 /// One method on one target over the seeds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cell {
     pub method: String,
     /// The target's score per seed.
@@ -302,7 +302,7 @@ impl Cell {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TargetResult {
     pub name: String,
     pub continual: bool,
@@ -406,6 +406,23 @@ pub fn run_target(
         class_names: files.class_names(),
         cells,
     })
+}
+
+/// Results of several runs of one suite (e.g. methods split over processes) as one: per target,
+/// every run's cells, source-only once.
+pub fn join(parts: Vec<Vec<TargetResult>>) -> Vec<TargetResult> {
+    let mut out: Vec<TargetResult> = Vec::new();
+    for t in parts.into_iter().flatten() {
+        match out.iter_mut().find(|o| o.name == t.name) {
+            Some(o) => o.cells.extend(
+                t.cells
+                    .into_iter()
+                    .filter(|c| c.method != Method::SourceOnly.name()),
+            ),
+            None => out.push(t),
+        }
+    }
+    out
 }
 
 fn opt(v: Option<f64>) -> String {
