@@ -152,13 +152,14 @@ impl Controller {
         );
     }
 
-    /// A condition adapted to k times before keeps `revisit`^k of its budget.
+    /// A condition adapted to k times before keeps `revisit`^k of its budget. Being the same
+    /// condition takes a quarter of the shift threshold: a near miss is a new condition.
     fn rescale_if_known(&mut self) {
         let window = self.window_mean();
         let Some(&(_, visits)) = self
             .known
             .iter()
-            .find(|(s, _)| s.distance(&window) <= self.cfg.threshold)
+            .find(|(s, _)| s.distance(&window) <= self.cfg.threshold / 4.0)
         else {
             return;
         };
@@ -175,7 +176,7 @@ impl Controller {
         match self
             .known
             .iter_mut()
-            .find(|(s, _)| s.distance(&done.mean) <= self.cfg.threshold)
+            .find(|(s, _)| s.distance(&done.mean) <= self.cfg.threshold / 4.0)
         {
             Some((_, visits)) => *visits += 1,
             None => self.known.push((done, 1)),
