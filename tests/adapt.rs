@@ -414,3 +414,25 @@ fn tent_adapts_on_the_frame_not_the_strong_view() {
     assert!(r.total.is_finite(), "{r:?}");
     assert_eq!(a.optimizer_steps(), 1);
 }
+
+#[test]
+fn a_spent_training_budget_leaves_the_model_alone() {
+    let fx = fixture(3, false);
+    let mut ac = AdaptConfig::plain();
+    ac.threshold = 0.0;
+    ac.guard.collapse = false;
+    ac.budget.on = true;
+    ac.budget.steps = 2;
+    let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let idle: Vec<bool> = (0..4)
+        .map(|_| a.step(&x, &x, &mut rng).unwrap().idle)
+        .collect();
+    assert_eq!(idle, vec![false, false, true, true]);
+    assert_eq!(a.optimizer_steps(), 2);
+    // The budget is part of the state: a restored adapter does not train either.
+    let state = a.state().unwrap();
+    let mut b = Adapter::restore(a.cfg.clone(), &fx.cfg, fx.stats(), &state).unwrap();
+    assert!(b.step(&x, &x, &mut rng).unwrap().idle);
+}
