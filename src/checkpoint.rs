@@ -138,9 +138,13 @@ pub fn load_checkpoint(
     let (_, header) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| ck(e.to_string()))?;
     let meta = header.metadata().clone().unwrap_or_default();
-    let tensors =
-        candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| ck(e.to_string()))?;
-    Ok((tensors.into_iter().collect(), meta))
+    let tensors: crate::model::TensorMap = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| ck(e.to_string()))?
+        .into_iter()
+        .collect();
+    // A checkpoint with non-finite values is damaged like a truncated one.
+    crate::model::weights::check_finite(path, &tensors).map_err(|e| ck(e.to_string()))?;
+    Ok((tensors, meta))
 }
 
 #[cfg(test)]

@@ -153,6 +153,8 @@ impl SourceStats {
         let path = dir.join(FILE);
         let m = candle_core::safetensors::load(&path, device)
             .map_err(|e| Error::data(&path, e.to_string()))?;
+        let m: crate::model::TensorMap = m.into_iter().collect();
+        crate::model::weights::check_finite(&path, &m)?;
         let get = |k: &str| {
             m.get(k)
                 .cloned()

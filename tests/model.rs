@@ -259,3 +259,42 @@ fn gradient_clipping_bounds_the_update_and_non_finite_is_skipped() {
     );
     assert_eq!(p.as_tensor().to_vec1::<f32>().unwrap(), before);
 }
+
+#[test]
+fn non_finite_weights_are_refused_naming_the_tensor() {
+    use segadapt::model::weights;
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    common::write_dataset(&data, 2, 32, 32);
+    let cfg = common::tiny_config(3);
+    let dir = root.path().join("model");
+    common::write_model_dir(&dir, &cfg, &data, (32, 32));
+    let dev = candle_core::Device::Cpu;
+    let mut files = weights::load_model_dir(&dir, &dev).unwrap();
+    let name = "decode_head.classifier.weight";
+    let w = &files.tensors[name];
+    let nan = (w.zeros_like().unwrap() / 0.0).unwrap();
+    files.tensors.insert(name.into(), nan);
+    weights::save_model_dir(&dir, &files).unwrap();
+    let err = weights::load_model_dir(&dir, &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains(name) && err.contains("not finite"), "{err}");
+
+    // A checkpoint with a NaN is damaged: the one before it is used.
+    let ck = segadapt::checkpoint::CheckpointDir::new(root.path().join("ck"), 3);
+    let good: segadapt::model::TensorMap = [(
+        "w".to_string(),
+        candle_core::Tensor::new(&[1f32, 2.0], &dev).unwrap(),
+    )]
+    .into();
+    let bad: segadapt::model::TensorMap = [(
+        "w".to_string(),
+        candle_core::Tensor::new(&[1f32, f32::NAN], &dev).unwrap(),
+    )]
+    .into();
+    ck.save(10, &good, Default::default()).unwrap();
+    ck.save(20, &bad, Default::default()).unwrap();
+    assert_eq!(ck.latest(&dev).unwrap().step, 10);
+}

@@ -70,11 +70,39 @@ pub fn load_model_dir(dir: &Path, device: &Device) -> Result<ModelFiles> {
         ));
     }
     let tensors = load_safetensors(&st, &config, device)?;
+    check_finite(&st, &tensors)?;
     Ok(ModelFiles {
         config,
         preprocess,
         tensors,
     })
+}
+
+/// Refuses tensors holding NaN or infinite values, naming the first such tensor (in name order)
+/// and how many of its values are bad: weights like that load without a word otherwise, then
+/// serve garbage and make every adaptation step non-finite.
+pub fn check_finite(path: &Path, tensors: &TensorMap) -> Result<()> {
+    for (name, t) in tensors {
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let v: Vec<f32> = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let bad = v.iter().filter(|x| !x.is_finite()).count();
+        if bad > 0 {
+            return Err(Error::Weights {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                msg: format!(
+                    "{bad} of {} values are not finite (NaN or infinite)",
+                    v.len()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Serialises tensors with PyTorch's `format` metadata, as `save_pretrained` writes them.
