@@ -5,6 +5,56 @@ use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
 
+/// The exclusive hold of one run on its output folder: an advisory lock (flock) on `DIR/.lock`,
+/// which holds the owner's pid. The lock goes with the process, so a crashed run leaves none.
+pub struct OutLock {
+    _file: std::fs::File,
+}
+
+impl OutLock {
+    /// Takes the folder (created if missing) or fails at once naming the pid holding it.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        use std::io::{Read, Seek};
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join(".lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        // SAFETY: flock on a descriptor this function owns for the lock's lifetime.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            return Err(Error::Locked {
+                path: dir.to_path_buf(),
+                pid: pid.trim().to_string(),
+            });
+        }
+        file.set_len(0).map_err(|e| Error::io(&path, e))?;
+        file.rewind().map_err(|e| Error::io(&path, e))?;
+        write!(file, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// Removes the temp files an interrupted [`write_atomic`] left in `dir`; how many.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with('.') && n.ends_with(".tmp")
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
@@ -151,6 +201,25 @@ pub fn load_checkpoint(
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+
+    #[test]
+    fn one_run_per_folder_and_stale_temps_go() {
+        let tmp = std::env::temp_dir().join(format!("segadapt-lock-{}", std::process::id()));
+        let held = OutLock::acquire(&tmp).unwrap();
+        let err = OutLock::acquire(&tmp).err().unwrap().to_string();
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        drop(held);
+        let again = OutLock::acquire(&tmp);
+        assert!(again.is_ok(), "released with its holder");
+        std::fs::write(tmp.join(".step-00000005.safetensors.4242.tmp"), b"partial").unwrap();
+        std::fs::write(tmp.join("step-00000005.safetensors"), b"kept").unwrap();
+        assert_eq!(remove_stale_temps(&tmp), 1);
+        assert!(tmp.join("step-00000005.safetensors").exists());
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
 
     #[test]
     fn a_rollback_target_is_the_newest_checkpoint_old_enough() {

@@ -31,6 +31,10 @@ pub enum Error {
     Data { path: PathBuf, msg: String },
     #[error("{path}: checkpoint: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
+    #[error(
+        "{path}: in use by another run (pid {pid}); one run writes to an output folder at a time"
+    )]
+    Locked { path: PathBuf, pid: String },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]

@@ -82,6 +82,7 @@ pub struct Report {
 
 impl Session {
     pub fn run(&self, source: Box<dyn FrameSource>, stop: Arc<AtomicBool>) -> Result<Report> {
+        let _lock = crate::checkpoint::OutLock::acquire(&self.out)?;
         let dev = Device::Cpu;
         let p = &self.profile;
         if p.cuda_ordinal().is_some() {
@@ -138,6 +139,15 @@ impl Session {
             self.out.join("checkpoints"),
             p.train.keep,
         ));
+        for dir in [&self.out, &ckpts.dir] {
+            let n = crate::checkpoint::remove_stale_temps(dir);
+            if n > 0 {
+                log::info!(
+                    "{}: removed {n} partial file(s) of an interrupted run",
+                    dir.display()
+                );
+            }
+        }
         let mut adapter = match ckpts.latest(&dev) {
             Some(ck) => {
                 log::info!(
