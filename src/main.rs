@@ -277,9 +277,9 @@ struct AdaptArgs {
 
 #[derive(clap::Args)]
 struct ProfileArgs {
-    /// Device profile (firmware-configs/*.toml).
-    #[arg(long, default_value = "firmware-configs/x86-64-cpu.toml")]
-    profile: PathBuf,
+    /// Device profile: a built-in one by name (`segadapt inspect --list`) or a TOML file.
+    #[arg(long, default_value = "x86-64-cpu")]
+    profile: String,
     /// Run the profile on another device than it names (e.g. a Jetson profile's plan on cpu).
     #[arg(long)]
     device: Option<String>,
@@ -287,7 +287,7 @@ struct ProfileArgs {
 
 impl ProfileArgs {
     fn load(&self) -> Result<segadapt::config::Profile> {
-        let mut p = segadapt::config::Profile::load(&self.profile)?;
+        let mut p = segadapt::config::Profile::resolve(&self.profile)?;
         if let Some(d) = &self.device {
             p.device.device = d.clone();
             if d == "cpu" {
@@ -356,6 +356,9 @@ struct InspectArgs {
     method: Method,
     #[arg(long)]
     json: bool,
+    /// List the built-in profiles and exit.
+    #[arg(long)]
+    list: bool,
 }
 
 #[derive(clap::Args)]
@@ -1025,6 +1028,16 @@ fn adapt(a: AdaptArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
+    if a.list {
+        for (name, text) in segadapt::config::BUILT_IN {
+            let p = segadapt::config::Profile::parse(text)?;
+            println!(
+                "{name:<24} {:<8} {}x{} at {} fps, {} MB",
+                p.device.device, p.input.width, p.input.height, p.input.fps, p.memory.total_mb
+            );
+        }
+        return Ok(());
+    }
     let profile = a.profile.load()?;
     let dev = Device::Cpu;
     let files = weights::load_model_dir(&a.model, &dev)?;

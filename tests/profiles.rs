@@ -155,3 +155,24 @@ fn bad_profiles_are_refused_naming_key_value_and_what_is_allowed() {
     }
     assert!(Profile::parse(&good).is_ok());
 }
+
+#[test]
+fn built_in_profiles_are_the_committed_files_and_resolve_by_name() {
+    assert_eq!(segadapt::config::built_in_names(), PROFILES);
+    for name in PROFILES {
+        let built_in = Profile::resolve(name).unwrap();
+        let file = load(name);
+        assert_eq!(
+            toml::to_string(&built_in).unwrap(),
+            toml::to_string(&file).unwrap(),
+            "{name}"
+        );
+    }
+    let by_path = Profile::resolve("firmware-configs/x86-64-cpu.toml").unwrap();
+    assert_eq!(by_path.device.name, "x86-64-cpu");
+    let err = Profile::resolve("no-such-board").unwrap_err().to_string();
+    assert!(
+        err.contains("no-such-board") && err.contains("jetson-orin-nano-8gb"),
+        "{err}"
+    );
+}

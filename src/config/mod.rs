@@ -6,4 +6,6 @@ mod profile;
 
 pub use model::SegformerConfig;
 pub use preprocess::{PreprocessConfig, Size};
-pub use profile::{DeviceSection, InputSection, MemorySection, Profile, TrainSection};
+pub use profile::{
+    built_in_names, DeviceSection, InputSection, MemorySection, Profile, TrainSection, BUILT_IN,
+};

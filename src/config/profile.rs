@@ -92,6 +92,46 @@ fn default_keep() -> usize {
     3
 }
 
+/// The profiles of `firmware-configs/`, compiled in: the binary runs from any folder.
+pub const BUILT_IN: &[(&str, &str)] = &[
+    (
+        "x86-64-cpu",
+        include_str!("../../firmware-configs/x86-64-cpu.toml"),
+    ),
+    (
+        "jetson-orin-nano-4gb",
+        include_str!("../../firmware-configs/jetson-orin-nano-4gb.toml"),
+    ),
+    (
+        "jetson-orin-nano-8gb",
+        include_str!("../../firmware-configs/jetson-orin-nano-8gb.toml"),
+    ),
+    (
+        "jetson-xavier-nx-8gb",
+        include_str!("../../firmware-configs/jetson-xavier-nx-8gb.toml"),
+    ),
+    (
+        "jetson-orin-nx-16gb",
+        include_str!("../../firmware-configs/jetson-orin-nx-16gb.toml"),
+    ),
+    (
+        "jetson-agx-xavier-32gb",
+        include_str!("../../firmware-configs/jetson-agx-xavier-32gb.toml"),
+    ),
+    (
+        "jetson-agx-orin-32gb",
+        include_str!("../../firmware-configs/jetson-agx-orin-32gb.toml"),
+    ),
+    (
+        "jetson-agx-orin-64gb",
+        include_str!("../../firmware-configs/jetson-agx-orin-64gb.toml"),
+    ),
+];
+
+pub fn built_in_names() -> Vec<&'static str> {
+    BUILT_IN.iter().map(|(n, _)| *n).collect()
+}
+
 impl Profile {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -107,6 +147,25 @@ impl Profile {
             },
             other => Error::data(path, other.to_string()),
         })
+    }
+
+    /// A built-in profile by name (`x86-64-cpu`, `jetson-orin-nano-8gb`, ...), or a TOML file.
+    pub fn resolve(name_or_path: &str) -> Result<Self> {
+        match BUILT_IN.iter().find(|(n, _)| *n == name_or_path) {
+            Some((name, text)) => Self::parse(text)
+                .map_err(|e| Error::Invalid(format!("built-in profile {name}: {e}"))),
+            None if Path::new(name_or_path).exists() || name_or_path.ends_with(".toml") => {
+                Self::load(Path::new(name_or_path))
+            }
+            None => Err(Error::config(
+                "--profile",
+                name_or_path,
+                format!(
+                    "a TOML file or a built-in profile: {}",
+                    built_in_names().join(", ")
+                ),
+            )),
+        }
     }
 
     pub fn parse(text: &str) -> Result<Self> {
