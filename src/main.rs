@@ -78,9 +78,9 @@ struct SuiteArgs {
     quick: bool,
     #[arg(long, default_value_t = 10)]
     quick_frames: usize,
-    /// Labelled source frames for methods with source replay.
-    #[arg(long, default_value = "../shared/data/camvid")]
-    replay: PathBuf,
+    /// Labelled source frames for methods with source replay (e.g. ../shared/data/camvid).
+    #[arg(long)]
+    replay: Option<PathBuf>,
     #[arg(long = "replay-where", value_parser = parse_where, default_value = "role=source-train")]
     replay_filter: Vec<(String, String)>,
     #[arg(long, default_value = "runs/suite")]
@@ -315,15 +315,16 @@ struct AblateArgs {
     model: PathBuf,
     #[command(flatten)]
     profile: ProfileArgs,
-    /// Labelled folder: the target frames are streamed, and their labels only score.
-    #[arg(long, default_value = "../shared/data/camvid")]
+    /// Labelled folder: the target frames are streamed, and their labels only score (e.g.
+    /// ../shared/data/camvid with --where role=target).
+    #[arg(long)]
     data: PathBuf,
     #[arg(long = "where", value_parser = parse_where, default_value = "role=target")]
     filter: Vec<(String, String)>,
     /// Labelled source frames for the rows with source replay (replay; profile when its
-    /// adapt.replay.on is set).
-    #[arg(long, default_value = "../shared/data/camvid")]
-    replay: PathBuf,
+    /// adapt.replay.on is set), e.g. ../shared/data/camvid.
+    #[arg(long)]
+    replay: Option<PathBuf>,
     #[arg(long = "replay-where", value_parser = parse_where, default_value = "role=source-train")]
     replay_filter: Vec<(String, String)>,
     #[arg(long, default_value_t = 1.0)]
@@ -468,7 +469,12 @@ fn suite(a: SuiteArgs) -> Result<()> {
     let runner = Runner {
         model: a.model.clone(),
         replay: match replay_on {
-            true => load_replay(&Some(a.replay), &a.replay_filter, &a.model, &profile)?,
+            true => {
+                if a.replay.is_none() {
+                    bail!("source replay needs labelled source frames: --replay DIR [--replay-where COL=VAL]");
+                }
+                load_replay(&a.replay, &a.replay_filter, &a.model, &profile)?
+            }
             false => None,
         },
         profile,
@@ -1069,7 +1075,12 @@ fn ablate(a: AblateArgs) -> Result<()> {
             .iter()
             .any(|&m| m == Method::Replay || (m == Method::Profile && profile.adapt.replay.on))
         {
-            true => load_replay(&Some(a.replay), &a.replay_filter, &a.model, &profile)?,
+            true => {
+                if a.replay.is_none() {
+                    bail!("source replay needs labelled source frames: --replay DIR [--replay-where COL=VAL]");
+                }
+                load_replay(&a.replay, &a.replay_filter, &a.model, &profile)?
+            }
             false => None,
         },
         fps: a.fps,
