@@ -27,7 +27,6 @@ use rand_distr::{Distribution, Normal};
 pub struct Bida {
     cfg: config::Bida,
     protos: Prototypes,
-    stats: SourceStats,
     /// This step's transferred labels of the teacher's pixels.
     transfer: Vec<u32>,
 }
@@ -37,7 +36,6 @@ impl Bida {
         Ok(Self {
             cfg: cfg.clone(),
             protos: Prototypes::new(&stats.prototypes, cfg.momentum, cfg.ramp)?,
-            stats: stats.clone(),
             transfer: Vec::new(),
         })
     }
@@ -65,16 +63,19 @@ impl Component for Bida {
         _student: &Student,
         rng: &mut StdRng,
     ) -> Result<Vec<(&'static str, Tensor)>> {
-        let replayed = step.student.as_mut().and_then(|o| o.source_pixels.take());
+        // Source pixels: the replayed crop's cells when source frames are on board, samples of
+        // the stored class statistics otherwise.
+        let replayed = match step.out().source_cells.as_ref() {
+            Some((f, labels)) => {
+                let c = step.stats.mean.dim(0)?;
+                pick_source_pixels(f, labels, c, self.cfg.per_class, rng)?
+            }
+            None => None,
+        };
+        let s = step.stats;
         let (fs_src, ys) = match replayed {
             Some(p) => p,
-            None => sample_source_pixels(
-                &self.stats.mean,
-                &self.stats.var,
-                &self.stats.count,
-                self.cfg.per_class,
-                rng,
-            )?,
+            None => sample_source_pixels(&s.mean, &s.var, &s.count, self.cfg.per_class, rng)?,
         };
         let out = step.out();
         let (tau, w) = (self.cfg.tau, self.cfg.weight);

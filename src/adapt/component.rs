@@ -127,9 +127,8 @@ pub struct StudentOut {
     pub ignored: Tensor,
     /// u8 [N]: the teacher saw these pixels as the student does (not pasted).
     pub same: Tensor,
-    /// Source pixels of a replayed crop for BiDA's source side: features [M, D], labels u32 [M].
-    pub source_pixels: Option<(Tensor, Tensor)>,
-    /// The replayed crop's embedding cells [K h w, D] and their labels, for DIDA's bank.
+    /// The replayed source crop's embedding cells [K h w, D] (with their gradient) and their
+    /// labels: BiDA's source side and DIDA's bank updates.
     pub source_cells: Option<(Tensor, Vec<u32>)>,
 }
 

@@ -50,7 +50,6 @@ const HEAD: [&str; 4] = ["w1", "b1", "w2", "b2"];
 /// SePiCo as a step component.
 pub struct Sepico {
     cfg: config::Sepico,
-    stats: SourceStats,
     /// The student's head (trained) and the teacher's (EMA of it, `ema` momentum).
     head: Vec<Var>,
     teacher: Vec<Tensor>,
@@ -69,7 +68,6 @@ impl Sepico {
         let init = init_head(d, p)?;
         Ok(Self {
             cfg: cfg.sepico.clone(),
-            stats: stats.clone(),
             head: init.iter().map(Var::from_tensor).collect::<Result<_>>()?,
             teacher: init,
             ema: cfg.ema,
@@ -129,7 +127,7 @@ impl Component for Sepico {
         _student: &Student,
         rng: &mut StdRng,
     ) -> Result<Vec<(&'static str, Tensor)>> {
-        let s = &self.stats;
+        let s = step.stats;
         let (src, ys) = super::bidirectional::sample_source_pixels(
             &s.mean,
             &s.var,

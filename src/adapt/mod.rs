@@ -45,7 +45,7 @@ pub fn components(
         v.push(Box::new(hpla::Hpla::new(&cfg.hpla, classes)));
     }
     if cfg.replay.on {
-        v.push(Box::new(replay::SourceReplay::new(cfg)));
+        v.push(Box::new(replay::SourceReplay::new(&cfg.replay)));
     }
     if cfg.region.on {
         v.push(Box::new(region::RegionTerms(cfg.region.clone())));

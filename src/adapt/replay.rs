@@ -324,19 +324,15 @@ impl Replay {
 }
 
 /// Source replay as a step component: a source crop per frame, ClassMix onto the student's
-/// view, the source cross-entropy, and (for BiDA) the replayed crop's pixels.
+/// view, the source cross-entropy, and the replayed crop's embedding cells for the components
+/// that use labelled source features.
 pub struct SourceReplay {
     cfg: config::Replay,
-    /// Source pixels per class handed to BiDA's source side (None: BiDA is off).
-    bida_per_class: Option<usize>,
 }
 
 impl SourceReplay {
-    pub fn new(cfg: &config::AdaptConfig) -> Self {
-        Self {
-            cfg: cfg.replay.clone(),
-            bida_per_class: cfg.bida.on.then_some(cfg.bida.per_class),
-        }
+    pub fn new(cfg: &config::Replay) -> Self {
+        Self { cfg: cfg.clone() }
     }
 
     /// The student on the source crop: its logits' cross-entropy and its embedding [K, h, w, D].
@@ -407,17 +403,8 @@ impl Component for SourceReplay {
             .chunks(ih * iw)
             .flat_map(|plane| cell_labels(plane, (ih, iw), (fh, fw)))
             .collect();
-        let feats = embed.reshape((k * fh * fw, d))?;
-        if let Some(per_class) = self.bida_per_class {
-            let c = step.stats.mean.dim(0)?;
-            let picked =
-                super::bidirectional::pick_source_pixels(&feats, &cells, c, per_class, rng)?;
-            if let Some(out) = step.student.as_mut() {
-                out.source_pixels = picked;
-            }
-        }
         if let Some(out) = step.student.as_mut() {
-            out.source_cells = Some((feats.detach(), cells));
+            out.source_cells = Some((embed.reshape((k * fh * fw, d))?, cells));
         }
         Ok(vec![("source", (l * self.cfg.weight)?)])
     }

@@ -293,7 +293,6 @@ fn student_forward(student: &Student, v: &View, rng: &mut StdRng) -> Result<(Stu
             ignored: mask(keep.iter().map(|k| !k).collect())?,
             kept: mask(keep)?,
             same: mask(v.pasted.iter().map(|p| !p).collect())?,
-            source_pixels: None,
             source_cells: None,
         },
         kept,
