@@ -264,8 +264,8 @@ struct AdaptArgs {
     #[arg(long, default_value_t = 0)]
     eval_every: u64,
     /// Training steps after each served frame, on the serving thread (reproducible); without it
-    /// the profile's cadence holds.
-    #[arg(long)]
+    /// the profile's cadence holds. In real time training stays off the serving thread.
+    #[arg(long, conflicts_with = "realtime")]
     steps_per_frame: Option<u32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -925,13 +925,14 @@ fn replay(a: ReplayArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         println!(
-            "frames in {}, served {}, dropped {}, bad {}; latency p50 {:.1} ms, p99 {:.1} ms; {:.1} s",
+            "frames in {}, served {}, dropped {}, bad {}; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {:.1} s",
             summary.frames_in,
             summary.frames_served,
             summary.frames_dropped,
             summary.frame_errors,
             summary.latency_ms_p50,
             summary.latency_ms_p99,
+            summary.latency_ms_max,
             summary.wall_s
         );
         if let Some(m) = summary.miou {
@@ -1016,10 +1017,18 @@ fn adapt(a: AdaptArgs) -> Result<()> {
     }
     let s = &r.summary;
     println!(
-        "{}: frames {} served {} dropped {}; {} training steps (median {:.0} ms), {} skipped, {} rollbacks, {} budget waits; latency p50 {:.1} ms p99 {:.1} ms",
-        a.method, s.frames_in, s.frames_served, s.frames_dropped, s.train_steps, s.step_ms_p50,
-        s.steps_skipped, s.rollbacks, s.budget_waits, s.latency_ms_p50, s.latency_ms_p99
+        "{}: frames {} served {} dropped {}; {} training steps ({:.2}/s, median {:.0} ms), {} skipped, {} rollbacks, {} budget waits; latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+        a.method, s.frames_in, s.frames_served, s.frames_dropped, s.train_steps,
+        s.train_steps_per_s, s.step_ms_p50, s.steps_skipped, s.rollbacks, s.budget_waits,
+        s.latency_ms_p50, s.latency_ms_p99, s.latency_ms_max
     );
+    if s.train_busy > 0.0 {
+        println!(
+            "busy: serving {:.0}% of the time, training {:.0}%",
+            100.0 * s.serve_busy,
+            100.0 * s.train_busy
+        );
+    }
     println!(
         "memory: heap peak {:.0} MB, resident peak {} (budget {:.0} MB)",
         r.peak_heap_mb,

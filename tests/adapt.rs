@@ -221,6 +221,7 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
             ring: 4,
             steps_per_frame,
             every: 1,
+            train_threads: 0,
             seed: 3,
             checkpoints: None,
             checkpoint_every: 0,
@@ -284,7 +285,7 @@ fn a_restored_adapter_continues_exactly() {
     ck.save(a.step, &a.state().unwrap(), Default::default())
         .unwrap();
     let loaded = ck.latest(&Device::Cpu).unwrap();
-    let mut b = Adapter::restore(full(), cfg, fx.stats(), &loaded.tensors).unwrap();
+    let mut b = Adapter::restore(full(), cfg, tensors, fx.stats(), &loaded.tensors).unwrap();
     assert_eq!(b.step, 2);
     let mut rng_b = rng.clone();
     for _ in 0..2 {
@@ -386,7 +387,7 @@ fn restore_after_a_resume_moves_towards_the_source_weights() {
     // Resumed with every element restored each step: it must land on the source model's
     // weights, not on the weights it resumed from.
     ac.guard.restore = 1.0;
-    let mut b = Adapter::restore(ac, &fx.cfg, fx.stats(), &state).unwrap();
+    let mut b = Adapter::restore(ac, &fx.cfg, &fx.tensors, fx.stats(), &state).unwrap();
     b.step(&x, &x, &mut rng).unwrap();
     for (n, v) in &b.student.vars {
         let diff = (v.as_tensor() - &fx.tensors[n])
@@ -433,6 +434,127 @@ fn a_spent_training_budget_leaves_the_model_alone() {
     assert_eq!(a.optimizer_steps(), 2);
     // The budget is part of the state: a restored adapter does not train either.
     let state = a.state().unwrap();
-    let mut b = Adapter::restore(a.cfg.clone(), &fx.cfg, fx.stats(), &state).unwrap();
+    let mut b = Adapter::restore(a.cfg.clone(), &fx.cfg, &fx.tensors, fx.stats(), &state).unwrap();
     assert!(b.step(&x, &x, &mut rng).unwrap().idle);
+}
+
+/// Euclidean distance between the trained tensors of two weight maps.
+fn distance(a: &segadapt::model::TensorMap, b: &segadapt::model::TensorMap) -> f64 {
+    a.iter()
+        .filter(|(n, _)| n.ends_with("weight") || n.ends_with("bias"))
+        .map(|(n, t)| {
+            let d = (t - &b[n]).unwrap().sqr().unwrap().sum_all().unwrap();
+            d.to_scalar::<f32>().unwrap() as f64
+        })
+        .sum::<f64>()
+        .sqrt()
+}
+
+#[test]
+fn with_condition_slots_a_new_condition_starts_from_the_source_and_a_known_one_from_its_weights() {
+    use segadapt::adapt::controller::Event;
+    let fx = fixture(3, false);
+    let mut ac = AdaptConfig::plain();
+    (ac.threshold, ac.lr, ac.ema) = (0.0, 1e-3, 0.9);
+    ac.guard.collapse = false;
+    ac.budget.on = true;
+    (ac.budget.steps, ac.budget.window, ac.budget.slots) = (500, 2, 4);
+    let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let day = |i: usize| {
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
+        (x + 0.1 * (i % 3) as f64).unwrap()
+    };
+    let night = |i: usize| {
+        let x = Tensor::randn(0f32, 0.1, (1, 3, 48, 64), &Device::Cpu).unwrap();
+        (x - (1.5 + 0.1 * (i % 3) as f64)).unwrap()
+    };
+    let mut step = |a: &mut Adapter, x: Tensor| a.step(&x, &x, &mut rng).unwrap().event;
+    for i in 0..12 {
+        assert_eq!(step(&mut a, day(i)), Event::Steady);
+    }
+    let day_weights = a.teacher.tensors().unwrap();
+    let adapted = distance(&day_weights, &fx.tensors);
+    assert!(adapted > 0.0);
+    // Night: the teacher leaves the day weights behind and starts again from the source.
+    let mut i = 0;
+    while step(&mut a, night(i)) == Event::Steady {
+        i += 1;
+        assert!(i < 6, "the shift to night is seen within the window");
+    }
+    let at_night = a.teacher.tensors().unwrap();
+    assert!(
+        distance(&at_night, &fx.tensors) < adapted / 3.0,
+        "one step from the source"
+    );
+    for i in 0..12 {
+        step(&mut a, night(i));
+    }
+    // Back in day: day's weights come back once the window holds day frames alone.
+    let events: Vec<Event> = (0..20)
+        .map(|i| step(&mut a, day(i)))
+        .take_while(|e| !matches!(e, Event::Recalled(_)))
+        .collect();
+    assert_eq!(events[0], Event::Shifted { left: Some(1) }, "{events:?}");
+    assert!(events.len() < 20, "day is recognised: {events:?}");
+    let back = a.teacher.tensors().unwrap();
+    assert!(
+        distance(&back, &day_weights) < distance(&back, &fx.tensors) / 3.0,
+        "the day weights are back"
+    );
+}
+
+#[test]
+fn in_real_time_a_slow_training_step_holds_no_frame_up() {
+    use segadapt::runtime::online::{run_online, OnlineConfig};
+    use segadapt::runtime::PipelineConfig;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let fx = fixture(20, false);
+    let adapter = Adapter::new(full(), &fx.cfg, &fx.tensors, fx.stats()).unwrap();
+    let opts = segadapt::source::SourceOptions {
+        fps: 20.0,
+        ..Default::default()
+    };
+    let source =
+        segadapt::source::open(&format!("folder:{}", fx.data.path().display()), &opts).unwrap();
+    let oc = OnlineConfig {
+        pipeline: PipelineConfig {
+            realtime: true,
+            queue: 2,
+        },
+        batch: 1,
+        crop: None,
+        ring: 4,
+        steps_per_frame: None,
+        every: 1,
+        train_threads: 1,
+        seed: 3,
+        checkpoints: None,
+        checkpoint_every: 0,
+        step_budget: None,
+    };
+    let pre = &fx.pre;
+    let (summary, _) = run_online(
+        source,
+        adapter,
+        pre,
+        &oc,
+        Arc::new(AtomicBool::new(false)),
+        |item, m| {
+            segadapt::eval::predict_image(m, pre, &item.frame.image, &Device::Cpu).map(|_| ())?;
+            Ok(())
+        },
+        // Each step keeps the trainer busy for half a second more.
+        |_, _| {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(summary.frames_in, 20);
+    assert!(summary.train_steps >= 1, "{summary:?}");
+    // A frame that waited for a step would have waited half a second.
+    assert!(summary.latency_ms_max < 450.0, "{summary:?}");
+    assert_eq!(summary.frames_served + summary.frames_dropped, 20);
 }

@@ -13,6 +13,10 @@ pub struct AdaptConfig {
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub ema: f64,
+    /// The teacher labels the mean of the weak view's and its mirror image's predictions
+    /// (CoTTA's augmentation-averaged teacher, with the one augmentation that costs only a
+    /// forward pass).
+    pub flip_teacher: bool,
     /// Which student parameters train.
     pub train: TrainScope,
     /// Fixed confidence threshold of plain self-training (used when `ias` is off).
@@ -44,6 +48,10 @@ pub struct Budget {
     pub threshold: f64,
     /// Budget factor per earlier visit of a known condition.
     pub revisit: f64,
+    /// Conditions whose adapted weights are kept (0: none). With slots, a new condition starts
+    /// from the source weights and a known one from the weights adapted to it, so adapting to
+    /// one condition never degrades the model for another.
+    pub slots: usize,
 }
 
 impl Default for Budget {
@@ -54,6 +62,7 @@ impl Default for Budget {
             window: 8,
             threshold: 9.0,
             revisit: 0.5,
+            slots: 0,
         }
     }
 }
@@ -63,7 +72,13 @@ impl Budget {
         at_least("adapt.budget.steps", self.steps as usize, 1)?;
         at_least("adapt.budget.window", self.window, 1)?;
         positive("adapt.budget.threshold", self.threshold)?;
-        unit("adapt.budget.revisit", self.revisit)
+        unit("adapt.budget.revisit", self.revisit)?;
+        check(
+            self.slots <= 64,
+            "adapt.budget.slots",
+            self.slots,
+            "0 to 64 conditions",
+        )
     }
 }
 
@@ -233,6 +248,7 @@ impl Default for AdaptConfig {
             weight_decay: 0.01,
             max_grad_norm: 10.0,
             ema: 0.999,
+            flip_teacher: false,
             train: TrainScope::All,
             threshold: 0.968,
             ias: Ias::default(),

@@ -5,6 +5,13 @@
 //! the model once its budget is spent, so the model cannot drift on it; a new condition grants
 //! a new budget, a condition seen before a smaller one.
 //!
+//! With `slots`, the controller also remembers the weights adapted to each condition: the
+//! adapter starts a new condition from the source weights and a known one from the weights it
+//! had when the stream last left it. Adapting to fog then cannot cost anything at night, and a
+//! drive through many conditions does not accumulate the errors of each (measured on the
+//! continual CamVid-C stream, where one set of weights carried through all conditions falls
+//! below the source model by the second round).
+//!
 //! The shift signal is model-free: per frame, each colour channel's mean, spread and mean
 //! absolute gradient (brightness, contrast, sharpness: what weather and light change), compared
 //! window by window with the statistics of the frames the current budget adapted on. HAMLET
@@ -13,6 +20,7 @@
 
 use super::component::need;
 use super::config;
+use crate::model::TensorMap;
 use candle_core::{Device, Result, Tensor};
 use std::collections::VecDeque;
 
@@ -60,13 +68,58 @@ impl Stats {
     }
 }
 
+/// A condition adapted to before.
+#[derive(Debug, Clone)]
+struct Condition {
+    stats: Stats,
+    /// Budgets granted to it.
+    visits: u32,
+    /// The teacher's weights when the stream last left it (with slots).
+    weights: Option<TensorMap>,
+    /// The frame count when its weights were last kept or recalled: the least recent one's
+    /// weights go first when the slots are full.
+    last: u64,
+}
+
+/// What a shift interrupted, to go back to if the stream returns to it within the window.
+#[derive(Debug, Clone)]
+struct Interrupted {
+    condition: usize,
+    stats: Stats,
+    left: u64,
+    granted: u64,
+    visits: u32,
+}
+
+/// What the stream did at a frame, as far as the adapter's weights are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Event {
+    #[default]
+    Steady,
+    /// The stream moved to another condition. `left`: the condition it left, whose weights the
+    /// adapter hands to [`Controller::keep`] (None for the first condition and without slots).
+    Shifted { left: Option<usize> },
+    /// The stream moved to a condition adapted to before, whose weights are kept.
+    Recalled(usize),
+}
+
+/// How much to train on a frame and what the stream did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation {
+    /// Learning-rate scale: 0 when no budget is left.
+    pub scale: f64,
+    pub event: Event,
+}
+
 pub struct Controller {
     cfg: config::Budget,
     /// Frames of the condition the current budget adapts to.
     current: Stats,
     recent: VecDeque<Vec<f64>>,
-    /// Conditions adapted to so far: their statistics and how many budgets each was granted.
-    known: Vec<(Stats, u32)>,
+    /// Conditions adapted to so far.
+    known: Vec<Condition>,
+    /// Frames observed.
+    frames: u64,
     left: u64,
     granted: u64,
     /// A budget was granted and the new condition's statistics are not yet there to tell
@@ -75,6 +128,8 @@ pub struct Controller {
     /// Frames still to leave the window before the new condition's statistics start: for a
     /// while after a shift, windows (and the ring training samples from) mix both conditions.
     settling: usize,
+    /// The condition the last shift left, until the new one's statistics are there.
+    interrupted: Option<Interrupted>,
 }
 
 impl Controller {
@@ -84,20 +139,22 @@ impl Controller {
             current: Stats::new(),
             recent: VecDeque::new(),
             known: Vec::new(),
+            frames: 0,
             left: 0,
             granted: 0,
             pending: false,
             settling: 0,
+            interrupted: None,
         }
     }
 
     /// Folds in a batch of frames ([B, 3, H, W], normalised) and says how much to train on
-    /// it: the learning-rate scale (0 when no budget is left), and whether the stream has just
-    /// moved to another condition.
-    pub fn observe(&mut self, frames: &Tensor) -> Result<(f64, bool)> {
+    /// it and whether the stream has just moved to another condition.
+    pub fn observe(&mut self, frames: &Tensor) -> Result<Observation> {
         // A frame joins the current condition's statistics once it leaves the window, so the
         // window is always compared with frames before it.
         for d in descriptors(frames)? {
+            self.frames += 1;
             self.recent.push_back(d);
             if self.recent.len() > self.cfg.window {
                 let old = self.recent.pop_front().expect("longer than the window");
@@ -111,20 +168,61 @@ impl Controller {
             self.recent.len() >= self.cfg.window && self.current.n >= self.cfg.window as f64;
         let first = self.granted == 0;
         // The first frames are the shift away from the source domain.
-        let shifted =
-            first || (settled && self.current.distance(&self.window_mean()) > self.cfg.threshold);
+        let distance = match settled {
+            true => self.current.distance(&self.window_mean()),
+            false => 0.0,
+        };
+        log::debug!("frame {}: shift distance {distance:.2}", self.frames);
+        let shifted = first || distance > self.cfg.threshold;
+        let mut event = Event::Steady;
         if shifted {
-            self.grant();
+            let left = self.grant();
+            if !first {
+                event = Event::Shifted {
+                    left: left.filter(|_| self.cfg.slots > 0),
+                };
+            }
         } else if settled && self.pending {
             self.pending = false;
-            self.rescale_if_known();
+            let window = self.window_mean();
+            let start = match self.resume_if_transient(&window) {
+                Some(i) => Some(i),
+                None => self
+                    .rescale_if_known(&window)
+                    .or_else(|| self.nearest_kept(&window)),
+            };
+            if let Some(i) = start.filter(|&i| self.known[i].weights.is_some()) {
+                self.known[i].last = self.frames;
+                event = Event::Recalled(i);
+            }
         }
         if self.left == 0 {
-            return Ok((0.0, shifted && !first));
+            return Ok(Observation { scale: 0.0, event });
         }
         let scale = self.left as f64 / self.granted as f64;
         self.left -= 1;
-        Ok((scale, shifted && !first))
+        Ok(Observation { scale, event })
+    }
+
+    /// Keeps `weights` as those adapted to condition `i` (from [`Event::Shifted`]); when the
+    /// slots are full, the least recently used condition's weights go.
+    pub fn keep(&mut self, i: usize, weights: TensorMap) {
+        self.known[i].weights = Some(weights);
+        self.known[i].last = self.frames;
+        while self.known.iter().filter(|c| c.weights.is_some()).count() > self.cfg.slots {
+            let oldest = self
+                .known
+                .iter_mut()
+                .filter(|c| c.weights.is_some())
+                .min_by_key(|c| c.last)
+                .expect("more kept than slots");
+            oldest.weights = None;
+        }
+    }
+
+    /// The weights kept for condition `i`.
+    pub fn weights(&self, i: usize) -> Option<&TensorMap> {
+        self.known.get(i).and_then(|c| c.weights.as_ref())
     }
 
     fn window_mean(&self) -> Vec<f64> {
@@ -134,15 +232,28 @@ impl Controller {
             .collect()
     }
 
-    /// A new budget, in full until the window has filled with the new condition's frames.
-    fn grant(&mut self) {
+    /// A new budget, in full until the window has filled with the new condition's frames;
+    /// the condition left, if any.
+    fn grant(&mut self) -> Option<usize> {
         if self.granted > 0 {
             self.settling = 2 * self.cfg.window;
         }
-        if self.current.n > 0.0 {
+        let left = (self.current.n > 0.0).then(|| {
             let done = std::mem::replace(&mut self.current, Stats::new());
-            self.remember(done);
-        }
+            let interrupted = Interrupted {
+                stats: done.clone(),
+                left: self.left,
+                granted: self.granted,
+                visits: self.find(&done.mean).map_or(0, |i| self.known[i].visits),
+                condition: 0,
+            };
+            let i = self.remember(done);
+            self.interrupted = Some(Interrupted {
+                condition: i,
+                ..interrupted
+            });
+            i
+        });
         self.left = self.cfg.steps;
         self.granted = self.cfg.steps.max(1);
         self.pending = true;
@@ -150,19 +261,46 @@ impl Controller {
             "training budget: {} steps for a new condition",
             self.cfg.steps
         );
+        left
+    }
+
+    /// After a shift, a stream back in the condition it left had a passing change (a tunnel,
+    /// a bridge's shadow): the condition goes on with its statistics, budget and, with slots,
+    /// its weights. The condition resumed.
+    fn resume_if_transient(&mut self, window: &[f64]) -> Option<usize> {
+        let int = self.interrupted.take()?;
+        if int.stats.distance(window) > self.cfg.threshold / 4.0 {
+            return None;
+        }
+        log::info!("training budget: the stream is back in the condition it left");
+        let i = int.condition;
+        self.known[i].visits = int.visits;
+        (self.left, self.granted) = (int.left, int.granted);
+        self.current = int.stats;
+        Some(i)
+    }
+
+    /// A new condition within the shift threshold of one whose weights are kept starts from
+    /// those weights (similar conditions share what was learnt); a farther one from the source.
+    fn nearest_kept(&self, window: &[f64]) -> Option<usize> {
+        let (i, d) = self
+            .known
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.weights.is_some())
+            .map(|(i, c)| (i, c.stats.distance(window)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))?;
+        (d <= self.cfg.threshold).then(|| {
+            log::info!("training budget: a new condition close to condition {i} (distance {d:.1})");
+            i
+        })
     }
 
     /// A condition adapted to k times before keeps `revisit`^k of its budget. Being the same
     /// condition takes a quarter of the shift threshold: a near miss is a new condition.
-    fn rescale_if_known(&mut self) {
-        let window = self.window_mean();
-        let Some(&(_, visits)) = self
-            .known
-            .iter()
-            .find(|(s, _)| s.distance(&window) <= self.cfg.threshold / 4.0)
-        else {
-            return;
-        };
+    fn rescale_if_known(&mut self, window: &[f64]) -> Option<usize> {
+        let i = self.find(window)?;
+        let visits = self.known[i].visits;
         let f = self.cfg.revisit.powi(visits as i32);
         self.left = (self.left as f64 * f).round() as u64;
         self.granted = ((self.granted as f64 * f).round() as u64).max(1);
@@ -170,16 +308,32 @@ impl Controller {
             "training budget: a condition adapted to {visits} time(s) before; {} steps left",
             self.left
         );
+        Some(i)
     }
 
-    fn remember(&mut self, done: Stats) {
-        match self
-            .known
-            .iter_mut()
-            .find(|(s, _)| s.distance(&done.mean) <= self.cfg.threshold / 4.0)
-        {
-            Some((_, visits)) => *visits += 1,
-            None => self.known.push((done, 1)),
+    /// The known condition `mean` belongs to.
+    fn find(&self, mean: &[f64]) -> Option<usize> {
+        self.known
+            .iter()
+            .position(|c| c.stats.distance(mean) <= self.cfg.threshold / 4.0)
+    }
+
+    /// Files a finished condition's statistics; its index among the known ones.
+    fn remember(&mut self, done: Stats) -> usize {
+        match self.find(&done.mean) {
+            Some(i) => {
+                self.known[i].visits += 1;
+                i
+            }
+            None => {
+                self.known.push(Condition {
+                    stats: done,
+                    visits: 1,
+                    weights: None,
+                    last: self.frames,
+                });
+                self.known.len() - 1
+            }
         }
     }
 
@@ -198,12 +352,36 @@ impl Controller {
                 .collect()
         };
         let mut known: Vec<f32> = Vec::new();
-        for (s, v) in &self.known {
-            known.extend(stats(s));
-            known.push(*v as f32);
+        let mut slots = Vec::new();
+        for (i, c) in self.known.iter().enumerate() {
+            known.extend(stats(&c.stats));
+            known.extend([
+                c.visits as f32,
+                c.last as f32,
+                f32::from(u8::from(c.weights.is_some())),
+            ]);
+            for (n, t) in c.weights.iter().flatten() {
+                slots.push((format!("slot{i}.{n}"), t.clone()));
+            }
         }
         let recent: Vec<f32> = self.recent.iter().flatten().map(|&v| v as f32).collect();
-        Ok(vec![
+        let interrupted: Vec<f32> = match &self.interrupted {
+            Some(int) => [
+                int.condition as f32,
+                int.left as f32,
+                int.granted as f32,
+                int.visits as f32,
+            ]
+            .into_iter()
+            .chain(stats(&int.stats))
+            .collect(),
+            None => Vec::new(),
+        };
+        let mut v = vec![
+            (
+                "interrupted".into(),
+                Tensor::new(interrupted.as_slice(), dev)?,
+            ),
             (
                 "current".into(),
                 Tensor::new(stats(&self.current).as_slice(), dev)?,
@@ -218,14 +396,19 @@ impl Controller {
                         self.granted as f32,
                         self.settling as f32,
                         f32::from(u8::from(self.pending)),
+                        self.frames as f32,
                     ],
                     dev,
                 )?,
             ),
-        ])
+        ];
+        v.extend(slots);
+        Ok(v)
     }
 
-    pub fn load(&mut self, get: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
+    /// Reads [`Controller::state`] back; `names` are the model's tensor names, under which the
+    /// kept weights were saved.
+    pub fn load(&mut self, get: &dyn Fn(&str) -> Option<Tensor>, names: &[String]) -> Result<()> {
         let read = |k: &str| -> Result<Vec<f64>> {
             let v: Vec<f32> = need(get, "budget", k)?.to_vec1()?;
             Ok(v.into_iter().map(f64::from).collect())
@@ -236,15 +419,38 @@ impl Controller {
             m2: v[1 + DIMS..1 + 2 * DIMS].to_vec(),
         };
         self.current = stats(&read("current")?);
-        let per = 2 + 2 * DIMS;
-        self.known = read("known")?
-            .chunks(per)
-            .map(|c| (stats(c), c[per - 1] as u32))
-            .collect();
+        let per = 4 + 2 * DIMS;
+        self.known = Vec::new();
+        for (i, c) in read("known")?.chunks(per).enumerate() {
+            let weights = match c[per - 1] > 0.0 {
+                true => Some(
+                    names
+                        .iter()
+                        .map(|n| Ok((n.clone(), need(get, "budget", &format!("slot{i}.{n}"))?)))
+                        .collect::<Result<TensorMap>>()?,
+                ),
+                false => None,
+            };
+            self.known.push(Condition {
+                stats: stats(c),
+                visits: c[per - 3] as u32,
+                last: c[per - 2] as u64,
+                weights,
+            });
+        }
         self.recent = read("recent")?.chunks(DIMS).map(|c| c.to_vec()).collect();
+        let int = read("interrupted")?;
+        self.interrupted = (!int.is_empty()).then(|| Interrupted {
+            condition: int[0] as usize,
+            left: int[1] as u64,
+            granted: int[2] as u64,
+            visits: int[3] as u32,
+            stats: stats(&int[4..]),
+        });
         let b = read("budget")?;
         (self.left, self.granted) = (b[0] as u64, b[1] as u64);
         (self.settling, self.pending) = (b[2] as usize, b[3] > 0.0);
+        self.frames = b[4] as u64;
         Ok(())
     }
 }
@@ -306,7 +512,109 @@ mod tests {
             window: 4,
             threshold: 9.0,
             revisit: 0.5,
+            slots: 0,
         }
+    }
+
+    /// The events of 60 frames of a condition.
+    fn events(c: &mut Controller, f: &dyn Fn(usize) -> Tensor) -> Vec<Event> {
+        (0..60)
+            .map(|i| c.observe(&f(i)).unwrap().event)
+            .filter(|e| *e != Event::Steady)
+            .collect()
+    }
+
+    #[test]
+    fn with_slots_a_known_condition_gets_its_weights_back() {
+        let mut c = Controller::new(&config::Budget {
+            slots: 1,
+            ..cfg(40)
+        });
+        let day = |i: usize| frame(0.5 + 0.01 * (i % 3) as f32, 0.3);
+        let night = |i: usize| frame(-1.5 + 0.01 * (i % 3) as f32, 0.05);
+        let fog = |i: usize| frame(1.5 + 0.01 * (i % 3) as f32, 0.02);
+        let weights = |v: f32| {
+            let t = Tensor::new(&[v], &Device::Cpu).unwrap();
+            TensorMap::from([("w".to_string(), t)])
+        };
+        assert_eq!(events(&mut c, &day), vec![], "the first condition");
+        assert_eq!(
+            events(&mut c, &night),
+            vec![Event::Shifted { left: Some(0) }]
+        );
+        c.keep(0, weights(1.0));
+        // Night has no weights yet: back to day, day's weights come back.
+        assert_eq!(
+            events(&mut c, &day),
+            vec![Event::Shifted { left: Some(1) }, Event::Recalled(0)]
+        );
+        c.keep(1, weights(2.0));
+        assert!(
+            c.weights(0).is_none(),
+            "one slot: night's weights pushed day's out"
+        );
+        // The slots survive a checkpoint.
+        let state = c.state().unwrap();
+        let mut d = Controller::new(&c.cfg);
+        d.load(
+            &|k| state.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone()),
+            &["w".to_string()],
+        )
+        .unwrap();
+        let w: Vec<f32> = d.weights(1).unwrap()["w"].to_vec1().unwrap();
+        assert_eq!(w, vec![2.0]);
+        assert_eq!(events(&mut d, &fog), vec![Event::Shifted { left: Some(0) }]);
+        assert_eq!(
+            events(&mut d, &night),
+            vec![Event::Shifted { left: Some(2) }, Event::Recalled(1)]
+        );
+    }
+
+    #[test]
+    fn a_passing_change_resumes_the_condition_it_interrupted() {
+        let mut c = Controller::new(&config::Budget {
+            slots: 2,
+            ..cfg(100)
+        });
+        let day = |i: usize| frame(0.5 + 0.01 * (i % 3) as f32, 0.3);
+        events(&mut c, &day);
+        let left_before = c.left;
+        // A tunnel: six dark frames, then day again.
+        let mut seen = Vec::new();
+        for i in 0..30 {
+            let f = match i < 6 {
+                true => frame(-1.5, 0.05),
+                false => day(i),
+            };
+            let e = c.observe(&f).unwrap().event;
+            if let Event::Shifted { left: Some(j) } = e {
+                c.keep(j, TensorMap::new());
+            }
+            if e != Event::Steady {
+                seen.push(e);
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![Event::Shifted { left: Some(0) }, Event::Recalled(0)]
+        );
+        assert_eq!(
+            c.known[0].visits, 0,
+            "the day condition is not counted again"
+        );
+        assert!(
+            c.left < left_before,
+            "the budget goes on from where it was ({} of {left_before})",
+            c.left
+        );
+    }
+
+    #[test]
+    fn without_slots_shifts_name_no_condition() {
+        let mut c = Controller::new(&cfg(40));
+        events(&mut c, &|i| frame(0.5 + 0.01 * (i % 3) as f32, 0.3));
+        let night = events(&mut c, &|i| frame(-1.5 + 0.01 * (i % 3) as f32, 0.05));
+        assert_eq!(night, vec![Event::Shifted { left: None }]);
     }
 
     #[test]
@@ -316,7 +624,7 @@ mod tests {
             .map(|i| {
                 c.observe(&frame(0.5 + 0.01 * (i % 3) as f32, 0.3))
                     .unwrap()
-                    .0
+                    .scale
             })
             .collect();
         // Ten steps with the rate decaying linearly from 1, then nothing.
@@ -333,7 +641,7 @@ mod tests {
         // Steps trained over 60 frames of a condition.
         let phase = |c: &mut Controller, f: &dyn Fn(usize) -> Tensor| -> usize {
             (0..60)
-                .filter(|&i| c.observe(&f(i)).unwrap().0 > 0.0)
+                .filter(|&i| c.observe(&f(i)).unwrap().scale > 0.0)
                 .count()
         };
         let first = phase(&mut c, &day);
@@ -349,8 +657,11 @@ mod tests {
         // The state round-trips.
         let state = c.state().unwrap();
         let mut d = Controller::new(&cfg(40));
-        d.load(&|k| state.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone()))
-            .unwrap();
+        d.load(
+            &|k| state.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone()),
+            &[],
+        )
+        .unwrap();
         assert_eq!(
             (d.left, d.granted, d.known.len()),
             (c.left, c.granted, c.known.len())

@@ -4,6 +4,7 @@
 //! state and the teacher move on. Target labels never enter here.
 
 use super::component::{Component, Flow, Labels, Step, StudentOut, View, IGNORE};
+use super::controller::Event;
 use super::region;
 use super::replay::Replay;
 use super::AdaptConfig;
@@ -29,6 +30,8 @@ pub struct StepReport {
     pub collapsed: bool,
     /// No training budget left: the step did nothing.
     pub idle: bool,
+    /// What the training budgets' shift test saw before the step.
+    pub event: Event,
 }
 
 pub struct Adapter {
@@ -42,19 +45,34 @@ pub struct Adapter {
     /// Labelled source frames (shared, never changed by a step).
     pub replay: Option<Arc<Replay>>,
     pub stats: SourceStats,
+    /// The weights adaptation started from (shared with the caller's map, never changed).
+    source: TensorMap,
     pub step: u64,
 }
 
 impl Adapter {
+    /// An adapter starting from the source weights `tensors`.
     pub fn new(
         cfg: AdaptConfig,
         model_cfg: &crate::config::SegformerConfig,
         tensors: &TensorMap,
         stats: SourceStats,
     ) -> Result<Self> {
-        let student = Student::with_trainable(model_cfg, tensors, |n| cfg.trains(n))?;
+        Self::starting_from(cfg, model_cfg, tensors, tensors, stats)
+    }
+
+    /// An adapter whose student and teacher start from `init`, `source` being the weights
+    /// adaptation began from (CoTTA restores towards them, a new condition starts from them).
+    fn starting_from(
+        cfg: AdaptConfig,
+        model_cfg: &crate::config::SegformerConfig,
+        init: &TensorMap,
+        source: &TensorMap,
+        stats: SourceStats,
+    ) -> Result<Self> {
+        let student = Student::with_trainable(model_cfg, init, |n| cfg.trains(n))?;
         let teacher = Segformer::new(model_cfg, detached_copy(&student.model)?)?;
-        let components = super::components(&cfg, model_cfg, &stats, tensors)?;
+        let components = super::components(&cfg, model_cfg, &stats, source)?;
         let mut vars: Vec<(String, candle_core::Var, ParamGroup)> = student
             .vars
             .iter()
@@ -92,11 +110,13 @@ impl Adapter {
             components,
             replay: None,
             stats,
+            source: source.clone(),
             step: 0,
         })
     }
 
-    /// Optimizer steps taken (skipped non-finite steps excluded).
+    /// Optimizer steps taken since the student last started afresh (skipped non-finite steps
+    /// excluded).
     pub fn optimizer_steps(&self) -> u64 {
         self.opt.step_count()
     }
@@ -108,24 +128,94 @@ impl Adapter {
 
     /// One step on `weak` / `strong` views of the same frames ([B, 3, H, W], same geometry).
     pub fn step(&mut self, weak: &Tensor, strong: &Tensor, rng: &mut StdRng) -> Result<StepReport> {
-        let (scale, shifted) = match &mut self.controller {
-            Some(c) => c.observe(weak)?,
-            None => (1.0, false),
+        let (scale, event) = match self
+            .controller
+            .as_mut()
+            .map(|c| c.observe(weak))
+            .transpose()?
+        {
+            Some(obs) => {
+                self.follow(obs.event)?;
+                (obs.scale, obs.event)
+            }
+            None => (1.0, Event::Steady),
         };
-        if shifted {
-            self.components.iter_mut().for_each(|c| c.shift());
-        }
         if scale == 0.0 {
             return Ok(StepReport {
                 idle: true,
+                event,
                 ..Default::default()
             });
         }
         let lr = self.cfg.lr * scale;
-        crate::model::ops::on_pool(|| match self.cfg.tent.on {
+        let report = crate::model::ops::on_pool(|| match self.cfg.tent.on {
             true => self.tent_step(weak, lr, rng),
             false => self.self_training_step(weak, strong, lr, rng),
-        })
+        })?;
+        Ok(StepReport { event, ..report })
+    }
+
+    /// Moves with the stream: on a shift the condition left keeps its weights (with slots) and
+    /// the student starts again from the source; a known condition's weights come back.
+    fn follow(&mut self, event: Event) -> Result<()> {
+        match event {
+            Event::Steady => {}
+            Event::Shifted { left: None } => self.components.iter_mut().for_each(|c| c.shift()),
+            Event::Shifted { left: Some(i) } => {
+                let kept = self.adapted_weights()?;
+                let source = self.source.clone();
+                self.controller
+                    .as_mut()
+                    .expect("events come from the controller")
+                    .keep(i, kept);
+                log::info!("new condition: adapting from the source weights");
+                self.start_again(&source)?;
+            }
+            Event::Recalled(i) => {
+                let mut init = self.source.clone();
+                init.extend(
+                    self.controller
+                        .as_ref()
+                        .and_then(|c| c.weights(i))
+                        .expect("a recalled condition has weights")
+                        .clone(),
+                );
+                log::info!("known condition {i}: adapting from its weights");
+                self.start_again(&init)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies of the teacher's tensors that adaptation moves (the trained parameters and the
+    /// BatchNorm statistics); the others equal the source's.
+    fn adapted_weights(&self) -> Result<TensorMap> {
+        let specs = self.teacher.specs();
+        let moved = |n: &str| {
+            specs
+                .iter()
+                .find(|s| s.name == n)
+                .is_none_or(|s| !s.trainable || self.cfg.trains(n))
+        };
+        detached_copy(&self.teacher).map(|m| m.into_iter().filter(|(n, _)| moved(n)).collect())
+    }
+
+    /// Student and teacher start from `init` with fresh optimizer moments and component state;
+    /// the controller, the source frames and the step count stay.
+    fn start_again(&mut self, init: &TensorMap) -> Result<()> {
+        let model_cfg = self.teacher.cfg.clone();
+        let fresh = Self::starting_from(
+            self.cfg.clone(),
+            &model_cfg,
+            init,
+            &self.source,
+            self.stats.clone(),
+        )?;
+        self.student = fresh.student;
+        self.teacher = fresh.teacher;
+        self.opt = fresh.opt;
+        self.components = fresh.components;
+        Ok(())
     }
 
     /// The teacher's probabilities and embedding on the weak view, as unselected labels.
@@ -135,8 +225,17 @@ impl Adapter {
         let (b, h, w, c) = out.logits.dims4()?;
         let d = out.embed.dim(3)?;
         let n = b * h * w;
-        let probs = candle_nn::ops::softmax_last_dim(&out.logits.reshape((n, c))?)?;
-        let feats = out.embed.reshape((n, d))?;
+        let mut probs = candle_nn::ops::softmax_last_dim(&out.logits)?;
+        let mut embed = out.embed;
+        if self.cfg.flip_teacher {
+            // [B, h, w, C]: the mirror image's outputs mirrored back along the width.
+            let m = self.teacher.forward(&mirror(weak, 3)?, None)?;
+            let mp = candle_nn::ops::softmax_last_dim(&mirror(&m.logits, 2)?)?;
+            probs = ((probs + mp)? * 0.5)?;
+            embed = ((embed + mirror(&m.embed, 2)?)? * 0.5)?;
+        }
+        let probs = probs.reshape((n, c))?;
+        let feats = embed.reshape((n, d))?;
         Labels::from_scores(probs.clone(), feats, (b, h, w), probs)
     }
 
@@ -224,6 +323,13 @@ impl Adapter {
         self.step += 1;
         Ok(report)
     }
+}
+
+/// `t` reversed along `dim`.
+fn mirror(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let n = t.dim(dim)?;
+    let idx = Tensor::from_vec((0..n as u32).rev().collect::<Vec<_>>(), n, t.device())?;
+    t.index_select(&idx, dim)?.contiguous()
 }
 
 /// Sums the terms, backpropagates and steps AdamW unless the loss is not finite; true when
@@ -329,7 +435,9 @@ impl Adapter {
     pub fn rollback(&mut self, state: &TensorMap) -> Result<()> {
         let cfg = self.teacher.cfg.clone();
         let replay = self.replay.take();
-        let mut back = Adapter::restore(self.cfg.clone(), &cfg, self.stats.clone(), state)?;
+        let source = self.source.clone();
+        let mut back =
+            Adapter::restore(self.cfg.clone(), &cfg, &source, self.stats.clone(), state)?;
         let guard = |a: &Adapter| a.components.iter().position(|c| c.name() == "guard");
         if let (Some(i), Some(j)) = (guard(self), guard(&back)) {
             std::mem::swap(&mut self.components[i], &mut back.components[j]);
@@ -339,17 +447,20 @@ impl Adapter {
         Ok(())
     }
 
-    /// Rebuilds an adapter from [`Adapter::state`]; `cfg` must switch on the same parts.
+    /// Rebuilds an adapter from [`Adapter::state`]; `cfg` must switch on the same parts, and
+    /// `source` is the model adaptation began from.
     pub fn restore(
         cfg: AdaptConfig,
         model_cfg: &crate::config::SegformerConfig,
+        source: &TensorMap,
         stats: SourceStats,
         state: &TensorMap,
     ) -> Result<Self> {
-        let mut a = Adapter::new(
+        let mut a = Adapter::starting_from(
             cfg,
             model_cfg,
             &crate::model::with_prefix(state, "student."),
+            source,
             stats,
         )?;
         a.teacher = Segformer::new(model_cfg, crate::model::with_prefix(state, "teacher."))?;
@@ -358,8 +469,12 @@ impl Adapter {
             let prefix = format!("adapt.{}.", c.name());
             c.load(&|k: &str| state.get(&format!("{prefix}{k}")).cloned())?;
         }
+        let names: Vec<String> = a.teacher.tensors()?.into_keys().collect();
         if let Some(c) = &mut a.controller {
-            c.load(&|k: &str| state.get(&format!("adapt.budget.{k}")).cloned())?;
+            c.load(
+                &|k: &str| state.get(&format!("adapt.budget.{k}")).cloned(),
+                &names,
+            )?;
         }
         let step = state
             .get("adapt.step")

@@ -116,6 +116,19 @@ pub fn plan(
     };
     let mut state = 2 * c * d * f32s + 2 * c * d * f32s + 2 * c * f32s;
     let mut holds = vec!["source statistics".to_string()];
+    let slots = match adapt.budget.on {
+        true => adapt.budget.slots,
+        false => 0,
+    };
+    if slots > 0 {
+        let buffers: usize = specs
+            .iter()
+            .filter(|s| !s.trainable)
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum();
+        state += slots * (trainable + buffers) * f32s;
+        holds.push(format!("weights of {slots} conditions"));
+    }
     for comp in crate::adapt::components(adapt, model, stats, source)? {
         let (bytes, what) = comp.bytes(&geo);
         state += bytes;

@@ -30,7 +30,14 @@ pub struct Summary {
     pub frame_errors: u64,
     pub latency_ms_p50: f64,
     pub latency_ms_p99: f64,
+    pub latency_ms_max: f64,
     pub train_steps: u64,
+    /// Training steps per second of wall time.
+    pub train_steps_per_s: f64,
+    /// Shares of the wall time the serving loop spent serving and the training thread spent
+    /// in steps (0 where training runs after frames on the serving thread).
+    pub serve_busy: f64,
+    pub train_busy: f64,
     /// Median wall time of one adaptation step (views, step, bookkeeping).
     pub step_ms_p50: f64,
     /// Steps skipped for a non-finite loss or gradient.
@@ -162,6 +169,7 @@ pub fn run<E>(
         frame_errors: errors.load(Ordering::Relaxed),
         latency_ms_p50: percentile(&latencies, 0.5),
         latency_ms_p99: percentile(&latencies, 0.99),
+        latency_ms_max: latencies.last().copied().unwrap_or(0.0),
         miou: None,
         damage,
         wall_s: start.elapsed().as_secs_f64(),

@@ -2,6 +2,13 @@
 //! and feeds a bounded ring of recent frames; training samples batches from the ring, either on
 //! its own thread (on the vehicle: serving never waits for a step) or, for reproducible
 //! experiments, a fixed number of steps after each served frame.
+//!
+//! On its own thread, training runs on a worker pool of its own whose threads (and the trainer
+//! itself) the scheduler ranks below everything else (Linux `SCHED_IDLE`, else the lowest nice
+//! level): serving keeps the cores whenever it has a frame, and training takes what is left,
+//! at most one step per `every` served frames. The trainer publishes each new teacher by
+//! swapping an `Arc` (the copy is made on the trainer's side), so serving never reads a model
+//! half-updated and never copies one.
 
 use super::{run, Arrived, PipelineConfig, Summary};
 use crate::adapt::step::Adapter;
@@ -28,9 +35,12 @@ pub struct OnlineConfig {
     /// Recent frames kept for training.
     pub ring: usize,
     /// Some(k): k steps after every `every`-th served frame, on the serving thread
-    /// (reproducible). None: a training thread steps whenever the ring has a batch.
+    /// (reproducible). None: a training thread below serving's priority steps whenever the
+    /// ring has a batch, at most once per `every` served frames (0: no limit).
     pub steps_per_frame: Option<u32>,
     pub every: u32,
+    /// Worker threads of the training pool (0: as many as the machine has cores).
+    pub train_threads: usize,
     pub seed: u64,
     /// Save the adaptation state here every `checkpoint_every` steps; a collapse rolls back to
     /// the newest one (the caller saves the starting state when the folder has none).
@@ -49,6 +59,8 @@ pub struct StepBudget {
 /// What training did beside serving, for the run's summary.
 #[derive(Debug, Default)]
 struct Counters {
+    /// Wall time spent inside training steps (views, step, publishing), in microseconds.
+    busy_us: AtomicU64,
     skipped: AtomicU64,
     rollbacks: AtomicU64,
     budget_waits: AtomicU64,
@@ -170,6 +182,36 @@ fn train_once(
     Ok(true)
 }
 
+/// The training thread's worker pool, its threads below serving's priority.
+fn training_pool(threads: usize) -> crate::Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("train-{i}"))
+        .start_handler(|_| lower_priority())
+        .build()
+        .map_err(|e| crate::Error::Invalid(format!("training thread pool: {e}")))
+}
+
+/// Ranks the calling thread below every normal one: Linux's `SCHED_IDLE` runs it only on cores
+/// nothing else wants; where that is refused, the lowest nice level.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: plain system calls on the calling thread (pid 0), with a valid parameter.
+        let ok = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0;
+        if !ok {
+            // SAFETY: as above; on Linux PRIO_PROCESS with 0 names the calling thread.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+        }
+    }
+    #[cfg(all(unix, not(target_os = "linux")))]
+    // SAFETY: a plain system call on the calling process.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
+}
+
 /// Runs `source` through serving and adaptation. `serve` gets each frame and the model to use;
 /// `after_step` is called with the step count and the published model after every step.
 pub fn run_online(
@@ -203,6 +245,7 @@ pub fn run_online(
         let mut t = counters.step_ms.lock().expect("step times").clone();
         t.sort_by(|a, b| a.total_cmp(b));
         s.step_ms_p50 = super::percentile(&t, 0.5);
+        s.train_steps_per_s = steps as f64 / s.wall_s.max(1e-9);
         s.loss_terms = counters.mean_terms();
         s
     };
@@ -229,22 +272,40 @@ pub fn run_online(
     }
     let done = Arc::new(AtomicBool::new(false));
     let steps = Arc::new(AtomicU64::new(0));
+    let served = Arc::new(AtomicU64::new(0));
+    let serve_us = AtomicU64::new(0);
     let result = std::thread::scope(|s| -> crate::Result<(Summary, Adapter)> {
         let trainer = {
-            let (ring, slot, done, steps, counters) = (
+            let (ring, slot, done, steps, served, counters) = (
                 ring.clone(),
                 slot.clone(),
                 done.clone(),
                 steps.clone(),
+                served.clone(),
                 &counters,
             );
             let cfg = cfg.clone();
             s.spawn(move || -> crate::Result<Adapter> {
+                lower_priority();
+                let pool = training_pool(cfg.train_threads)?;
+                let mut last = 0u64;
                 while !done.load(Ordering::Relaxed) {
-                    if train_once(&mut adapter, &ring, &cfg, pre, &mut rng, counters)? {
+                    let now = served.load(Ordering::Relaxed);
+                    if now < last + cfg.every as u64 {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        continue;
+                    }
+                    let t0 = std::time::Instant::now();
+                    let moved = pool.install(|| {
+                        train_once(&mut adapter, &ring, &cfg, pre, &mut rng, counters)
+                    })?;
+                    if moved {
+                        last = now;
                         publish(&slot, &adapter)?;
                         steps.store(adapter.step, Ordering::Relaxed);
                         after_step(adapter.step, &slot.read().expect("model slot"))?;
+                        let us = t0.elapsed().as_micros() as u64;
+                        counters.busy_us.fetch_add(us, Ordering::Relaxed);
                     } else {
                         std::thread::sleep(std::time::Duration::from_millis(5));
                     }
@@ -253,16 +314,23 @@ pub fn run_online(
             })
         };
         let summary = run(source, &cfg.pipeline, stop, |item| -> crate::Result<()> {
+            let t0 = std::time::Instant::now();
             let model = slot.read().expect("model slot").clone();
             serve(item, &model)?;
             push(&item.frame.image);
+            served.fetch_add(1, Ordering::Relaxed);
+            serve_us.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
             Ok(())
         });
         done.store(true, Ordering::Relaxed);
         let adapter = trainer
             .join()
             .map_err(|_| crate::Error::Invalid("training thread panicked".into()))??;
-        Ok((fill(summary?, steps.load(Ordering::Relaxed)), adapter))
+        let mut summary = fill(summary?, steps.load(Ordering::Relaxed));
+        let wall_us = (summary.wall_s * 1e6).max(1.0);
+        summary.serve_busy = serve_us.load(Ordering::Relaxed) as f64 / wall_us;
+        summary.train_busy = counters.busy_us.load(Ordering::Relaxed) as f64 / wall_us;
+        Ok(summary).map(|s| (s, adapter))
     });
     result
 }

@@ -30,7 +30,8 @@ pub struct Session {
     pub eval: Option<Arc<Vec<Example>>>,
     /// Score every N steps (0: only before and after).
     pub eval_every: u64,
-    /// Overrides the profile's cadence: k steps after each frame on the serving thread.
+    /// Overrides the profile's cadence: k steps after each frame on the serving thread (not
+    /// with `realtime`).
     pub steps_per_frame: Option<u32>,
     pub seed: u64,
     pub realtime: bool,
@@ -155,7 +156,7 @@ impl Session {
                     ck.path.display(),
                     ck.step
                 );
-                Adapter::restore(cfg, &files.config, stats, &ck.tensors)?
+                Adapter::restore(cfg, &files.config, &files.tensors, stats, &ck.tensors)?
             }
             None => {
                 let a = Adapter::new(cfg, &files.config, &files.tensors, stats)?;
@@ -197,17 +198,19 @@ impl Session {
             batch: plan.batch,
             crop: Some(plan.crop),
             ring: p.train.ring,
-            steps_per_frame: match (source_only, self.steps_per_frame, p.train.every) {
-                (true, _, _) => Some(0),
-                (false, Some(k), _) => Some(k),
-                (false, None, 0) => None,
-                (false, None, _) => Some(1),
+            // In real time training never runs on the serving thread; replayed as fast as
+            // possible, a step after every `every`-th frame keeps runs reproducible.
+            steps_per_frame: match (source_only, self.steps_per_frame) {
+                (true, _) => Some(0),
+                (false, Some(k)) => Some(k),
+                (false, None) if self.realtime || p.train.every == 0 => None,
+                (false, None) => Some(1),
             },
-            every: if self.steps_per_frame.is_some() {
-                1
-            } else {
-                p.train.every.max(1)
+            every: match self.steps_per_frame {
+                Some(_) => 1,
+                None => p.train.every,
             },
+            train_threads: p.device.threads,
             seed: self.seed,
             checkpoints: Some(ckpts.clone()),
             checkpoint_every: p.train.checkpoint_every,
