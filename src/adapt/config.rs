@@ -13,10 +13,6 @@ pub struct AdaptConfig {
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub ema: f64,
-    /// The teacher labels the mean of the weak view's and its mirror image's predictions
-    /// (CoTTA's augmentation-averaged teacher, with the one augmentation that costs only a
-    /// forward pass).
-    pub flip_teacher: bool,
     /// Which student parameters train.
     pub train: TrainScope,
     /// Fixed confidence threshold of plain self-training (used when `ias` is off).
@@ -248,7 +244,6 @@ impl Default for AdaptConfig {
             weight_decay: 0.01,
             max_grad_norm: 10.0,
             ema: 0.999,
-            flip_teacher: false,
             train: TrainScope::All,
             threshold: 0.968,
             ias: Ias::default(),

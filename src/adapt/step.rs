@@ -225,17 +225,8 @@ impl Adapter {
         let (b, h, w, c) = out.logits.dims4()?;
         let d = out.embed.dim(3)?;
         let n = b * h * w;
-        let mut probs = candle_nn::ops::softmax_last_dim(&out.logits)?;
-        let mut embed = out.embed;
-        if self.cfg.flip_teacher {
-            // [B, h, w, C]: the mirror image's outputs mirrored back along the width.
-            let m = self.teacher.forward(&mirror(weak, 3)?, None)?;
-            let mp = candle_nn::ops::softmax_last_dim(&mirror(&m.logits, 2)?)?;
-            probs = ((probs + mp)? * 0.5)?;
-            embed = ((embed + mirror(&m.embed, 2)?)? * 0.5)?;
-        }
-        let probs = probs.reshape((n, c))?;
-        let feats = embed.reshape((n, d))?;
+        let probs = candle_nn::ops::softmax_last_dim(&out.logits.reshape((n, c))?)?;
+        let feats = out.embed.reshape((n, d))?;
         Labels::from_scores(probs.clone(), feats, (b, h, w), probs)
     }
 
@@ -323,13 +314,6 @@ impl Adapter {
         self.step += 1;
         Ok(report)
     }
-}
-
-/// `t` reversed along `dim`.
-fn mirror(t: &Tensor, dim: usize) -> Result<Tensor> {
-    let n = t.dim(dim)?;
-    let idx = Tensor::from_vec((0..n as u32).rev().collect::<Vec<_>>(), n, t.device())?;
-    t.index_select(&idx, dim)?.contiguous()
 }
 
 /// Sums the terms, backpropagates and steps AdamW unless the loss is not finite; true when
