@@ -571,6 +571,31 @@ mod tests {
     }
 
     #[test]
+    fn a_new_condition_like_a_kept_one_starts_from_its_weights_with_a_full_budget() {
+        let mut c = Controller::new(&config::Budget {
+            slots: 2,
+            ..cfg(100)
+        });
+        let day = |i: usize| frame(0.5 + 0.01 * (i % 3) as f32, 0.3);
+        let night = |i: usize| frame(-1.5 + 0.01 * (i % 3) as f32, 0.05);
+        // A little darker than day: past a quarter of the threshold, within the threshold.
+        let dusk = |i: usize| frame(0.46 + 0.01 * (i % 3) as f32, 0.3);
+        events(&mut c, &day);
+        assert_eq!(
+            events(&mut c, &night),
+            vec![Event::Shifted { left: Some(0) }]
+        );
+        c.keep(0, TensorMap::new());
+        let seen = events(&mut c, &dusk);
+        assert_eq!(
+            seen,
+            vec![Event::Shifted { left: Some(1) }, Event::Recalled(0)]
+        );
+        assert_eq!(c.granted, 100, "a new condition: the whole budget");
+        assert_eq!(c.known[0].visits, 1, "day itself was not revisited");
+    }
+
+    #[test]
     fn a_passing_change_resumes_the_condition_it_interrupted() {
         let mut c = Controller::new(&config::Budget {
             slots: 2,
