@@ -177,6 +177,7 @@ impl Ablation {
                     replay: self.replay.clone(),
                     before: before.clone(),
                     schedule: schedule.clone(),
+                    metrics: None,
                 };
                 let source = Looped::open(&spec, &opts, self.loops)
                     .map_err(|e| Error::Invalid(e.to_string()))?;

@@ -234,6 +234,42 @@ struct ReplayArgs {
     realtime: bool,
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    metrics: MetricsArgs,
+}
+
+#[derive(clap::Args)]
+struct MetricsArgs {
+    /// Rewrite live figures here in Prometheus' text format every few seconds (atomically; for
+    /// node_exporter's textfile collector).
+    #[arg(long = "metrics")]
+    metrics_file: Option<PathBuf>,
+    /// Serve the same figures on http://127.0.0.1:PORT/metrics.
+    #[arg(long)]
+    metrics_port: Option<u16>,
+}
+
+impl MetricsArgs {
+    /// The shared figures and their exporter, when asked for.
+    fn start(
+        &self,
+    ) -> Result<(
+        Option<Arc<segadapt::runtime::metrics::Metrics>>,
+        Option<segadapt::runtime::metrics::Exporter>,
+    )> {
+        if self.metrics_file.is_none() && self.metrics_port.is_none() {
+            return Ok((None, None));
+        }
+        let m = Arc::new(segadapt::runtime::metrics::Metrics::default());
+        let export = segadapt::runtime::metrics::Export {
+            file: self.metrics_file.clone(),
+            port: self.metrics_port,
+            every: std::time::Duration::from_secs(5),
+        };
+        let e = segadapt::runtime::metrics::Exporter::start(m.clone(), &export)
+            .with_context(|| "starting the metrics export")?;
+        Ok((Some(m), Some(e)))
+    }
 }
 
 #[derive(clap::Args)]
@@ -273,6 +309,8 @@ struct AdaptArgs {
     realtime: bool,
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 #[derive(clap::Args)]
@@ -762,6 +800,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         replay: None,
         before: None,
         schedule: Default::default(),
+        metrics: None,
     };
     let opts = segadapt::source::SourceOptions {
         fps: 1.0,
@@ -897,9 +936,11 @@ fn replay(a: ReplayArgs) -> Result<()> {
     let classes = model.cfg.class_names();
     let ignore = model.cfg.ignore_label();
     let source = open_source(&a.src, classes.len(), ignore)?;
+    let (metrics, _exporter) = a.metrics.start()?;
     let cfg = segadapt::runtime::PipelineConfig {
         realtime: a.realtime,
         queue: 2,
+        metrics,
     };
     let mut conf = segadapt::metrics::Confusion::new(classes.len());
     let mut labelled = 0u64;
@@ -993,6 +1034,7 @@ fn load_replay(
 
 fn adapt(a: AdaptArgs) -> Result<()> {
     let profile = a.profile.load()?;
+    let (metrics, _exporter) = a.metrics.start()?;
     let cfg = SegformerConfig::load(&a.model.join("config.json"))?;
     let session = segadapt::runtime::session::Session {
         model: a.model.clone(),
@@ -1008,6 +1050,7 @@ fn adapt(a: AdaptArgs) -> Result<()> {
         adapt: None,
         before: None,
         schedule: Default::default(),
+        metrics,
     };
     let source = open_source(&a.src, cfg.num_labels(), cfg.ignore_label())?;
     let r = session.run(source, stop_flag()?)?;

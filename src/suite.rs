@@ -220,6 +220,7 @@ impl Runner {
             replay: self.replay.clone(),
             before: None,
             schedule: target.schedule(),
+            metrics: None,
         };
         let r = s.run(Box::new(target.source()?), self.stop.clone())?;
         if self.stop.load(Ordering::Relaxed) {

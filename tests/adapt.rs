@@ -215,6 +215,7 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
             pipeline: PipelineConfig {
                 realtime: false,
                 queue: 2,
+                metrics: None,
             },
             batch: 2,
             crop: Some((48, 32)),
@@ -522,6 +523,7 @@ fn in_real_time_a_slow_training_step_holds_no_frame_up() {
         pipeline: PipelineConfig {
             realtime: true,
             queue: 2,
+            metrics: None,
         },
         batch: 1,
         crop: None,

@@ -54,6 +54,7 @@ fn session(model: &Path, profile: Profile, out: &Path) -> Session {
         replay: None,
         before: None,
         schedule: Default::default(),
+        metrics: None,
     }
 }
 

@@ -24,6 +24,8 @@ pub struct StepReport {
     pub terms: Vec<(&'static str, f32)>,
     /// Share of pixels kept as pseudo labels.
     pub kept: f32,
+    /// Mean confidence of the teacher's labels (before selection).
+    pub confidence: f32,
     pub outcome: Option<StepOutcome>,
     /// The predictions left their running band: nothing was updated, and the runner should
     /// roll back.
@@ -244,6 +246,7 @@ impl Adapter {
                 return Ok(collapsed());
             }
         }
+        let confidence = labels.conf.iter().sum::<f32>() / labels.conf.len().max(1) as f32;
         let selected = labels.selected();
         let n = selected.len();
         let mut step = Step {
@@ -282,7 +285,8 @@ impl Adapter {
             terms.extend(c.losses(&mut step, &self.student, rng)?);
         }
         drop(phase);
-        let (report, applied) = optimize(&mut self.opt, lr, terms, kept, self.step)?;
+        let (mut report, applied) = optimize(&mut self.opt, lr, terms, kept, self.step)?;
+        report.confidence = confidence;
         if applied {
             let _phase = crate::profile::scope("adapt: EMA and state");
             for c in &mut self.components {

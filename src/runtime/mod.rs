@@ -2,6 +2,7 @@
 //! In real time the camera never waits: when serving falls behind, the oldest queued frame is
 //! dropped and counted. Replaying as fast as possible, capture waits instead (nothing dropped).
 
+pub mod metrics;
 pub mod online;
 pub mod session;
 
@@ -18,6 +19,8 @@ pub struct PipelineConfig {
     pub realtime: bool,
     /// Frames waiting between capture and serving.
     pub queue: usize,
+    /// Live figures for monitoring (`--metrics`), updated as frames go.
+    pub metrics: Option<Arc<metrics::Metrics>>,
 }
 
 /// What a run did, as `replay --json` prints it.
@@ -94,6 +97,12 @@ pub fn run<E>(
         errors.clone(),
         stop.clone(),
     );
+    let live = cfg.metrics.clone();
+    let count = move |pick: fn(&metrics::Metrics) -> &AtomicU64| {
+        if let Some(m) = &live {
+            pick(m).fetch_add(1, Ordering::Relaxed);
+        }
+    };
     let realtime = cfg.realtime;
     let capture = std::thread::Builder::new()
         .name("capture".into())
@@ -106,6 +115,7 @@ pub fn run<E>(
                     Some(Err(e)) => {
                         log::error!("{e}");
                         er.fetch_add(1, Ordering::Relaxed);
+                        count(|m| &m.frame_errors);
                         if matches!(e, SourceError::Fatal { .. }) {
                             break;
                         }
@@ -113,6 +123,7 @@ pub fn run<E>(
                     }
                 };
                 fi.fetch_add(1, Ordering::Relaxed);
+                count(|m| &m.frames_in);
                 if realtime {
                     let (t0, i0) = *clock.get_or_insert((frame.timestamp_ns, Instant::now()));
                     let due = i0 + Duration::from_nanos(frame.timestamp_ns.saturating_sub(t0));
@@ -132,6 +143,7 @@ pub fn run<E>(
                             Err(TrySendError::Full(back)) => {
                                 if oldest.try_recv().is_ok() {
                                     dr.fetch_add(1, Ordering::Relaxed);
+                                    count(|m| &m.frames_dropped);
                                 }
                                 item = back;
                             }
@@ -154,7 +166,11 @@ pub fn run<E>(
             stop.store(true, Ordering::Relaxed);
             break;
         }
-        latencies.push(item.at.elapsed().as_secs_f64() * 1e3);
+        let ms = item.at.elapsed().as_secs_f64() * 1e3;
+        if let Some(m) = &cfg.metrics {
+            m.served(ms);
+        }
+        latencies.push(ms);
     }
     drop(rx);
     let damage = capture

@@ -119,6 +119,9 @@ fn train_once(
     if let Some(b) = cfg.step_budget {
         if crate::budget::current_bytes() + b.activation_bytes > b.limit_bytes {
             counters.budget_waits.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = &cfg.pipeline.metrics {
+                m.budget_waits.fetch_add(1, Ordering::Relaxed);
+            }
             return Ok(false);
         }
     }
@@ -143,8 +146,12 @@ fn train_once(
     if rep.idle {
         return Ok(false);
     }
+    let live = cfg.pipeline.metrics.as_deref();
     if rep.collapsed {
         counters.rollbacks.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = live {
+            m.rollbacks.fetch_add(1, Ordering::Relaxed);
+        }
         // Back past the guard's warm-up: the newest checkpoint may already hold the drift.
         let margin = adapter.cfg.guard.warmup;
         let ck = cfg
@@ -169,6 +176,9 @@ fn train_once(
     }
     if rep.outcome == Some(crate::optim::StepOutcome::NonFinite) {
         counters.skipped.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = live {
+            m.steps_skipped.fetch_add(1, Ordering::Relaxed);
+        }
         log::warn!(
             "adaptation step {}: non-finite loss or gradient, skipped",
             adapter.step
@@ -176,6 +186,9 @@ fn train_once(
         return Ok(false);
     }
     counters.add_terms(&rep.terms);
+    if let Some(m) = live {
+        m.stepped(rep.kept, rep.confidence);
+    }
     if cfg.checkpoint_every > 0 && adapter.step % cfg.checkpoint_every == 0 {
         save(adapter, cfg)?;
     }

@@ -43,6 +43,8 @@ pub struct Session {
     pub before: Option<Scores>,
     /// Scoring points by frames served (the ablation's passes, a continual drive's conditions).
     pub schedule: Schedule,
+    /// Live figures for monitoring (`adapt --metrics`).
+    pub metrics: Option<Arc<super::metrics::Metrics>>,
 }
 
 /// Scoring after given numbers of served (and trained-on) frames, each point on its own
@@ -194,6 +196,7 @@ impl Session {
             pipeline: PipelineConfig {
                 realtime: self.realtime,
                 queue: 2,
+                metrics: self.metrics.clone(),
             },
             batch: plan.batch,
             crop: Some(plan.crop),
