@@ -462,17 +462,20 @@ pub fn markdown(results: &[TargetResult]) -> String {
         }
     }
     s += "\n| method | mean mIoU over targets | mean gain | mean margin vs best baseline | lowest margin | worst class change |\n|---|---|---|---|---|---|\n";
-    let methods: Vec<String> = results
-        .first()
-        .map(|t| t.cells.iter().map(|c| c.method.clone()).collect())
-        .unwrap_or_default();
+    // Joined runs may lack a method on some target: its means are over the targets it has.
+    let mut methods: Vec<String> = Vec::new();
+    for c in results.iter().flat_map(|t| &t.cells) {
+        if !methods.contains(&c.method) {
+            methods.push(c.method.clone());
+        }
+    }
     for m in &methods {
         let (mut sum, mut gain, mut margins, mut worst) = (0.0, 0.0, Vec::new(), f64::MAX);
+        let mut n = 0usize;
         for t in results {
-            let (c, base) = (
-                t.cell(m).expect("same methods"),
-                t.cell("source-only").expect("scored"),
-            );
+            let Some(c) = t.cell(m) else { continue };
+            let base = t.cell("source-only").expect("scored");
+            n += 1;
             sum += c.mean();
             gain += c.mean() - base.mean();
             if let Some(b) = t.best_baseline() {
@@ -480,10 +483,15 @@ pub fn markdown(results: &[TargetResult]) -> String {
             }
             worst = worst.min(c.worst_class(base).unwrap_or(0.0));
         }
-        let n = results.len().max(1) as f64;
+        let missing = results.len() - n;
+        let n = n.max(1) as f64;
         let mean_margin =
             (!margins.is_empty()).then(|| margins.iter().sum::<f64>() / margins.len() as f64);
         let low = margins.iter().cloned().reduce(f64::min);
+        let m = match missing {
+            0 => m.clone(),
+            k => format!("{m} ({k} target(s) missing)"),
+        };
         s += &format!(
             "| {m} | {:.2} | {:+.2} | {} | {} | {:+.2} |\n",
             sum / n,
