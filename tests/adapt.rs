@@ -69,6 +69,15 @@ fn fixture(n: usize, drop_path: bool) -> Fixture {
 }
 
 impl Fixture {
+    /// The fixture's frames as a source at `fps`.
+    fn source(&self, fps: f64) -> Box<dyn segadapt::source::FrameSource> {
+        let opts = segadapt::source::SourceOptions {
+            fps,
+            ..Default::default()
+        };
+        segadapt::source::open(&format!("folder:{}", self.data.path().display()), &opts).unwrap()
+    }
+
     fn stats(&self) -> SourceStats {
         SourceStats::compute(&self.model, &self.pre, &self.examples, 255).unwrap()
     }
@@ -194,10 +203,30 @@ fn every_variant_steps_with_finite_bounded_state() {
     }
 }
 
+/// A runner over a ring of 4 frames, batch 1, one step per frame, no checkpoints.
+fn online_config(realtime: bool) -> segadapt::runtime::online::OnlineConfig {
+    segadapt::runtime::online::OnlineConfig {
+        pipeline: segadapt::runtime::PipelineConfig {
+            realtime,
+            queue: 2,
+            metrics: None,
+        },
+        batch: 1,
+        crop: None,
+        ring: 4,
+        steps_per_frame: None,
+        every: 1,
+        train_threads: 0,
+        seed: 3,
+        checkpoints: None,
+        checkpoint_every: 0,
+        step_budget: None,
+    }
+}
+
 #[test]
 fn online_runner_serves_every_frame_and_trains_beside_it() {
     use segadapt::runtime::online::{run_online, OnlineConfig};
-    use segadapt::runtime::PipelineConfig;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
     let fx = fixture(5, true);
@@ -205,28 +234,12 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
     for steps_per_frame in [Some(2), None] {
         let stats = fx.stats();
         let adapter = Adapter::new(full(), cfg, tensors, stats).unwrap();
-        let opts = segadapt::source::SourceOptions {
-            fps: 30.0,
-            ..Default::default()
-        };
-        let source =
-            segadapt::source::open(&format!("folder:{}", fx.data.path().display()), &opts).unwrap();
+        let source = fx.source(30.0);
         let oc = OnlineConfig {
-            pipeline: PipelineConfig {
-                realtime: false,
-                queue: 2,
-                metrics: None,
-            },
             batch: 2,
             crop: Some((48, 32)),
-            ring: 4,
             steps_per_frame,
-            every: 1,
-            train_threads: 0,
-            seed: 3,
-            checkpoints: None,
-            checkpoint_every: 0,
-            step_budget: None,
+            ..online_config(false)
         };
         let mut served = 0;
         let (summary, adapter) = run_online(
@@ -508,33 +521,14 @@ fn with_condition_slots_a_new_condition_starts_from_the_source_and_a_known_one_f
 #[test]
 fn in_real_time_a_slow_training_step_holds_no_frame_up() {
     use segadapt::runtime::online::{run_online, OnlineConfig};
-    use segadapt::runtime::PipelineConfig;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
     let fx = fixture(20, false);
     let adapter = Adapter::new(full(), &fx.cfg, &fx.tensors, fx.stats()).unwrap();
-    let opts = segadapt::source::SourceOptions {
-        fps: 20.0,
-        ..Default::default()
-    };
-    let source =
-        segadapt::source::open(&format!("folder:{}", fx.data.path().display()), &opts).unwrap();
+    let source = fx.source(20.0);
     let oc = OnlineConfig {
-        pipeline: PipelineConfig {
-            realtime: true,
-            queue: 2,
-            metrics: None,
-        },
-        batch: 1,
-        crop: None,
-        ring: 4,
-        steps_per_frame: None,
-        every: 1,
         train_threads: 1,
-        seed: 3,
-        checkpoints: None,
-        checkpoint_every: 0,
-        step_budget: None,
+        ..online_config(true)
     };
     let pre = &fx.pre;
     let (summary, _) = run_online(
