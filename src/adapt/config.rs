@@ -44,9 +44,9 @@ pub struct Budget {
     pub threshold: f64,
     /// Budget factor per earlier visit of a known condition.
     pub revisit: f64,
-    /// Conditions whose adapted weights are kept (0: none). With slots, a new condition starts
-    /// from the source weights and a known one from the weights adapted to it, so adapting to
-    /// one condition never degrades the model for another.
+    /// Conditions whose adapted weights are kept (0: none). With slots, a known condition starts
+    /// from the weights adapted to it and a new one from the source weights (or a similar kept
+    /// condition's), so adapting to one condition does not degrade the model for another.
     pub slots: usize,
 }
 

@@ -6,8 +6,8 @@
 //! a new budget, a condition seen before a smaller one.
 //!
 //! With `slots`, the controller also remembers the weights adapted to each condition: the
-//! adapter starts a new condition from the source weights and a known one from the weights it
-//! had when the stream last left it. Adapting to fog then cannot cost anything at night, and a
+//! adapter starts a known condition from the weights it had when the stream last left it, and a
+//! new one from the source weights, or from a kept condition's within the shift threshold of it. Adapting to fog then cannot cost anything at night, and a
 //! drive through many conditions does not accumulate the errors of each (measured on the
 //! continual CamVid-C stream, where one set of weights carried through all conditions falls
 //! below the source model by the second round).
@@ -99,7 +99,8 @@ pub enum Event {
     /// The stream moved to another condition. `left`: the condition it left, whose weights the
     /// adapter hands to [`Controller::keep`] (None for the first condition and without slots).
     Shifted { left: Option<usize> },
-    /// The stream moved to a condition adapted to before, whose weights are kept.
+    /// The adapter goes on from condition `.0`'s kept weights: the stream moved to it again,
+    /// came back to it after a passing change, or moved to a new condition close to it.
     Recalled(usize),
 }
 
@@ -240,17 +241,14 @@ impl Controller {
         }
         let left = (self.current.n > 0.0).then(|| {
             let done = std::mem::replace(&mut self.current, Stats::new());
-            let interrupted = Interrupted {
-                stats: done.clone(),
-                left: self.left,
-                granted: self.granted,
-                visits: self.find(&done.mean).map_or(0, |i| self.known[i].visits),
-                condition: 0,
-            };
-            let i = self.remember(done);
+            let i = self.remember(done.clone());
             self.interrupted = Some(Interrupted {
                 condition: i,
-                ..interrupted
+                stats: done,
+                left: self.left,
+                granted: self.granted,
+                // Before this visit was counted.
+                visits: self.known[i].visits - 1,
             });
             i
         });

@@ -158,7 +158,7 @@ impl Adapter {
     }
 
     /// Moves with the stream: on a shift the condition left keeps its weights (with slots) and
-    /// the student starts again from the source; a known condition's weights come back.
+    /// the student starts again from the source; a recalled condition's weights come back.
     fn follow(&mut self, event: Event) -> Result<()> {
         match event {
             Event::Steady => {}

@@ -9,7 +9,7 @@ pub mod session;
 use crate::source::{Frame, FrameSource, SourceError};
 use crossbeam::channel::{bounded, TrySendError};
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,8 @@ pub struct PipelineConfig {
     pub realtime: bool,
     /// Frames waiting between capture and serving.
     pub queue: usize,
-    /// Live figures for monitoring (`--metrics`), updated as frames go.
+    /// Live figures for monitoring (`--metrics`), updated as frames go: one run's, as the
+    /// summary's counts are read from them.
     pub metrics: Option<Arc<metrics::Metrics>>,
 }
 
@@ -88,21 +89,9 @@ pub fn run<E>(
     // Only real-time capture drains the queue itself; a spare receiver would keep a blocked
     // send alive after serving stops.
     let oldest = cfg.realtime.then(|| rx.clone());
-    let frames_in = Arc::new(AtomicU64::new(0));
-    let dropped = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let (fi, dr, er, st) = (
-        frames_in.clone(),
-        dropped.clone(),
-        errors.clone(),
-        stop.clone(),
-    );
-    let live = cfg.metrics.clone();
-    let count = move |pick: fn(&metrics::Metrics) -> &AtomicU64| {
-        if let Some(m) = &live {
-            pick(m).fetch_add(1, Ordering::Relaxed);
-        }
-    };
+    // The run's counters; without `--metrics` nobody else reads them.
+    let live = cfg.metrics.clone().unwrap_or_default();
+    let (counts, st) = (live.clone(), stop.clone());
     let realtime = cfg.realtime;
     let capture = std::thread::Builder::new()
         .name("capture".into())
@@ -114,16 +103,14 @@ pub fn run<E>(
                     Some(Ok(f)) => f,
                     Some(Err(e)) => {
                         log::error!("{e}");
-                        er.fetch_add(1, Ordering::Relaxed);
-                        count(|m| &m.frame_errors);
+                        counts.frame_errors.fetch_add(1, Ordering::Relaxed);
                         if matches!(e, SourceError::Fatal { .. }) {
                             break;
                         }
                         continue;
                     }
                 };
-                fi.fetch_add(1, Ordering::Relaxed);
-                count(|m| &m.frames_in);
+                counts.frames_in.fetch_add(1, Ordering::Relaxed);
                 if realtime {
                     let (t0, i0) = *clock.get_or_insert((frame.timestamp_ns, Instant::now()));
                     let due = i0 + Duration::from_nanos(frame.timestamp_ns.saturating_sub(t0));
@@ -142,8 +129,7 @@ pub fn run<E>(
                             Ok(()) => break,
                             Err(TrySendError::Full(back)) => {
                                 if oldest.try_recv().is_ok() {
-                                    dr.fetch_add(1, Ordering::Relaxed);
-                                    count(|m| &m.frames_dropped);
+                                    counts.frames_dropped.fetch_add(1, Ordering::Relaxed);
                                 }
                                 item = back;
                             }
@@ -167,9 +153,7 @@ pub fn run<E>(
             break;
         }
         let ms = item.at.elapsed().as_secs_f64() * 1e3;
-        if let Some(m) = &cfg.metrics {
-            m.served(ms);
-        }
+        live.served(ms);
         latencies.push(ms);
     }
     drop(rx);
@@ -179,10 +163,10 @@ pub fn run<E>(
     result?;
     latencies.sort_by(|a, b| a.total_cmp(b));
     Ok(Summary {
-        frames_in: frames_in.load(Ordering::Relaxed),
+        frames_in: live.frames_in.load(Ordering::Relaxed),
         frames_served: latencies.len() as u64,
-        frames_dropped: dropped.load(Ordering::Relaxed),
-        frame_errors: errors.load(Ordering::Relaxed),
+        frames_dropped: live.frames_dropped.load(Ordering::Relaxed),
+        frame_errors: live.frame_errors.load(Ordering::Relaxed),
         latency_ms_p50: percentile(&latencies, 0.5),
         latency_ms_p99: percentile(&latencies, 0.99),
         latency_ms_max: latencies.last().copied().unwrap_or(0.0),

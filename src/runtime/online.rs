@@ -59,11 +59,11 @@ pub struct StepBudget {
 /// What training did beside serving, for the run's summary.
 #[derive(Debug, Default)]
 struct Counters {
+    /// Skipped steps, rollbacks, budget waits and the last step's figures: the run's live
+    /// metrics, or counters of its own without `--metrics`.
+    live: Arc<super::metrics::Metrics>,
     /// Wall time spent inside training steps (views, step, publishing), in microseconds.
     busy_us: AtomicU64,
-    skipped: AtomicU64,
-    rollbacks: AtomicU64,
-    budget_waits: AtomicU64,
     step_ms: Mutex<Vec<f64>>,
     /// Per loss term: sum of absolute values and steps seen.
     terms: Mutex<Vec<(&'static str, f64, u64)>>,
@@ -118,10 +118,7 @@ fn train_once(
 ) -> crate::Result<bool> {
     if let Some(b) = cfg.step_budget {
         if crate::budget::current_bytes() + b.activation_bytes > b.limit_bytes {
-            counters.budget_waits.fetch_add(1, Ordering::Relaxed);
-            if let Some(m) = &cfg.pipeline.metrics {
-                m.budget_waits.fetch_add(1, Ordering::Relaxed);
-            }
+            counters.live.budget_waits.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
         }
     }
@@ -146,12 +143,8 @@ fn train_once(
     if rep.idle {
         return Ok(false);
     }
-    let live = cfg.pipeline.metrics.as_deref();
     if rep.collapsed {
-        counters.rollbacks.fetch_add(1, Ordering::Relaxed);
-        if let Some(m) = live {
-            m.rollbacks.fetch_add(1, Ordering::Relaxed);
-        }
+        counters.live.rollbacks.fetch_add(1, Ordering::Relaxed);
         // Back past the guard's warm-up: the newest checkpoint may already hold the drift.
         let margin = adapter.cfg.guard.warmup;
         let ck = cfg
@@ -175,10 +168,7 @@ fn train_once(
         return Ok(true);
     }
     if rep.outcome == Some(crate::optim::StepOutcome::NonFinite) {
-        counters.skipped.fetch_add(1, Ordering::Relaxed);
-        if let Some(m) = live {
-            m.steps_skipped.fetch_add(1, Ordering::Relaxed);
-        }
+        counters.live.steps_skipped.fetch_add(1, Ordering::Relaxed);
         log::warn!(
             "adaptation step {}: non-finite loss or gradient, skipped",
             adapter.step
@@ -186,9 +176,7 @@ fn train_once(
         return Ok(false);
     }
     counters.add_terms(&rep.terms);
-    if let Some(m) = live {
-        m.stepped(rep.kept, rep.confidence);
-    }
+    counters.live.stepped(rep.kept, rep.confidence);
     if cfg.checkpoint_every > 0 && adapter.step % cfg.checkpoint_every == 0 {
         save(adapter, cfg)?;
     }
@@ -249,12 +237,16 @@ pub fn run_online(
         r.push_back(img.clone());
     };
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let counters = Counters::default();
+    let counters = Counters {
+        live: cfg.pipeline.metrics.clone().unwrap_or_default(),
+        ..Default::default()
+    };
     let fill = |mut s: Summary, steps: u64| {
         s.train_steps = steps;
-        s.steps_skipped = counters.skipped.load(Ordering::Relaxed);
-        s.rollbacks = counters.rollbacks.load(Ordering::Relaxed);
-        s.budget_waits = counters.budget_waits.load(Ordering::Relaxed);
+        let live = &counters.live;
+        s.steps_skipped = live.steps_skipped.load(Ordering::Relaxed);
+        s.rollbacks = live.rollbacks.load(Ordering::Relaxed);
+        s.budget_waits = live.budget_waits.load(Ordering::Relaxed);
         let mut t = counters.step_ms.lock().expect("step times").clone();
         t.sort_by(|a, b| a.total_cmp(b));
         s.step_ms_p50 = super::percentile(&t, 0.5);
@@ -343,7 +335,7 @@ pub fn run_online(
         let wall_us = (summary.wall_s * 1e6).max(1.0);
         summary.serve_busy = serve_us.load(Ordering::Relaxed) as f64 / wall_us;
         summary.train_busy = counters.busy_us.load(Ordering::Relaxed) as f64 / wall_us;
-        Ok(summary).map(|s| (s, adapter))
+        Ok((summary, adapter))
     });
     result
 }
