@@ -475,13 +475,23 @@ fn with_condition_slots_a_new_condition_starts_from_the_source_and_a_known_one_f
     (ac.budget.steps, ac.budget.window, ac.budget.slots) = (500, 2, 4);
     let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    // Seeded frames whose level and contrast vary from frame to frame, so the condition's
+    // statistics have a spread that sampling noise cannot cross the threshold of.
+    let noise = |seed: u64, i: usize| -> Tensor {
+        use rand_distr::Distribution;
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed * 1000 + i as u64);
+        let v: Vec<f32> = (0..3 * 48 * 64)
+            .map(|_| rand_distr::StandardNormal.sample(&mut r))
+            .collect();
+        Tensor::from_vec(v, (1, 3, 48, 64), &Device::Cpu).unwrap()
+    };
     let day = |i: usize| {
-        let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
-        (x + 0.1 * (i % 3) as f64).unwrap()
+        let k = (i % 3) as f64;
+        noise(1, i).affine(1.0 + 0.1 * k, 0.1 * k).unwrap()
     };
     let night = |i: usize| {
-        let x = Tensor::randn(0f32, 0.1, (1, 3, 48, 64), &Device::Cpu).unwrap();
-        (x - (1.5 + 0.1 * (i % 3) as f64)).unwrap()
+        let k = (i % 3) as f64;
+        noise(2, i).affine(0.1 + 0.01 * k, -1.5 - 0.1 * k).unwrap()
     };
     let mut step = |a: &mut Adapter, x: Tensor| a.step(&x, &x, &mut rng).unwrap().event;
     for i in 0..12 {
