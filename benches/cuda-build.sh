@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and links segadapt with `--features cuda` on an x86-64 host without a GPU or a CUDA
-# install, from PyPI's CUDA 13.0 wheels (see the README's "Jetson and CUDA" section):
+# install, from PyPI's CUDA 13.0 wheels (see the README's "Install and build"):
 #   benches/cuda-build.sh [clippy]     (needs python3 with venv; CUDA_COMPUTE_CAP defaults to 87)
 # `clippy` only compiles and lints (what CI runs); without it the binary is linked too, against
 # the wheels' cuBLAS/cuRAND/NVRTC/cudart and a stub libcuda (the driver's library, loaded from

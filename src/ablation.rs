@@ -125,7 +125,8 @@ fn mean_terms(reports: &[Report]) -> Vec<(String, f64)> {
 }
 
 impl Ablation {
-    pub fn run(&self, stop: Arc<AtomicBool>) -> Result<Vec<Row>> {
+    /// Runs every method and seed; `progress` hears of each run as it ends.
+    pub fn run(&self, stop: Arc<AtomicBool>, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
         let cfg = crate::config::SegformerConfig::load(&self.model.join("config.json"))?;
         let (classes, ignore) = (cfg.num_labels(), cfg.ignore_label());
         let ds = Dataset::open(&self.data, &self.filter)?;
@@ -187,11 +188,11 @@ impl Ablation {
                         "stopped during {method} seed {seed}; the table would be incomplete"
                     )));
                 }
-                log::info!(
+                progress(&format!(
                     "{method} seed {seed}: mIoU {:.2} -> {:.2}",
                     r.source_only.as_ref().map_or(f64::NAN, |s| s.miou),
                     r.adapted.as_ref().map_or(f64::NAN, |s| s.miou)
-                );
+                ));
                 before = r.source_only.clone();
                 reports.push(r);
                 if *method == crate::adapt::Method::SourceOnly {

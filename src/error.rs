@@ -35,6 +35,8 @@ pub enum Error {
         "{path}: in use by another run (pid {pid}); one run writes to an output folder at a time"
     )]
     Locked { path: PathBuf, pid: String },
+    #[error("report: chart {chart}: {msg}")]
+    Plot { chart: String, msg: String },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]

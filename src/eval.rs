@@ -32,8 +32,21 @@ pub fn evaluate(
     map: &LabelMap,
     dev: &Device,
 ) -> Result<Scores> {
+    evaluate_with(model, pre, examples, map, dev, &mut || {})
+}
+
+/// [`evaluate`], calling `tick` after each frame (a progress bar).
+pub fn evaluate_with(
+    model: &Segformer,
+    pre: &PreprocessConfig,
+    examples: &[Example],
+    map: &LabelMap,
+    dev: &Device,
+    tick: &mut dyn FnMut(),
+) -> Result<Scores> {
     let mut conf = Confusion::new(map.classes.len());
     for ex in examples {
+        tick();
         let Some(label) = &ex.label else { continue };
         let pred: Vec<u8> = predict_image(model, pre, &ex.image, dev)?
             .into_iter()

@@ -23,6 +23,28 @@ static ALLOC: segadapt::budget::CountingAlloc = segadapt::budget::CountingAlloc;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// No progress bars (they are also off when stderr is not a terminal).
+    #[arg(long, global = true)]
+    quiet: bool,
+}
+
+/// A progress bar on stderr, hidden with `--quiet`; `len` None counts without an end.
+fn progress_bar(len: Option<u64>, quiet: bool) -> indicatif::ProgressBar {
+    let (bar, template) = match len {
+        Some(n) => (
+            indicatif::ProgressBar::new(n),
+            "{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        ),
+        None => (
+            indicatif::ProgressBar::new_spinner(),
+            "{spinner} {pos} frames [{elapsed_precise}] {msg}",
+        ),
+    };
+    if quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(indicatif::ProgressStyle::with_template(template).expect("valid template"));
+    bar
 }
 
 #[derive(Subcommand)]
@@ -420,7 +442,7 @@ struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
     /// Passes over the clip.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 3)]
     loops: u32,
     #[command(flatten)]
     profile: ProfileArgs,
@@ -446,23 +468,24 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let quiet = cli.quiet;
     match cli.cmd {
-        Cmd::Train(a) => train(a),
-        Cmd::Eval(a) => eval(a),
+        Cmd::Train(a) => train(a, quiet),
+        Cmd::Eval(a) => eval(a, quiet),
         Cmd::Demo(a) => demo(a),
         Cmd::Predict(a) => predict(a),
         Cmd::Bench(a) => bench(a),
-        Cmd::Replay(a) => replay(a),
+        Cmd::Replay(a) => replay(a, quiet),
         Cmd::Record(a) => record(a),
         Cmd::Adapt(a) => adapt(a),
         Cmd::Inspect(a) => inspect(a),
-        Cmd::Ablate(a) => ablate(a),
+        Cmd::Ablate(a) => ablate(a, quiet),
         Cmd::Stats(a) => stats(a),
-        Cmd::Suite(a) => suite(a),
+        Cmd::Suite(a) => suite(a, quiet),
     }
 }
 
-fn suite(a: SuiteArgs) -> Result<()> {
+fn suite(a: SuiteArgs, quiet: bool) -> Result<()> {
     use segadapt::suite::{run_target, Runner, SuiteFile, Target};
     if !a.join.is_empty() {
         let parts = a
@@ -521,13 +544,7 @@ fn suite(a: SuiteArgs) -> Result<()> {
         stop: stop_flag()?,
     };
     let trained = methods.iter().filter(|&&m| m != Method::SourceOnly).count();
-    let bar = indicatif::ProgressBar::new((specs.len() * trained * seeds.len()) as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template"),
-    );
+    let bar = progress_bar(Some((specs.len() * trained * seeds.len()) as u64), quiet);
     let mut results = Vec::new();
     for spec in specs {
         let target = Target::open(
@@ -564,6 +581,10 @@ fn write_suite(out: &std::path::Path, results: &[segadapt::suite::TargetResult])
         serde_json::to_string_pretty(results)?,
     )?;
     print!("{table}");
+    let runs = segadapt::report::tables::run_folders(out);
+    let page = out.join("report.html");
+    segadapt::report::tables::suite_page(results, &runs)?.write(&page)?;
+    eprintln!("report: {}", page.display());
     Ok(())
 }
 
@@ -606,7 +627,7 @@ fn model_config(a: &TrainArgs) -> Result<SegformerConfig> {
     )?)
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+fn train(a: TrainArgs, quiet: bool) -> Result<()> {
     let dev = Device::Cpu;
     let (cfg, init) = match &a.init {
         Some(dir) => {
@@ -661,13 +682,7 @@ fn train(a: TrainArgs) -> Result<()> {
         ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
             .context("installing the signal handler")?;
     }
-    let bar = indicatif::ProgressBar::new(a.iters);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template"),
-    );
+    let bar = progress_bar(Some(a.iters), quiet);
     let progress = |t: u64, s: &segadapt::train::StepStats| {
         bar.set_position(t);
         bar.set_message(format!("loss {:.3} lr {:.2e}", s.loss, s.lr));
@@ -700,7 +715,7 @@ fn load_model(dir: &std::path::Path, dev: &Device) -> Result<(Segformer, Preproc
     Ok((Segformer::new(&f.config, f.tensors)?, f.preprocess))
 }
 
-fn eval(a: EvalArgs) -> Result<()> {
+fn eval(a: EvalArgs, quiet: bool) -> Result<()> {
     let dev = Device::Cpu;
     let (model, pre) = load_model(&a.model, &dev)?;
     let classes = model.cfg.class_names();
@@ -716,7 +731,9 @@ fn eval(a: EvalArgs) -> Result<()> {
     if examples.is_empty() {
         bail!("{}: no labelled frames to score", a.data.display());
     }
-    let s = segadapt::eval::evaluate(&model, &pre, &examples, &map, &dev)?;
+    let bar = progress_bar(Some(examples.len() as u64), quiet);
+    let s = segadapt::eval::evaluate_with(&model, &pre, &examples, &map, &dev, &mut || bar.inc(1))?;
+    bar.finish_and_clear();
     if a.json {
         let per_class: serde_json::Map<String, serde_json::Value> = s
             .per_class
@@ -822,9 +839,18 @@ fn demo(a: DemoArgs) -> Result<()> {
         r.peak_heap_mb
     );
     if let (Some(b), Some(c)) = (&r.source_only, &r.adapted) {
+        println!("IoU per class, source-only -> adapted:");
+        for ((name, x), (_, y)) in b.per_class.iter().zip(&c.per_class) {
+            match (x, y) {
+                (Some(x), Some(y)) => println!("  {name:<12} {x:6.2} -> {y:6.2} ({:+.2})", y - x),
+                _ => println!("  {name:<12}    n/a"),
+            }
+        }
         println!(
-            "mIoU on the clip: source-only {:.2} -> adapted {:.2}",
-            b.miou, c.miou
+            "mIoU on the clip: source-only {:.2} -> adapted {:.2} ({:+.2})",
+            b.miou,
+            c.miou,
+            c.miou - b.miou
         );
     }
     println!(
@@ -832,6 +858,11 @@ fn demo(a: DemoArgs) -> Result<()> {
         a.out.display(),
         model_out.display()
     );
+    if let Some(p) = &r.page {
+        let to = a.out.join("report.html");
+        std::fs::rename(p, &to)?;
+        println!("report: {}", to.display());
+    }
     Ok(())
 }
 
@@ -930,7 +961,7 @@ fn open_source(
     Ok(segadapt::source::open(&a.source, &opts)?)
 }
 
-fn replay(a: ReplayArgs) -> Result<()> {
+fn replay(a: ReplayArgs, quiet: bool) -> Result<()> {
     let dev = Device::Cpu;
     let (model, pre) = load_model(&a.model, &dev)?;
     let classes = model.cfg.class_names();
@@ -944,9 +975,22 @@ fn replay(a: ReplayArgs) -> Result<()> {
     };
     let mut conf = segadapt::metrics::Confusion::new(classes.len());
     let mut labelled = 0u64;
+    let mut trace = segadapt::report::trace::RunTrace::default();
+    // Offline only: in real time nothing is to wait for.
+    let bar = progress_bar(None, quiet || a.realtime);
     let mut summary = segadapt::runtime::run(source, &cfg, stop_flag()?, |item| -> Result<()> {
         let f = &item.frame;
         let pred = segadapt::eval::predict_image(&model, &pre, &f.image, &dev)?;
+        let n = trace.served.points().last().map_or(1, |p| p.frame + 1);
+        let ms = item.at.elapsed().as_secs_f64() * 1e3;
+        trace.served.push(segadapt::report::trace::ServePoint::new(
+            n,
+            ms,
+            &pred,
+            classes.len(),
+        ));
+        trace.strip.offer(n, &f.name, &f.image);
+        bar.inc(1);
         if let Some(l) = &f.label {
             conf.add(&pred, l, &[ignore]);
             labelled += 1;
@@ -956,8 +1000,30 @@ fn replay(a: ReplayArgs) -> Result<()> {
         }
         Ok(())
     })?;
+    bar.finish_and_clear();
     if labelled > 0 {
         summary.miou = Some(conf.scores(&classes).miou);
+    }
+    if let Some(out) = &a.out {
+        let frames = trace
+            .strip
+            .frames
+            .iter()
+            .map(|(i, name, img)| -> Result<_> {
+                let pred = segadapt::eval::predict_image(&model, &pre, img, &dev)?;
+                Ok(segadapt::report::run::StripFrame {
+                    caption: format!("frame {i}: {name}"),
+                    views: vec![(
+                        "prediction",
+                        segadapt::report::overlay(img, &pred, classes.len()),
+                    )],
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let page = out.join("report.html");
+        std::fs::create_dir_all(out)?;
+        segadapt::report::run::replay_page(&summary, &trace, &classes, frames)?.write(&page)?;
+        eprintln!("report: {}", page.display());
     }
     for d in &summary.damage {
         eprintln!("damage: {}: {d}", a.src.source);
@@ -1082,6 +1148,9 @@ fn adapt(a: AdaptArgs) -> Result<()> {
         println!("mIoU source-only {:.2} -> adapted {:.2}", b.miou, c.miou);
     }
     println!("adapted model written to {}", a.out.display());
+    if let Some(p) = &r.page {
+        println!("report: {}", p.display());
+    }
     Ok(())
 }
 
@@ -1115,7 +1184,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
     Ok(())
 }
 
-fn ablate(a: AblateArgs) -> Result<()> {
+fn ablate(a: AblateArgs, quiet: bool) -> Result<()> {
     let profile = a.profile.load()?;
     let ab = segadapt::ablation::Ablation {
         model: a.model.clone(),
@@ -1142,7 +1211,27 @@ fn ablate(a: AblateArgs) -> Result<()> {
         seeds: a.seeds,
         out: a.out.clone(),
     };
-    let rows = ab.run(stop_flag()?)?;
+    let runs: usize = ab
+        .methods
+        .iter()
+        .map(|&m| {
+            if m == Method::SourceOnly {
+                1
+            } else {
+                ab.seeds.len()
+            }
+        })
+        .sum();
+    let runs = runs as u64;
+    let bar = progress_bar(Some(runs), quiet);
+    let rows = ab.run(stop_flag()?, &mut |line| {
+        bar.inc(1);
+        bar.set_message(line.to_string());
+        if bar.is_hidden() {
+            log::info!("{line}");
+        }
+    })?;
+    bar.finish_and_clear();
     let table = segadapt::ablation::markdown(&rows);
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join("ablation.md"), &table)?;
@@ -1151,5 +1240,9 @@ fn ablate(a: AblateArgs) -> Result<()> {
         serde_json::to_string_pretty(&rows)?,
     )?;
     print!("{table}");
+    let runs = segadapt::report::tables::run_folders(&a.out);
+    let page = a.out.join("report.html");
+    segadapt::report::tables::ablation_page(&rows, &runs)?.write(&page)?;
+    eprintln!("report: {}", page.display());
     Ok(())
 }

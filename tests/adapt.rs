@@ -254,7 +254,7 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
                     .map(|_| ())?;
                 Ok(())
             },
-            |_, _| Ok(()),
+            |_, _, _| Ok(()),
         )
         .unwrap();
         assert_eq!(
@@ -552,7 +552,7 @@ fn in_real_time_a_slow_training_step_holds_no_frame_up() {
             Ok(())
         },
         // Each step keeps the trainer busy for half a second more.
-        |_, _| {
+        |_, _, _| {
             std::thread::sleep(std::time::Duration::from_millis(500));
             Ok(())
         },

@@ -1,4 +1,10 @@
-//! What a run leaves for people: class-index PNG masks and colour overlays.
+//! What a run leaves for people: class-index PNG masks, colour overlays and `report.html`.
+
+pub mod html;
+pub mod plot;
+pub mod run;
+pub mod tables;
+pub mod trace;
 
 use crate::error::{Error, Result};
 use image::{GrayImage, RgbImage};

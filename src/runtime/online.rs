@@ -11,7 +11,7 @@
 //! half-updated and never copies one.
 
 use super::{run, Arrived, PipelineConfig, Summary};
-use crate::adapt::step::Adapter;
+use crate::adapt::step::{Adapter, StepReport};
 use crate::adapt::views::views;
 use crate::checkpoint::CheckpointDir;
 use crate::config::PreprocessConfig;
@@ -107,7 +107,8 @@ fn save(adapter: &Adapter, cfg: &OnlineConfig) -> crate::Result<()> {
     Ok(())
 }
 
-/// One training step if the ring holds a batch and memory allows; true when the student moved.
+/// One training step if the ring holds a batch and memory allows; its report when the
+/// student moved (or was rolled back).
 fn train_once(
     adapter: &mut Adapter,
     ring: &Mutex<VecDeque<RgbImage>>,
@@ -115,17 +116,17 @@ fn train_once(
     pre: &PreprocessConfig,
     rng: &mut StdRng,
     counters: &Counters,
-) -> crate::Result<bool> {
+) -> crate::Result<Option<StepReport>> {
     if let Some(b) = cfg.step_budget {
         if crate::budget::current_bytes() + b.activation_bytes > b.limit_bytes {
             counters.live.budget_waits.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
+            return Ok(None);
         }
     }
     let batch: Vec<RgbImage> = {
         let r = ring.lock().expect("ring");
         if r.len() < cfg.batch {
-            return Ok(false);
+            return Ok(None);
         }
         (0..cfg.batch)
             .map(|_| r[rng.random_range(0..r.len())].clone())
@@ -141,7 +142,7 @@ fn train_once(
         .expect("step times")
         .push(t0.elapsed().as_secs_f64() * 1e3);
     if rep.idle {
-        return Ok(false);
+        return Ok(None);
     }
     if rep.collapsed {
         counters.live.rollbacks.fetch_add(1, Ordering::Relaxed);
@@ -165,7 +166,7 @@ fn train_once(
                 adapter.step
             ),
         }
-        return Ok(true);
+        return Ok(Some(rep));
     }
     if rep.outcome == Some(crate::optim::StepOutcome::NonFinite) {
         counters.live.steps_skipped.fetch_add(1, Ordering::Relaxed);
@@ -173,14 +174,14 @@ fn train_once(
             "adaptation step {}: non-finite loss or gradient, skipped",
             adapter.step
         );
-        return Ok(false);
+        return Ok(None);
     }
     counters.add_terms(&rep.terms);
     counters.live.stepped(rep.kept, rep.confidence);
     if cfg.checkpoint_every > 0 && adapter.step % cfg.checkpoint_every == 0 {
         save(adapter, cfg)?;
     }
-    Ok(true)
+    Ok(Some(rep))
 }
 
 /// The training thread's worker pool, its threads below serving's priority.
@@ -214,7 +215,8 @@ fn lower_priority() {
 }
 
 /// Runs `source` through serving and adaptation. `serve` gets each frame and the model to use;
-/// `after_step` is called with the step count and the published model after every step.
+/// `after_step` is called with the step count, the step's report and the published model
+/// after every step.
 pub fn run_online(
     source: Box<dyn FrameSource>,
     mut adapter: Adapter,
@@ -222,7 +224,7 @@ pub fn run_online(
     cfg: &OnlineConfig,
     stop: Arc<AtomicBool>,
     mut serve: impl FnMut(&Arrived, &Segformer) -> crate::Result<()>,
-    mut after_step: impl FnMut(u64, &Segformer) -> crate::Result<()> + Send,
+    mut after_step: impl FnMut(u64, &StepReport, &Segformer) -> crate::Result<()> + Send,
 ) -> crate::Result<(Summary, Adapter)> {
     let slot: Published = Arc::new(RwLock::new(Arc::new(Segformer::new(
         &adapter.teacher.cfg,
@@ -265,9 +267,9 @@ pub fn run_online(
                 return Ok(());
             }
             for _ in 0..k {
-                if train_once(&mut adapter, &ring, cfg, pre, &mut rng, &counters)? {
+                if let Some(rep) = train_once(&mut adapter, &ring, cfg, pre, &mut rng, &counters)? {
                     publish(&slot, &adapter)?;
-                    after_step(adapter.step, &slot.read().expect("model slot"))?;
+                    after_step(adapter.step, &rep, &slot.read().expect("model slot"))?;
                 }
             }
             Ok(())
@@ -304,11 +306,11 @@ pub fn run_online(
                     let moved = pool.install(|| {
                         train_once(&mut adapter, &ring, &cfg, pre, &mut rng, counters)
                     })?;
-                    if moved {
+                    if let Some(rep) = moved {
                         last = now;
                         publish(&slot, &adapter)?;
                         steps.store(adapter.step, Ordering::Relaxed);
-                        after_step(adapter.step, &slot.read().expect("model slot"))?;
+                        after_step(adapter.step, &rep, &slot.read().expect("model slot"))?;
                         let us = t0.elapsed().as_micros() as u64;
                         counters.busy_us.fetch_add(us, Ordering::Relaxed);
                     } else {

@@ -12,6 +12,8 @@ use crate::data::{Example, LabelMap};
 use crate::error::{Error, Result};
 use crate::metrics::Scores;
 use crate::model::{weights, Segformer};
+use crate::report::run::StripFrame;
+use crate::report::trace::{RunTrace, ServePoint, StepPoint};
 use crate::source::FrameSource;
 use crate::stats::SourceStats;
 use candle_core::Device;
@@ -81,6 +83,8 @@ pub struct Report {
     /// Heap peak of the whole run (counting allocator) and the process's resident peak.
     pub peak_heap_mb: f64,
     pub peak_rss_mb: Option<f64>,
+    /// The run's page (`OUT/report.html`); None where it could not be written.
+    pub page: Option<PathBuf>,
 }
 
 impl Session {
@@ -233,6 +237,7 @@ impl Session {
                 .collect(),
         };
         let points = Mutex::new(Vec::new());
+        let trace = Mutex::new(RunTrace::default());
         let mut served = 0u64;
         let mut next = 0usize;
         let mut due = |frames: u64, model: &Segformer| -> Result<Vec<CurvePoint>> {
@@ -264,10 +269,20 @@ impl Session {
                 // Frames before this one are served and trained on: the schedule's points there.
                 points.lock().expect("points").extend(due(served, model)?);
                 served += 1;
-                crate::eval::predict_image(model, &pre, &item.frame.image, &dev)?;
+                let pred = crate::eval::predict_image(model, &pre, &item.frame.image, &dev)?;
+                let ms = item.at.elapsed().as_secs_f64() * 1e3;
+                let mut t = trace.lock().expect("trace");
+                t.served
+                    .push(ServePoint::new(served, ms, &pred, classes.len()));
+                t.strip.offer(served, &item.frame.name, &item.frame.image);
                 Ok(())
             },
-            |step, model| {
+            |step, rep, model| {
+                trace
+                    .lock()
+                    .expect("trace")
+                    .steps
+                    .push(StepPoint::new(step, rep));
                 if self.eval_every > 0 && step % self.eval_every == 0 {
                     if let Some(s) = score(model)? {
                         log::info!("step {step}: mIoU {:.2}", s.miou);
@@ -291,7 +306,7 @@ impl Session {
             },
         )?;
         adapter.stats.save(&self.out)?;
-        Ok(Report {
+        let mut report = Report {
             method: self.method.to_string(),
             components,
             seed: self.seed,
@@ -303,6 +318,53 @@ impl Session {
             plan,
             peak_heap_mb,
             peak_rss_mb: crate::budget::peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
-        })
+            page: None,
+        };
+        let trace = trace.into_inner().expect("trace");
+        let source_model = Segformer::new(&files.config, files.tensors.clone())?;
+        let page = self.out.join("report.html");
+        // The adapted weights are saved by now: a page that cannot be written costs nothing else.
+        match write_page(
+            &report,
+            &trace,
+            &classes,
+            &source_model,
+            &adapter.teacher,
+            &pre,
+            &page,
+        ) {
+            Ok(()) => report.page = Some(page),
+            Err(e) => log::warn!("{}: run report not written: {e}", page.display()),
+        }
+        Ok(report)
     }
+}
+
+/// The run's page, with its strip's frames segmented by the source and the adapted model.
+fn write_page(
+    report: &Report,
+    trace: &RunTrace,
+    classes: &[String],
+    source: &Segformer,
+    adapted: &Segformer,
+    pre: &crate::config::PreprocessConfig,
+    path: &std::path::Path,
+) -> Result<()> {
+    let dev = Device::Cpu;
+    let frames = trace
+        .strip
+        .frames
+        .iter()
+        .map(|(i, name, img)| {
+            let view = |m: &Segformer| -> Result<image::RgbImage> {
+                let pred = crate::eval::predict_image(m, pre, img, &dev)?;
+                Ok(crate::report::overlay(img, &pred, classes.len()))
+            };
+            Ok(StripFrame {
+                caption: format!("frame {i}: {name}"),
+                views: vec![("source-only", view(source)?), ("adapted", view(adapted)?)],
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    crate::report::run::adaptation_page(report, trace, classes, frames)?.write(path)
 }
