@@ -2,6 +2,7 @@
 //! overlays' palette, so a chart and a frame read the same.
 
 use crate::error::{Error, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -53,6 +54,33 @@ fn render(
     Ok(svg)
 }
 
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A captioned chart over `xs` x `ys` with room for axis labels.
+fn chart<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    title: &str,
+    xs: std::ops::Range<f64>,
+    ys: std::ops::Range<f64>,
+) -> std::result::Result<Chart<'a, 'b>, Box<dyn std::error::Error>> {
+    Ok(ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(xs, ys)?)
+}
+
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>) -> Draw {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
 /// The range of `v` with a little room, never empty.
 fn span(v: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     let (lo, hi) = v
@@ -72,12 +100,7 @@ pub fn lines(axes: &Axes, series: &[Series], y: Option<std::ops::Range<f64>>) ->
     let xs = span(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)));
     let ys = y.unwrap_or_else(|| span(series.iter().flat_map(|s| s.points.iter().map(|p| p.1))));
     render(axes.title, |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(axes.title, ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(56)
-            .build_cartesian_2d(xs, ys)?;
+        let mut chart = chart(root, axes.title, xs, ys)?;
         chart
             .configure_mesh()
             .x_desc(axes.x)
@@ -93,12 +116,7 @@ pub fn lines(axes: &Axes, series: &[Series], y: Option<std::ops::Range<f64>>) ->
                 .label(s.name.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart)?;
         Ok(())
     })
 }
@@ -107,12 +125,7 @@ pub fn lines(axes: &Axes, series: &[Series], y: Option<std::ops::Range<f64>>) ->
 pub fn stacked(axes: &Axes, x: &[f64], layers: &[Series]) -> Result<String> {
     let xs = span(x.iter().copied());
     render(axes.title, |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(axes.title, ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(56)
-            .build_cartesian_2d(xs, 0f64..1f64)?;
+        let mut chart = chart(root, axes.title, xs, 0f64..1f64)?;
         chart
             .configure_mesh()
             .x_desc(axes.x)
@@ -137,12 +150,7 @@ pub fn stacked(axes: &Axes, x: &[f64], layers: &[Series]) -> Result<String> {
                     Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart)?;
         Ok(())
     })
 }
@@ -151,12 +159,7 @@ pub fn stacked(axes: &Axes, x: &[f64], layers: &[Series]) -> Result<String> {
 pub fn bars(axes: &Axes, categories: &[String], groups: &[Series], top: f64) -> Result<String> {
     let n = categories.len().max(1);
     render(axes.title, |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(axes.title, ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0f64..n as f64, 0f64..top)?;
+        let mut chart = chart(root, axes.title, 0f64..n as f64, 0f64..top)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -181,12 +184,7 @@ pub fn bars(axes: &Axes, categories: &[String], groups: &[Series], top: f64) -> 
                     Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart)?;
         let font = ("sans-serif", 11).into_font();
         for (i, c) in categories.iter().enumerate() {
             let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
