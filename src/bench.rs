@@ -7,8 +7,8 @@ use crate::error::Result;
 use crate::model::ema::ema_update;
 use crate::model::{init_tensors, Segformer};
 use crate::train::{TrainConfig, Trainer};
+use crate::SeededRng;
 use candle_core::{DType, Device, Tensor};
-use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
 use std::time::Instant;
@@ -95,7 +95,7 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
     let classes: Vec<String> = (0..spec.classes).map(|i| format!("c{i}")).collect();
     let cfg = SegformerConfig::preset(&spec.config, &classes, 255)?;
     let tensors = init_tensors(&cfg, &dev, 0)?;
-    let mut rng = StdRng::seed_from_u64(0);
+    let mut rng = SeededRng::seed_from_u64(0);
 
     let infer = {
         let model = Segformer::new(&cfg, tensors.clone())?;
@@ -190,7 +190,7 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
     let strong = (&x * 0.9)?;
     let adapt_step = |train: crate::adapt::config::TrainScope| -> Result<Timing> {
         let mut adapter = adapter(train)?;
-        let mut rng = StdRng::seed_from_u64(1);
+        let mut rng = SeededRng::seed_from_u64(1);
         time(spec, || {
             Ok(adapter.step(&x, &strong, &mut rng).map(|_| ())?)
         })
@@ -199,7 +199,7 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
     let adapt_step = adapt_step(crate::adapt::config::TrainScope::All)?;
     let adapt_ops = if spec.ops {
         let mut adapter = adapter(crate::adapt::config::TrainScope::All)?;
-        let mut rng = StdRng::seed_from_u64(1);
+        let mut rng = SeededRng::seed_from_u64(1);
         adapter.step(&x, &strong, &mut rng)?; // warm-up
         profile_steps(spec.reps, || {
             Ok(adapter.step(&x, &strong, &mut rng).map(|_| ())?)

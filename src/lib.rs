@@ -23,3 +23,7 @@ pub mod suite;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// The random stream of training and adaptation: ChaCha12, the same stream `rand`'s `StdRng`
+/// draws for a seed, whose position a checkpoint can save and a resumed run restore.
+pub type SeededRng = rand_chacha::ChaCha12Rng;

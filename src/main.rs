@@ -1131,6 +1131,13 @@ fn adapt(a: AdaptArgs) -> Result<()> {
         s.train_steps_per_s, s.step_ms_p50, s.steps_skipped, s.rollbacks, s.budget_waits,
         s.latency_ms_p50, s.latency_ms_p99, s.latency_ms_max
     );
+    if s.checkpoint_failures > 0 {
+        println!(
+            "{} checkpoints could not be written; the newest written one is in {}",
+            s.checkpoint_failures,
+            a.out.join("checkpoints").display()
+        );
+    }
     if s.train_busy > 0.0 {
         println!(
             "busy: serving {:.0}% of the time, training {:.0}%",

@@ -10,8 +10,8 @@ use crate::model::ema::{detached_copy, ema_momentum, ema_update};
 use crate::model::weights::{save_model_dir, ModelFiles};
 use crate::model::{ops, with_prefix, Segformer, Student, TensorMap};
 use crate::optim::{AdamW, AdamWConfig, ParamGroup, PolySchedule, StepOutcome};
+use crate::SeededRng;
 use candle_core::{Device, Tensor};
-use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -98,7 +98,7 @@ impl Trainer {
         &mut self,
         images: &Tensor,
         labels: &Tensor,
-        rng: &mut StdRng,
+        rng: &mut SeededRng,
     ) -> Result<StepStats> {
         crate::model::ops::on_pool(|| self.step_on_pool(images, labels, rng))
     }
@@ -107,7 +107,7 @@ impl Trainer {
         &mut self,
         images: &Tensor,
         labels: &Tensor,
-        rng: &mut StdRng,
+        rng: &mut SeededRng,
     ) -> Result<StepStats> {
         let t = self.opt.step_count();
         let (_, _, h, w) = images.dims4()?;
@@ -194,7 +194,7 @@ pub fn train(
     while trainer.opt.step_count() < tc.iters {
         let t = trainer.opt.step_count();
         // One RNG per step, derived from (seed, step): a resumed run draws what it would have.
-        let mut rng = StdRng::seed_from_u64(tc.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ t);
+        let mut rng = SeededRng::seed_from_u64(tc.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ t);
         let picks: Vec<&Example> = (0..tc.batch)
             .map(|_| &examples[rng.random_range(0..examples.len())])
             .collect();

@@ -82,7 +82,7 @@ impl Fixture {
         SourceStats::compute(&self.model, &self.pre, &self.examples, 255).unwrap()
     }
 
-    fn replay(&self, size: usize, rng: &mut rand::rngs::StdRng) -> std::sync::Arc<Replay> {
+    fn replay(&self, size: usize, rng: &mut segadapt::SeededRng) -> std::sync::Arc<Replay> {
         std::sync::Arc::new(Replay::new(
             &self.examples,
             &self.pre,
@@ -120,13 +120,13 @@ fn every_variant_steps_with_finite_bounded_state() {
         let stats = fx.stats();
         let mut a = Adapter::new(ac.clone(), cfg, tensors, stats).unwrap();
         if ac.replay.on {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+            let mut rng = segadapt::SeededRng::seed_from_u64(0);
             a.replay = Some(fx.replay(2, &mut rng));
         }
         let before = a.teacher.tensors().unwrap()["decode_head.classifier.weight"]
             .copy()
             .unwrap();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut rng = segadapt::SeededRng::seed_from_u64(1);
         let mut r = Default::default();
         for _ in 0..3 {
             r = a.step(&x, &strong, &mut rng).unwrap();
@@ -220,6 +220,7 @@ fn online_config(realtime: bool) -> segadapt::runtime::online::OnlineConfig {
         seed: 3,
         checkpoints: None,
         checkpoint_every: 0,
+        start: None,
         step_budget: None,
     }
 }
@@ -242,7 +243,7 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
             ..online_config(false)
         };
         let mut served = 0;
-        let (summary, adapter) = run_online(
+        let ended = run_online(
             source,
             adapter,
             pre,
@@ -257,6 +258,7 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
             |_, _, _| Ok(()),
         )
         .unwrap();
+        let (summary, adapter) = (ended.summary, ended.adapter);
         assert_eq!(
             (summary.frames_in, summary.frames_served, served),
             (5, 5, 5)
@@ -289,7 +291,7 @@ fn a_restored_adapter_continues_exactly() {
     let x = Tensor::randn(0f32, 1.0, (2, 3, 48, 64), &Device::Cpu).unwrap();
     let strong = (&x * 0.9).unwrap();
     let mut a = Adapter::new(full(), cfg, tensors, fx.stats()).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut rng = segadapt::SeededRng::seed_from_u64(5);
     for _ in 0..2 {
         a.step(&x, &strong, &mut rng).unwrap();
     }
@@ -349,7 +351,7 @@ fn source_replay_leaves_the_target_batchnorm_statistics_alone() {
         ac.replay.mix = false;
         ac.guard.collapse = false;
         let mut a = Adapter::new(ac, cfg, tensors, fx.stats()).unwrap();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut rng = segadapt::SeededRng::seed_from_u64(3);
         if replay {
             a.replay = Some(fx.replay(3, &mut rng));
         }
@@ -367,7 +369,7 @@ fn a_rollback_keeps_the_source_frames_on_board() {
     let mut ac = Method::Replay.config(&full());
     ac.guard.collapse = false;
     let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let mut rng = segadapt::SeededRng::seed_from_u64(2);
     a.replay = Some(fx.replay(2, &mut rng));
     let saved = a.state().unwrap();
     let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
@@ -389,7 +391,7 @@ fn restore_after_a_resume_moves_towards_the_source_weights() {
     ac.guard.restore = 0.01;
     let mut a = Adapter::new(ac.clone(), &fx.cfg, &fx.tensors, fx.stats()).unwrap();
     let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut rng = segadapt::SeededRng::seed_from_u64(3);
     for _ in 0..3 {
         a.step(&x, &x, &mut rng).unwrap();
     }
@@ -424,7 +426,7 @@ fn tent_adapts_on_the_frame_not_the_strong_view() {
     let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
     // A strong view full of NaN: TENT must not read it.
     let strong = (x.zeros_like().unwrap() / 0.0).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut rng = segadapt::SeededRng::seed_from_u64(3);
     let r = a.step(&x, &strong, &mut rng).unwrap();
     assert!(r.total.is_finite(), "{r:?}");
     assert_eq!(a.optimizer_steps(), 1);
@@ -440,7 +442,7 @@ fn a_spent_training_budget_leaves_the_model_alone() {
     ac.budget.steps = 2;
     let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
     let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut rng = segadapt::SeededRng::seed_from_u64(3);
     let idle: Vec<bool> = (0..4)
         .map(|_| a.step(&x, &x, &mut rng).unwrap().idle)
         .collect();
@@ -474,12 +476,12 @@ fn with_condition_slots_a_new_condition_starts_from_the_source_and_a_known_one_f
     ac.budget.on = true;
     (ac.budget.steps, ac.budget.window, ac.budget.slots) = (500, 2, 4);
     let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut rng = segadapt::SeededRng::seed_from_u64(3);
     // Seeded frames whose level and contrast vary from frame to frame, so the condition's
     // statistics have a spread that sampling noise cannot cross the threshold of.
     let noise = |seed: u64, i: usize| -> Tensor {
         use rand_distr::Distribution;
-        let mut r = rand::rngs::StdRng::seed_from_u64(seed * 1000 + i as u64);
+        let mut r = segadapt::SeededRng::seed_from_u64(seed * 1000 + i as u64);
         let v: Vec<f32> = (0..3 * 48 * 64)
             .map(|_| rand_distr::StandardNormal.sample(&mut r))
             .collect();
@@ -541,7 +543,7 @@ fn in_real_time_a_slow_training_step_holds_no_frame_up() {
         ..online_config(true)
     };
     let pre = &fx.pre;
-    let (summary, _) = run_online(
+    let summary = run_online(
         source,
         adapter,
         pre,
@@ -557,10 +559,52 @@ fn in_real_time_a_slow_training_step_holds_no_frame_up() {
             Ok(())
         },
     )
-    .unwrap();
+    .unwrap()
+    .summary;
     assert_eq!(summary.frames_in, 20);
     assert!(summary.train_steps >= 1, "{summary:?}");
     // A frame that waited for a step would have waited half a second.
     assert!(summary.latency_ms_max < 450.0, "{summary:?}");
     assert_eq!(summary.frames_served + summary.frames_dropped, 20);
+}
+
+#[test]
+fn checkpoints_that_cannot_be_written_are_counted_and_serving_goes_on() {
+    use segadapt::checkpoint::CheckpointDir;
+    use segadapt::runtime::online::{run_online, OnlineConfig};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let fx = fixture(6, false);
+    let adapter = Adapter::new(full(), &fx.cfg, &fx.tensors, fx.stats()).unwrap();
+    // A folder under a plain file: every write fails, as on a full or read-only disk.
+    let blocker = fx.data.path().join("not-a-folder");
+    std::fs::write(&blocker, b"x").unwrap();
+    let metrics = Arc::new(segadapt::runtime::metrics::Metrics::default());
+    let mut oc = OnlineConfig {
+        steps_per_frame: Some(1),
+        checkpoints: Some(Arc::new(CheckpointDir::new(blocker.join("checkpoints"), 2))),
+        checkpoint_every: 1,
+        ..online_config(false)
+    };
+    oc.pipeline.metrics = Some(metrics.clone());
+    let pre = &fx.pre;
+    let ended = run_online(
+        fx.source(30.0),
+        adapter,
+        pre,
+        &oc,
+        Arc::new(AtomicBool::new(false)),
+        |item, m| {
+            segadapt::eval::predict_image(m, pre, &item.frame.image, &Device::Cpu).map(|_| ())?;
+            Ok(())
+        },
+        |_, _, _| Ok(()),
+    )
+    .unwrap();
+    assert_eq!(ended.summary.frames_served, 6);
+    assert_eq!(ended.summary.train_steps, 6, "{:?}", ended.summary);
+    assert_eq!(metrics.checkpoint_failures.load(Ordering::Relaxed), 6);
+    assert!(metrics
+        .render()
+        .contains("segadapt_checkpoint_failures_total 6"));
 }

@@ -20,7 +20,7 @@ fn loss_of(student: &Student, seed: u64) -> Tensor {
         .map(|i| ((i * 7 + seed as usize) % 5) as u32)
         .collect();
     let labels = Tensor::from_vec(labels, 2 * 64 * 96, &dev).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = segadapt::SeededRng::seed_from_u64(seed);
     let out = student.model.forward(&x, Some(&mut rng)).unwrap();
     let up = ops::resize_bilinear(&out.logits, 64, 96).unwrap();
     cross_entropy(&flatten_pixels(&up).unwrap(), &labels, None, 255).unwrap()

@@ -17,8 +17,8 @@ use super::contrast::cosine;
 use crate::model::ops::log_softmax_last_dim as log_softmax;
 use crate::model::Student;
 use crate::stats::{Instances, SourceStats};
+use crate::SeededRng;
 use candle_core::{DType, Device, Result, Tensor, D};
-use rand::rngs::StdRng;
 
 /// DIDA as a step component.
 pub struct Dida {
@@ -71,7 +71,7 @@ impl Component for Dida {
         &mut self,
         step: &mut Step,
         _student: &Student,
-        _rng: &mut StdRng,
+        _rng: &mut SeededRng,
     ) -> Result<Vec<(&'static str, Tensor)>> {
         let out = step.out();
         let probs = candle_nn::ops::softmax_last_dim(&out.logits)?;
@@ -85,7 +85,7 @@ impl Component for Dida {
         Ok(vec![("dida", (l * self.cfg.weight)?)])
     }
 
-    fn update(&mut self, step: &Step, _student: &Student, _rng: &mut StdRng) -> Result<()> {
+    fn update(&mut self, step: &Step, _student: &Student, _rng: &mut SeededRng) -> Result<()> {
         if step.t % self.cfg.interval != 0 {
             return Ok(());
         }

@@ -13,8 +13,8 @@ use super::contrast::cosine;
 use crate::loss::cross_entropy;
 use crate::model::Student;
 use crate::stats::SourceStats;
+use crate::SeededRng;
 use candle_core::{Result, Tensor};
-use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
 /// BiDA as a step component. Label transfer gives every target pixel a dynamic label (the
@@ -61,7 +61,7 @@ impl Component for Bida {
         &mut self,
         step: &mut Step,
         _student: &Student,
-        rng: &mut StdRng,
+        rng: &mut SeededRng,
     ) -> Result<Vec<(&'static str, Tensor)>> {
         // Source pixels: the replayed crop's cells when source frames are on board, samples of
         // the stored class statistics otherwise.
@@ -93,7 +93,7 @@ impl Component for Bida {
         Ok(vec![("bida_t2s", (t2s * w)?), ("bida_s2t", (s2t * w)?)])
     }
 
-    fn update(&mut self, step: &Step, _student: &Student, _rng: &mut StdRng) -> Result<()> {
+    fn update(&mut self, step: &Step, _student: &Student, _rng: &mut SeededRng) -> Result<()> {
         self.protos.update(&step.labels.feats, &self.transfer)
     }
 
@@ -232,7 +232,7 @@ pub fn sample_source_pixels(
     var: &Tensor,
     count: &Tensor,
     per_class: usize,
-    rng: &mut StdRng,
+    rng: &mut SeededRng,
 ) -> Result<(Tensor, Tensor)> {
     let (c, d) = mean.dims2()?;
     let mu: Vec<f32> = mean.flatten_all()?.to_vec1()?;
@@ -265,7 +265,7 @@ pub fn pick_source_pixels(
     labels: &[u32],
     classes: usize,
     per_class: usize,
-    rng: &mut StdRng,
+    rng: &mut SeededRng,
 ) -> Result<Option<(Tensor, Tensor)>> {
     use rand::seq::SliceRandom;
     let mut rows: Vec<Vec<u32>> = vec![Vec::new(); classes];
@@ -302,7 +302,7 @@ mod tests {
     #[test]
     fn picked_source_pixels_are_bounded_per_class_and_keep_their_rows() {
         let f = t(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0], (5, 2));
-        let mut rng = StdRng::seed_from_u64(0);
+        let mut rng = SeededRng::seed_from_u64(0);
         let (x, y) = pick_source_pixels(&f, &[1, 1, 1, 255, 0], 2, 2, &mut rng)
             .unwrap()
             .unwrap();
@@ -416,7 +416,7 @@ mod tests {
         let mean = t(&[1.0, -2.0, 0.0, 0.0, 5.0, 5.0], (3, 2));
         let var = t(&[0.25, 0.25, 1.0, 1.0, 4.0, 0.01], (3, 2));
         let count = Tensor::new(&[10f32, 0.0, 3.0], &Device::Cpu).unwrap();
-        let mut rng = StdRng::seed_from_u64(1);
+        let mut rng = SeededRng::seed_from_u64(1);
         let (f, y) = sample_source_pixels(&mean, &var, &count, 4000, &mut rng).unwrap();
         let y = y.to_vec1::<u32>().unwrap();
         assert_eq!(y.len(), 8000, "the unseen class is left out");

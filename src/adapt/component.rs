@@ -11,8 +11,8 @@
 
 use crate::model::Student;
 use crate::stats::SourceStats;
+use crate::SeededRng;
 use candle_core::{Result, Tensor, Var};
-use rand::rngs::StdRng;
 
 pub const IGNORE: u32 = 255;
 
@@ -163,7 +163,7 @@ pub trait Component: Send {
     }
 
     /// Changes the student's view (after every `label` hook).
-    fn view(&mut self, _step: &mut Step, _rng: &mut StdRng) -> Result<()> {
+    fn view(&mut self, _step: &mut Step, _rng: &mut SeededRng) -> Result<()> {
         Ok(())
     }
 
@@ -181,13 +181,13 @@ pub trait Component: Send {
         &mut self,
         _step: &mut Step,
         _student: &Student,
-        _rng: &mut StdRng,
+        _rng: &mut SeededRng,
     ) -> Result<Vec<(&'static str, Tensor)>> {
         Ok(Vec::new())
     }
 
     /// State updates after the optimizer step (and before the EMA teacher follows the student).
-    fn update(&mut self, _step: &Step, _student: &Student, _rng: &mut StdRng) -> Result<()> {
+    fn update(&mut self, _step: &Step, _student: &Student, _rng: &mut SeededRng) -> Result<()> {
         Ok(())
     }
 

@@ -16,8 +16,8 @@ use crate::loss::cross_entropy;
 use crate::model::ops::{self, log_softmax_last_dim as log_softmax};
 use crate::model::Student;
 use crate::stats::SourceStats;
+use crate::SeededRng;
 use candle_core::{Device, Result, Tensor, Var};
-use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 /// The projection head: two linear layers with a ReLU between, then L2 normalisation.
@@ -30,7 +30,7 @@ fn project(f: &Tensor, head: &[Tensor]) -> Result<Tensor> {
 /// He-uniform weights and zero biases, from a fixed seed (every run starts alike).
 fn init_head(d: usize, p: usize) -> Result<Vec<Tensor>> {
     use rand::Rng;
-    let mut rng = StdRng::seed_from_u64(0x5e91c0);
+    let mut rng = SeededRng::seed_from_u64(0x5e91c0);
     let dev = &Device::Cpu;
     let mut uniform = |rows: usize, cols: usize| {
         let a = (6.0 / cols as f32).sqrt();
@@ -125,7 +125,7 @@ impl Component for Sepico {
         &mut self,
         step: &mut Step,
         _student: &Student,
-        rng: &mut StdRng,
+        rng: &mut SeededRng,
     ) -> Result<Vec<(&'static str, Tensor)>> {
         let s = step.stats;
         let (src, ys) = super::bidirectional::sample_source_pixels(
@@ -151,7 +151,7 @@ impl Component for Sepico {
         ])
     }
 
-    fn update(&mut self, _step: &Step, _student: &Student, _rng: &mut StdRng) -> Result<()> {
+    fn update(&mut self, _step: &Step, _student: &Student, _rng: &mut SeededRng) -> Result<()> {
         let m = self.ema;
         for (t, v) in self.teacher.iter_mut().zip(&self.head) {
             *t = ((&*t * m)? + (v.as_tensor().detach() * (1.0 - m))?)?;
@@ -297,7 +297,7 @@ mod tests {
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         // The log-sum-exp term is the limit over sampled negatives/positives: E exp(f.z / tau)
         // for z ~ N(mu_c, diag var_c). Check it by Monte Carlo.
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let mut rng = crate::SeededRng::seed_from_u64(0);
         let n = Normal::new(0.0f64, 1.0).unwrap();
         let mc: f64 = (0..2)
             .map(|c| {

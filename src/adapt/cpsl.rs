@@ -10,8 +10,8 @@ use super::sinkhorn::balanced_assignment;
 use crate::model::ops::log_softmax_last_dim as log_softmax;
 use crate::model::Student;
 use crate::stats::SourceStats;
+use crate::SeededRng;
 use candle_core::{Device, Result, Tensor, Var, D};
-use rand::rngs::StdRng;
 use rand::Rng;
 
 /// CPSL's state. Online, two choices differ from the paper's offline stage 1 (both in the
@@ -85,7 +85,7 @@ impl Cpsl {
     /// The self-labeling loss: Sinkhorn assignments of sampled teacher features (with the
     /// queue) to the prototypes, class marginals following the prior, supervise the student's
     /// prototype scores at the same pixels; the gradient reaches the student and P.
-    fn self_labeling(&mut self, step: &Step, rng: &mut StdRng) -> Result<Option<Tensor>> {
+    fn self_labeling(&mut self, step: &Step, rng: &mut SeededRng) -> Result<Option<Tensor>> {
         let pasted = &step.view.pasted;
         let free: Vec<u32> = (0..pasted.len() as u32)
             .filter(|&i| !pasted[i as usize])
@@ -166,7 +166,7 @@ impl Component for Cpsl {
         &mut self,
         step: &mut Step,
         _student: &Student,
-        rng: &mut StdRng,
+        rng: &mut SeededRng,
     ) -> Result<Vec<(&'static str, Tensor)>> {
         let mut terms = Vec::new();
         if let Some(l) = self.self_labeling(step, rng)? {
@@ -178,7 +178,7 @@ impl Component for Cpsl {
         Ok(terms)
     }
 
-    fn update(&mut self, _step: &Step, _student: &Student, _rng: &mut StdRng) -> Result<()> {
+    fn update(&mut self, _step: &Step, _student: &Student, _rng: &mut SeededRng) -> Result<()> {
         let m = self.cfg.proto_ema;
         self.ema = ((&self.ema * m)? + (self.protos.as_tensor().detach() * (1.0 - m))?)?;
         self.push_queue()

@@ -3,8 +3,8 @@
 
 use super::component::{Component, Geometry, Step};
 use super::config;
+use crate::SeededRng;
 use candle_core::{Result, Tensor};
-use rand::rngs::StdRng;
 use rand::Rng;
 use std::collections::VecDeque;
 
@@ -29,7 +29,7 @@ impl Component for Hpla {
         "hpla"
     }
 
-    fn view(&mut self, step: &mut Step, rng: &mut StdRng) -> Result<()> {
+    fn view(&mut self, step: &mut Step, rng: &mut SeededRng) -> Result<()> {
         let cp = &mut self.paste;
         let (b, h, w) = step.labels.grid;
         let v = &mut step.view;
@@ -209,7 +209,7 @@ impl CopyPaste {
         labels: &mut [u32],
         (h, w): (usize, usize),
         (big_h, big_w): (usize, usize),
-        rng: &mut StdRng,
+        rng: &mut SeededRng,
     ) -> Pasted {
         let mut out = Pasted {
             mask: vec![false; labels.len()],
@@ -284,7 +284,7 @@ mod tests {
         assert_eq!(cp.len(), 2, "the pool keeps its capacity");
         let mut img = vec![-1f32; src_img.len()];
         let mut lab = vec![1u32; h * w];
-        let mut rng = StdRng::seed_from_u64(0);
+        let mut rng = SeededRng::seed_from_u64(0);
         let p = cp.paste(&mut img, &mut lab, (h, w), (h * s, w * s), &mut rng);
         assert_eq!(p.classes, vec![2]);
         assert_eq!(lab, vec![1, 2, 1, 1, 1, 2]);
@@ -317,7 +317,7 @@ mod tests {
         cp.push(src.clone(), src_lab);
         let mut img = vec![-1f32; 3 * ih * iw];
         let mut lab = vec![0u32; h * w];
-        let mut rng = StdRng::seed_from_u64(0);
+        let mut rng = SeededRng::seed_from_u64(0);
         let p = cp.paste(&mut img, &mut lab, (h, w), (ih, iw), &mut rng);
         assert_eq!(p.classes, vec![1]);
         assert_eq!(lab[h * w - 1], 1);

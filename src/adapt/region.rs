@@ -6,8 +6,8 @@ use super::component::{Component, Step};
 use super::config;
 use crate::model::ops::log_softmax_last_dim as log_softmax;
 use crate::model::Student;
+use crate::SeededRng;
 use candle_core::{DType, Result, Tensor, D};
-use rand::rngs::StdRng;
 
 /// The three region terms as a step component.
 pub struct RegionTerms(pub config::Region);
@@ -21,7 +21,7 @@ impl Component for RegionTerms {
         &mut self,
         step: &mut Step,
         _student: &Student,
-        _rng: &mut StdRng,
+        _rng: &mut SeededRng,
     ) -> Result<Vec<(&'static str, Tensor)>> {
         let (out, r) = (step.out(), &self.0);
         Ok(vec![

@@ -13,8 +13,8 @@ use crate::model::ema::{detached_copy, ema_update, ema_update_where};
 use crate::model::{Segformer, Student, TensorMap};
 use crate::optim::{AdamW, AdamWConfig, ParamGroup, StepOutcome};
 use crate::stats::SourceStats;
+use crate::SeededRng;
 use candle_core::{DType, Device, Result, Tensor};
-use rand::rngs::StdRng;
 use std::sync::Arc;
 
 /// Loss terms of the last step, for logs and tests.
@@ -129,7 +129,12 @@ impl Adapter {
     }
 
     /// One step on `weak` / `strong` views of the same frames ([B, 3, H, W], same geometry).
-    pub fn step(&mut self, weak: &Tensor, strong: &Tensor, rng: &mut StdRng) -> Result<StepReport> {
+    pub fn step(
+        &mut self,
+        weak: &Tensor,
+        strong: &Tensor,
+        rng: &mut SeededRng,
+    ) -> Result<StepReport> {
         let (scale, event) = match self
             .controller
             .as_mut()
@@ -237,7 +242,7 @@ impl Adapter {
         weak: &Tensor,
         strong: &Tensor,
         lr: f64,
-        rng: &mut StdRng,
+        rng: &mut SeededRng,
     ) -> Result<StepReport> {
         let mut labels = self.teacher_labels(weak)?;
         let phase = crate::profile::scope("adapt: pseudo labels and views");
@@ -303,7 +308,7 @@ impl Adapter {
     }
 
     /// TENT: minimise the entropy of the model's own predictions; only norm affines move.
-    fn tent_step(&mut self, x: &Tensor, lr: f64, rng: &mut StdRng) -> Result<StepReport> {
+    fn tent_step(&mut self, x: &Tensor, lr: f64, rng: &mut SeededRng) -> Result<StepReport> {
         let out = self.student.model.forward(x, Some(rng))?;
         let c = out.logits.dim(3)?;
         let logits = out.logits.reshape(((), c))?;
@@ -366,7 +371,7 @@ fn collapsed() -> StepReport {
 }
 
 /// The student on the view with its training labels and masks; the share of pixels trained on.
-fn student_forward(student: &Student, v: &View, rng: &mut StdRng) -> Result<(StudentOut, f32)> {
+fn student_forward(student: &Student, v: &View, rng: &mut SeededRng) -> Result<(StudentOut, f32)> {
     let n = v.train.len();
     let dev = v.image.device();
     let keep: Vec<bool> = v

@@ -4,9 +4,9 @@
 use crate::config::PreprocessConfig;
 use crate::data::augment::photometric;
 use crate::data::{normalize_into, resize_rgb};
+use crate::SeededRng;
 use candle_core::{Device, Result, Tensor};
 use image::RgbImage;
-use rand::rngs::StdRng;
 use rand::Rng;
 
 /// Builds ([B, 3, H, W] weak, [B, 3, H, W] strong) at the model's input size, or a random
@@ -15,7 +15,7 @@ pub fn views(
     frames: &[&RgbImage],
     pre: &PreprocessConfig,
     crop: Option<(usize, usize)>,
-    rng: &mut StdRng,
+    rng: &mut SeededRng,
     dev: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let (w0, h0) = frames.first().map(|f| f.dimensions()).unwrap_or((1, 1));

@@ -43,7 +43,7 @@ impl Measure for Calibrator<'_> {
         let mut a = Adapter::new(cfg, self.model, self.tensors, self.stats.clone())?;
         let x = Tensor::randn(0f32, 1.0, (batch, 3, h, w), &Device::Cpu)?;
         let strong = (&x * 0.9)?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let mut rng = crate::SeededRng::seed_from_u64(0);
         if replay {
             // A stand-in source frame: the step's cost does not depend on what it shows.
             let c = self.model.num_labels();

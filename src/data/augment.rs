@@ -4,9 +4,9 @@
 use super::dataset::Example;
 use super::preprocess::normalize_into;
 use crate::config::PreprocessConfig;
+use crate::SeededRng;
 use candle_core::{Device, Result, Tensor};
 use image::{imageops, GrayImage, RgbImage};
-use rand::rngs::StdRng;
 use rand::Rng;
 
 #[derive(Debug, Clone, Copy)]
@@ -28,7 +28,7 @@ pub struct Augmenter {
 
 impl Augmenter {
     /// One augmented (image, label) pair of exactly the crop size.
-    pub fn sample(&self, ex: &Example, rng: &mut StdRng) -> (RgbImage, Vec<u8>) {
+    pub fn sample(&self, ex: &Example, rng: &mut SeededRng) -> (RgbImage, Vec<u8>) {
         let c = self.cfg;
         let (iw, ih) = ex.image.dimensions();
         let label = GrayImage::from_raw(
@@ -92,7 +92,7 @@ impl Augmenter {
         &self,
         examples: &[&Example],
         pre: &PreprocessConfig,
-        rng: &mut StdRng,
+        rng: &mut SeededRng,
         dev: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let (w, h) = (self.cfg.crop.0 as usize, self.cfg.crop.1 as usize);
@@ -112,7 +112,7 @@ impl Augmenter {
 
 /// mmseg's PhotoMetricDistortion: brightness, contrast (before or after the HSV part),
 /// saturation, hue; each applied with probability 1/2.
-pub fn photometric(img: &mut RgbImage, rng: &mut StdRng) {
+pub fn photometric(img: &mut RgbImage, rng: &mut SeededRng) {
     let brightness = rng
         .random_bool(0.5)
         .then(|| rng.random_range(-32.0f32..=32.0));
@@ -242,7 +242,7 @@ mod tests {
             },
             ignore: 255,
         };
-        let mut rng = StdRng::seed_from_u64(1);
+        let mut rng = SeededRng::seed_from_u64(1);
         for _ in 0..20 {
             let (im, l) = aug.sample(&ex, &mut rng);
             assert_eq!(im.dimensions(), (16, 16));

@@ -4,8 +4,8 @@
 use super::nn::{drop_path, dropout, BatchNormRelu, LayerNorm, Linear, PatchConv};
 use super::ops;
 use crate::config::SegformerConfig;
+use crate::SeededRng;
 use candle_core::{DType, Device, Result, Tensor};
-use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use std::collections::BTreeMap;
@@ -186,7 +186,7 @@ pub fn param_specs(cfg: &SegformerConfig) -> Vec<ParamSpec> {
 
 /// Fresh weights for training from scratch, reproducible from `seed`.
 pub fn init_tensors(cfg: &SegformerConfig, device: &Device, seed: u64) -> Result<TensorMap> {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = SeededRng::seed_from_u64(seed);
     let mut out = TensorMap::new();
     for s in param_specs(cfg) {
         let n: usize = s.shape.iter().product();
@@ -205,7 +205,13 @@ pub fn init_tensors(cfg: &SegformerConfig, device: &Device, seed: u64) -> Result
     Ok(out)
 }
 
-fn normal(rng: &mut StdRng, n: usize, std: f64, shape: &[usize], dev: &Device) -> Result<Tensor> {
+fn normal(
+    rng: &mut SeededRng,
+    n: usize,
+    std: f64,
+    shape: &[usize],
+    dev: &Device,
+) -> Result<Tensor> {
     let dist = Normal::new(0f32, std as f32).map_err(candle_core::Error::wrap)?;
     let v: Vec<f32> = (0..n).map(|_| dist.sample(rng)).collect();
     Tensor::from_vec(v, shape, dev)
@@ -433,11 +439,11 @@ impl Segformer {
 
     /// `x`: [B, 3, H, W] normalised pixels. `train` carries the RNG for dropout and drop path and
     /// switches BatchNorm to batch statistics.
-    pub fn forward(&self, x: &Tensor, train: Option<&mut StdRng>) -> Result<SegOutput> {
+    pub fn forward(&self, x: &Tensor, train: Option<&mut SeededRng>) -> Result<SegOutput> {
         ops::on_pool(|| self.forward_on_pool(x, train))
     }
 
-    fn forward_on_pool(&self, x: &Tensor, mut train: Option<&mut StdRng>) -> Result<SegOutput> {
+    fn forward_on_pool(&self, x: &Tensor, mut train: Option<&mut SeededRng>) -> Result<SegOutput> {
         let cfg = &self.cfg;
         let training = train.is_some();
         let mut h = x.permute((0, 2, 3, 1))?.contiguous()?; // [B, H, W, 3]
@@ -514,7 +520,7 @@ impl Block {
         h: usize,
         w: usize,
         cfg: &SegformerConfig,
-        mut train: Option<&mut StdRng>,
+        mut train: Option<&mut SeededRng>,
     ) -> Result<Tensor> {
         let a = self
             .attn
@@ -535,7 +541,7 @@ impl Attention {
         h: usize,
         w: usize,
         cfg: &SegformerConfig,
-        mut train: Option<&mut StdRng>,
+        mut train: Option<&mut SeededRng>,
     ) -> Result<Tensor> {
         let _t = crate::profile::scope("model: attention");
         let (b, n, c) = x.dims3()?;
@@ -576,7 +582,7 @@ impl MixFfn {
         h: usize,
         w: usize,
         cfg: &SegformerConfig,
-        mut train: Option<&mut StdRng>,
+        mut train: Option<&mut SeededRng>,
     ) -> Result<Tensor> {
         let _t = crate::profile::scope("model: mix-ffn");
         let (b, n, _) = x.dims3()?;

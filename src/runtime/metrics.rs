@@ -24,6 +24,8 @@ pub struct Metrics {
     pub steps_skipped: AtomicU64,
     pub rollbacks: AtomicU64,
     pub budget_waits: AtomicU64,
+    /// Checkpoints that could not be written (disk full, read-only folder).
+    pub checkpoint_failures: AtomicU64,
     /// f32 bits: the last step's share of pixels kept as pseudo labels.
     kept: AtomicU32,
     /// f32 bits: the last step's mean teacher confidence.
@@ -106,6 +108,12 @@ impl Metrics {
             "counter",
             "Steps that waited for memory.",
             n(&self.budget_waits),
+        );
+        put(
+            "checkpoint_failures_total",
+            "counter",
+            "Checkpoints that could not be written; the newest written one is kept.",
+            n(&self.checkpoint_failures),
         );
         put(
             "pseudo_label_kept_ratio",

@@ -4,6 +4,7 @@
 
 pub mod metrics;
 pub mod online;
+pub mod resume;
 pub mod session;
 
 use crate::source::{Frame, FrameSource, SourceError};
@@ -50,6 +51,8 @@ pub struct Summary {
     pub rollbacks: u64,
     /// Times a step waited because memory would have passed the budget.
     pub budget_waits: u64,
+    /// Checkpoints that could not be written (the newest written one was kept).
+    pub checkpoint_failures: u64,
     /// Each loss term's mean absolute value over the steps taken, in pipeline order: a term
     /// that stays constant or at zero does nothing.
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -10,6 +10,7 @@
 //! swapping an `Arc` (the copy is made on the trainer's side), so serving never reads a model
 //! half-updated and never copies one.
 
+use super::resume::{fast_forward, Position};
 use super::{run, Arrived, PipelineConfig, Summary};
 use crate::adapt::step::{Adapter, StepReport};
 use crate::adapt::views::views;
@@ -18,9 +19,9 @@ use crate::config::PreprocessConfig;
 use crate::model::ema::detached_copy;
 use crate::model::Segformer;
 use crate::source::FrameSource;
+use crate::SeededRng;
 use candle_core::Device;
 use image::RgbImage;
-use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,6 +47,9 @@ pub struct OnlineConfig {
     /// the newest one (the caller saves the starting state when the folder has none).
     pub checkpoints: Option<Arc<CheckpointDir>>,
     pub checkpoint_every: u64,
+    /// Where a resumed run continues: a replayed source skips the frames served before (the
+    /// last `ring` of them refill the ring) and the random stream goes on from where it was.
+    pub start: Option<Position>,
     /// A step waits while live heap bytes plus its measured activation peak would pass this.
     pub step_budget: Option<StepBudget>,
 }
@@ -91,6 +95,13 @@ impl Counters {
     }
 }
 
+/// What a run leaves: its summary, the adapter as training left it, and where the run was.
+pub struct Ended {
+    pub summary: Summary,
+    pub adapter: Adapter,
+    pub at: Position,
+}
+
 /// The model serving predictions, replaced after every training step.
 pub type Published = Arc<RwLock<Arc<Segformer>>>;
 
@@ -100,9 +111,30 @@ fn publish(slot: &Published, adapter: &Adapter) -> crate::Result<()> {
     Ok(())
 }
 
-fn save(adapter: &Adapter, cfg: &OnlineConfig) -> crate::Result<()> {
-    if let Some(dir) = &cfg.checkpoints {
-        dir.save(adapter.step, &adapter.state()?, Default::default())?;
+/// Saves the adaptation state with the run's position when a checkpoint is due (the step count
+/// has passed a multiple of `checkpoint_every` since `last`). A checkpoint that cannot be
+/// written (disk full, read-only folder) is reported and counted, and serving goes on: the
+/// newest written checkpoint stays what a restart or a rollback uses.
+fn checkpoint(
+    adapter: &Adapter,
+    cfg: &OnlineConfig,
+    last: &mut u64,
+    at: impl FnOnce() -> Position,
+    live: &super::metrics::Metrics,
+) -> crate::Result<()> {
+    let (Some(dir), every) = (&cfg.checkpoints, cfg.checkpoint_every) else {
+        return Ok(());
+    };
+    if every == 0 || adapter.step / every == *last / every {
+        return Ok(());
+    }
+    *last = adapter.step;
+    if let Err(e) = dir.save(adapter.step, &adapter.state()?, at().meta()) {
+        let n = live.checkpoint_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        log::error!(
+            "step {}: checkpoint not written ({n} so far): {e}; adaptation goes on, the newest written checkpoint is kept",
+            adapter.step
+        );
     }
     Ok(())
 }
@@ -114,7 +146,7 @@ fn train_once(
     ring: &Mutex<VecDeque<RgbImage>>,
     cfg: &OnlineConfig,
     pre: &PreprocessConfig,
-    rng: &mut StdRng,
+    rng: &mut SeededRng,
     counters: &Counters,
 ) -> crate::Result<Option<StepReport>> {
     if let Some(b) = cfg.step_budget {
@@ -178,9 +210,6 @@ fn train_once(
     }
     counters.add_terms(&rep.terms);
     counters.live.stepped(rep.kept, rep.confidence);
-    if cfg.checkpoint_every > 0 && adapter.step % cfg.checkpoint_every == 0 {
-        save(adapter, cfg)?;
-    }
     Ok(Some(rep))
 }
 
@@ -218,14 +247,14 @@ fn lower_priority() {
 /// `after_step` is called with the step count, the step's report and the published model
 /// after every step.
 pub fn run_online(
-    source: Box<dyn FrameSource>,
+    mut source: Box<dyn FrameSource>,
     mut adapter: Adapter,
     pre: &PreprocessConfig,
     cfg: &OnlineConfig,
     stop: Arc<AtomicBool>,
     mut serve: impl FnMut(&Arrived, &Segformer) -> crate::Result<()>,
     mut after_step: impl FnMut(u64, &StepReport, &Segformer) -> crate::Result<()> + Send,
-) -> crate::Result<(Summary, Adapter)> {
+) -> crate::Result<Ended> {
     let slot: Published = Arc::new(RwLock::new(Arc::new(Segformer::new(
         &adapter.teacher.cfg,
         detached_copy(&adapter.teacher)?,
@@ -238,7 +267,21 @@ pub fn run_online(
         }
         r.push_back(img.clone());
     };
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut rng = match &cfg.start {
+        Some(p) => p.rng(),
+        None => SeededRng::seed_from_u64(cfg.seed),
+    };
+    let first = match (&cfg.start, source.replayable()) {
+        (Some(p), true) => {
+            let passed = fast_forward(&mut *source, p.frames, cfg.ring, &push);
+            log::info!(
+                "resuming the drive after frame {passed} of {}",
+                source.spec()
+            );
+            passed
+        }
+        _ => 0,
+    };
     let counters = Counters {
         live: cfg.pipeline.metrics.clone().unwrap_or_default(),
         ..Default::default()
@@ -249,6 +292,7 @@ pub fn run_online(
         s.steps_skipped = live.steps_skipped.load(Ordering::Relaxed);
         s.rollbacks = live.rollbacks.load(Ordering::Relaxed);
         s.budget_waits = live.budget_waits.load(Ordering::Relaxed);
+        s.checkpoint_failures = live.checkpoint_failures.load(Ordering::Relaxed);
         let mut t = counters.step_ms.lock().expect("step times").clone();
         t.sort_by(|a, b| a.total_cmp(b));
         s.step_ms_p50 = super::percentile(&t, 0.5);
@@ -256,8 +300,9 @@ pub fn run_online(
         s.loss_terms = counters.mean_terms();
         s
     };
+    let mut saved = adapter.step;
     if let Some(k) = cfg.steps_per_frame {
-        let mut served = 0u64;
+        let mut served = first;
         let summary = run(source, &cfg.pipeline, stop, |item| -> crate::Result<()> {
             let model = slot.read().expect("model slot").clone();
             serve(item, &model)?;
@@ -272,16 +317,23 @@ pub fn run_online(
                     after_step(adapter.step, &rep, &slot.read().expect("model slot"))?;
                 }
             }
-            Ok(())
+            // At a frame's end, so a resumed run continues with the next frame.
+            let at = || Position::new(served, &rng);
+            checkpoint(&adapter, cfg, &mut saved, at, &counters.live)
         })?;
         let steps = adapter.step;
-        return Ok((fill(summary, steps), adapter));
+        let at = Position::new(first + summary.frames_served, &rng);
+        return Ok(Ended {
+            summary: fill(summary, steps),
+            adapter,
+            at,
+        });
     }
     let done = Arc::new(AtomicBool::new(false));
     let steps = Arc::new(AtomicU64::new(0));
-    let served = Arc::new(AtomicU64::new(0));
+    let served = Arc::new(AtomicU64::new(first));
     let serve_us = AtomicU64::new(0);
-    let result = std::thread::scope(|s| -> crate::Result<(Summary, Adapter)> {
+    let result = std::thread::scope(|s| -> crate::Result<Ended> {
         let trainer = {
             let (ring, slot, done, steps, served, counters) = (
                 ring.clone(),
@@ -292,7 +344,7 @@ pub fn run_online(
                 &counters,
             );
             let cfg = cfg.clone();
-            s.spawn(move || -> crate::Result<Adapter> {
+            s.spawn(move || -> crate::Result<(Adapter, SeededRng)> {
                 lower_priority();
                 let pool = training_pool(cfg.train_threads)?;
                 let mut last = 0u64;
@@ -311,13 +363,15 @@ pub fn run_online(
                         publish(&slot, &adapter)?;
                         steps.store(adapter.step, Ordering::Relaxed);
                         after_step(adapter.step, &rep, &slot.read().expect("model slot"))?;
+                        let at = || Position::new(served.load(Ordering::Relaxed), &rng);
+                        checkpoint(&adapter, &cfg, &mut saved, at, &counters.live)?;
                         let us = t0.elapsed().as_micros() as u64;
                         counters.busy_us.fetch_add(us, Ordering::Relaxed);
                     } else {
                         std::thread::sleep(std::time::Duration::from_millis(5));
                     }
                 }
-                Ok(adapter)
+                Ok((adapter, rng))
             })
         };
         let summary = run(source, &cfg.pipeline, stop, |item| -> crate::Result<()> {
@@ -330,14 +384,19 @@ pub fn run_online(
             Ok(())
         });
         done.store(true, Ordering::Relaxed);
-        let adapter = trainer
+        let (adapter, rng) = trainer
             .join()
             .map_err(|_| crate::Error::Invalid("training thread panicked".into()))??;
         let mut summary = fill(summary?, steps.load(Ordering::Relaxed));
         let wall_us = (summary.wall_s * 1e6).max(1.0);
         summary.serve_busy = serve_us.load(Ordering::Relaxed) as f64 / wall_us;
         summary.train_busy = counters.busy_us.load(Ordering::Relaxed) as f64 / wall_us;
-        Ok((summary, adapter))
+        let at = Position::new(served.load(Ordering::Relaxed), &rng);
+        Ok(Ended {
+            summary,
+            adapter,
+            at,
+        })
     });
     result
 }

@@ -2,6 +2,7 @@
 //! memory plan checked, serving with training beside it, scored before and after, written out.
 
 use super::online::{run_online, OnlineConfig, StepBudget};
+use super::resume::Position;
 use super::{PipelineConfig, Summary};
 use crate::adapt::step::Adapter;
 use crate::adapt::{AdaptConfig, Method};
@@ -155,6 +156,7 @@ impl Session {
                 );
             }
         }
+        let mut start = None;
         let mut adapter = match ckpts.latest(&dev) {
             Some(ck) => {
                 log::info!(
@@ -162,6 +164,7 @@ impl Session {
                     ck.path.display(),
                     ck.step
                 );
+                start = Position::from_meta(&ck.meta);
                 Adapter::restore(cfg, &files.config, &files.tensors, stats, &ck.tensors)?
             }
             None => {
@@ -173,7 +176,7 @@ impl Session {
         };
         if let (true, Some(ex)) = (adapter.cfg.replay.on, &self.replay) {
             // Seeded by the run's seed, so a resumed run keeps the same frames.
-            let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed);
+            let mut rng = crate::SeededRng::seed_from_u64(self.seed);
             let r = crate::adapt::replay::Replay::new(
                 ex,
                 &pre,
@@ -221,6 +224,7 @@ impl Session {
             seed: self.seed,
             checkpoints: Some(ckpts.clone()),
             checkpoint_every: p.train.checkpoint_every,
+            start: start.clone(),
             step_budget: Some(StepBudget {
                 limit_bytes: plan.budget,
                 activation_bytes: act,
@@ -238,11 +242,20 @@ impl Session {
         };
         let points = Mutex::new(Vec::new());
         let trace = Mutex::new(RunTrace::default());
-        let mut served = 0u64;
+        // A resumed replay's frames are counted from the start of the drive.
+        let mut served = match (&start, source.replayable()) {
+            (Some(p), true) => p.frames,
+            _ => 0,
+        };
         let mut next = 0usize;
         let mut due = |frames: u64, model: &Segformer| -> Result<Vec<CurvePoint>> {
             let mut out = Vec::new();
             while let Some(&(at, set)) = self.schedule.at.get(next) {
+                // Points a resumed run has passed were scored before the interruption.
+                if at < frames {
+                    next += 1;
+                    continue;
+                }
                 if at != frames {
                     break;
                 }
@@ -259,7 +272,7 @@ impl Session {
             Ok(out)
         };
         crate::budget::reset_peak();
-        let (summary, adapter) = run_online(
+        let ended = run_online(
             source,
             adapter,
             &pre,
@@ -292,11 +305,12 @@ impl Session {
                 Ok(())
             },
         )?;
+        let (summary, adapter) = (ended.summary, ended.adapter);
         let peak_heap_mb = crate::budget::peak_bytes() as f64 / (1 << 20) as f64;
         let mut points = points.into_inner().expect("points");
         points.extend(due(served, &adapter.teacher)?);
         let adapted = score(&adapter.teacher)?;
-        ckpts.save(adapter.step, &adapter.state()?, Default::default())?;
+        ckpts.save(adapter.step, &adapter.state()?, ended.at.meta())?;
         weights::save_model_dir(
             &self.out,
             &weights::ModelFiles {

@@ -42,6 +42,10 @@ impl FolderSource {
 }
 
 impl FrameSource for FolderSource {
+    fn replayable(&self) -> bool {
+        true
+    }
+
     fn spec(&self) -> &str {
         &self.spec
     }

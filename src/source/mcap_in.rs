@@ -116,6 +116,10 @@ impl McapSource {
 }
 
 impl FrameSource for McapSource {
+    fn replayable(&self) -> bool {
+        true
+    }
+
     fn spec(&self) -> &str {
         &self.spec
     }

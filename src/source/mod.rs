@@ -68,6 +68,11 @@ pub trait FrameSource: Send {
     fn damage(&self) -> Vec<String> {
         Vec::new()
     }
+    /// A recording that delivers the same frames every time it is opened: a resumed run skips
+    /// the ones it served. Cameras and pipes are not.
+    fn replayable(&self) -> bool {
+        false
+    }
 }
 
 /// Options that apply across source kinds.
@@ -214,5 +219,9 @@ impl FrameSource for Looped {
         let mut d = self.damage.clone();
         d.extend(self.inner.damage());
         d
+    }
+
+    fn replayable(&self) -> bool {
+        self.inner.replayable()
     }
 }
