@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod fuzz;
 pub mod loss;
 pub mod metrics;
 pub mod model;

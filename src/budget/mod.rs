@@ -9,6 +9,15 @@ pub use alloc::{current_bytes, peak_bytes, reset_peak, tune_malloc, CountingAllo
 pub use measure::{measured_plan, Calibrator};
 pub use plan::{plan, Measure, Plan};
 
+/// The process's resident set size in bytes (Linux); None where /proc is not available.
+pub fn rss_bytes() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: usize = s.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(4096) as usize)
+}
+
 /// The process's peak resident set (VmHWM) in bytes; None where /proc is not available.
 pub fn peak_rss_bytes() -> Option<usize> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;

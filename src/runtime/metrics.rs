@@ -129,7 +129,7 @@ impl Metrics {
         );
         let heap = crate::budget::current_bytes() as f64;
         put("heap_bytes", "gauge", "Live heap bytes.", heap);
-        if let Some(rss) = rss_bytes() {
+        if let Some(rss) = crate::budget::rss_bytes() {
             put("resident_bytes", "gauge", "Resident set size.", rss as f64);
         }
         let mut l: Vec<f64> = self
@@ -161,15 +161,6 @@ impl Metrics {
         std::fs::write(&tmp, self.render())?;
         std::fs::rename(&tmp, path)
     }
-}
-
-/// The process's resident set size (Linux).
-fn rss_bytes() -> Option<usize> {
-    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: usize = s.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * page.max(4096) as usize)
 }
 
 /// Where the figures go while a run lasts.

@@ -288,6 +288,16 @@ impl Session {
                 t.served
                     .push(ServePoint::new(served, ms, &pred, classes.len()));
                 t.strip.offer(served, &item.frame.name, &item.frame.image);
+                if served % 500 == 0 {
+                    // The soak's figures: memory must not grow with the length of a drive.
+                    let mb = |b: usize| b as f64 / (1 << 20) as f64;
+                    log::info!(
+                        "{served} frames: heap {:.1} MB, resident {}",
+                        mb(crate::budget::current_bytes()),
+                        crate::budget::rss_bytes()
+                            .map_or("n/a".into(), |b| format!("{:.1} MB", mb(b)))
+                    );
+                }
                 Ok(())
             },
             |step, rep, model| {

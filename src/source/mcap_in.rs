@@ -58,52 +58,20 @@ impl McapSource {
         std::thread::Builder::new()
             .name("mcap-reader".into())
             .spawn(move || {
-                let opts = mcap::read::Options::IgnoreEndMagic.into();
-                let stream = match mcap::MessageStream::new_with_options(&map, opts) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        dmg.lock()
-                            .expect("damage lock")
-                            .push(format!("unreadable: {e}"));
-                        return;
-                    }
-                };
                 let mut chosen = want;
                 let mut index = 0u64;
-                for m in stream {
-                    let m = match m {
-                        Ok(m) => m,
-                        Err(e) => {
-                            dmg.lock()
-                                .expect("damage lock")
-                                .push(format!("after message {index}: {e}"));
-                            continue;
-                        }
-                    };
-                    let Some(schema) = m.channel.schema.as_ref() else {
-                        continue;
-                    };
-                    if !SUPPORTED.contains(&schema.name.as_str()) {
-                        continue;
-                    }
+                let mut report = |msg: String| dmg.lock().expect("damage lock").push(msg);
+                read_images(&map, &mut report, |m| {
                     match &chosen {
-                        Some(t) if *t != m.channel.topic => continue,
-                        None => chosen = Some(m.channel.topic.clone()),
+                        Some(t) if *t != m.topic => return true,
+                        None => chosen = Some(m.topic.clone()),
                         _ => {}
                     }
-                    let msg = RawImageMsg {
-                        topic: m.channel.topic.clone(),
-                        schema: schema.name.clone(),
-                        encoding: m.channel.message_encoding.clone(),
-                        log_time: m.log_time,
-                        index,
-                        data: m.data.into_owned(),
-                    };
+                    let msg = RawImageMsg { index, ..m };
                     index += 1;
-                    if tx.send(msg).is_err() {
-                        return; // the consumer is gone
-                    }
-                }
+                    // False once the consumer is gone.
+                    tx.send(msg).is_ok()
+                });
             })
             .map_err(|e| err(format!("cannot start reader thread: {e}")))?;
         Ok(Self {
@@ -112,6 +80,80 @@ impl McapSource {
             damage,
             seq: 0,
         })
+    }
+}
+
+/// The most any one record may ask to be buffered: a 4K raw frame is 26 MB, and a corrupt
+/// length cannot make the reader allocate more than this.
+const RECORD_LIMIT: usize = 256 << 20;
+
+/// Reads every image message of a supported schema in `file` (the whole file, with its
+/// magic) in order, handing each to `each` until it returns false; damage goes to `report`.
+/// Record by record through the `mcap` crate's sans-io reader with every length bounded by
+/// [`RECORD_LIMIT`] (its message stream trusts the lengths in chunk headers).
+fn read_images(
+    file: &[u8],
+    report: &mut dyn FnMut(String),
+    mut each: impl FnMut(RawImageMsg) -> bool,
+) {
+    use mcap::records::Record;
+    use mcap::sans_io::linear_reader::{LinearReadEvent, LinearReader, LinearReaderOptions};
+    use std::collections::HashMap;
+    let opts = LinearReaderOptions::default()
+        .with_skip_end_magic(true)
+        .with_record_length_limit(RECORD_LIMIT);
+    let mut reader = LinearReader::new_with_options(opts);
+    let mut schemas: HashMap<u16, String> = HashMap::new();
+    let mut channels: HashMap<u16, (String, String, String)> = HashMap::new();
+    let (mut at, mut messages) = (0usize, 0u64);
+    while let Some(event) = reader.next_event() {
+        let record = match event {
+            Ok(LinearReadEvent::ReadRequest(need)) => {
+                let n = need.min(file.len() - at);
+                reader.insert(n).copy_from_slice(&file[at..at + n]);
+                reader.notify_read(n);
+                at += n;
+                continue;
+            }
+            Ok(LinearReadEvent::Record { opcode, data }) => mcap::parse_record(opcode, data),
+            Err(e) => {
+                // The reader cannot resynchronise after a bad record: what follows is lost.
+                report(format!("after message {messages}: {e}"));
+                return;
+            }
+        };
+        match record {
+            Ok(Record::Schema { header, .. }) => {
+                schemas.insert(header.id, header.name);
+            }
+            Ok(Record::Channel(c)) => {
+                if let Some(schema) = schemas.get(&c.schema_id) {
+                    channels.insert(c.id, (c.topic, schema.clone(), c.message_encoding));
+                }
+            }
+            Ok(Record::Message { header, data }) => {
+                messages += 1;
+                let Some((topic, schema, encoding)) = channels.get(&header.channel_id) else {
+                    continue;
+                };
+                if !SUPPORTED.contains(&schema.as_str()) {
+                    continue;
+                }
+                let m = RawImageMsg {
+                    topic: topic.clone(),
+                    schema: schema.clone(),
+                    encoding: encoding.clone(),
+                    log_time: header.log_time,
+                    index: 0,
+                    data: data.into_owned(),
+                };
+                if !each(m) {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => report(format!("after message {messages}: {e}")),
+        }
     }
 }
 

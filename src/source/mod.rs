@@ -10,7 +10,7 @@ mod pipe;
 mod v4l_cam;
 
 pub use folder::FolderSource;
-pub use mcap_in::McapSource;
+pub use mcap_in::{decode_message, McapSource};
 pub use mcap_out::McapRecorder;
 pub use pipe::PipeSource;
 

@@ -17,6 +17,10 @@ pub struct PipeSource {
     done: bool,
 }
 
+/// The largest frame side a pipe takes: 8K cameras fit, a mistyped size cannot ask for
+/// gigabytes per frame.
+const MAX_SIDE: u32 = 8192;
+
 impl PipeSource {
     pub fn stdin(spec: &str, args: &str) -> Result<Self, SourceError> {
         Self::new(spec, args, Box::new(std::io::stdin()))
@@ -45,6 +49,11 @@ impl PipeSource {
             .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
             .filter(|&(w, h)| w > 0 && h > 0)
             .ok_or_else(|| err(format!("bad frame size {size:?} (want WxH, e.g. 1280x720)")))?;
+        if w > MAX_SIDE || h > MAX_SIDE {
+            return Err(err(format!(
+                "frame size {w}x{h}: at most {MAX_SIDE}x{MAX_SIDE}"
+            )));
+        }
         Ok(Self {
             spec: spec.to_string(),
             reader,
