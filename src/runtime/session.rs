@@ -320,7 +320,11 @@ impl Session {
         let mut points = points.into_inner().expect("points");
         points.extend(due(served, &adapter.teacher)?);
         let adapted = score(&adapter.teacher)?;
-        ckpts.save(adapter.step, &adapter.state()?, ended.at.meta())?;
+        if let Err(e) = ckpts.save(adapter.step, &adapter.state()?, ended.at.meta()) {
+            // The adapted model is still written below; a restart resumes from the newest
+            // checkpoint that was written.
+            log::error!("the final checkpoint was not written: {e}");
+        }
         weights::save_model_dir(
             &self.out,
             &weights::ModelFiles {

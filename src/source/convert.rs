@@ -59,7 +59,10 @@ pub fn raw_to_rgb(
             "row step {step} is shorter than {row} bytes for {width} pixels"
         ));
     }
-    let need = step * (h - 1) + row;
+    let need = step
+        .checked_mul(h - 1)
+        .and_then(|n| n.checked_add(row))
+        .unwrap_or(usize::MAX);
     if data.len() < need {
         return Err(format!(
             "{} bytes, {width}x{height} {fmt:?} needs {need}",
@@ -113,8 +116,20 @@ pub fn yuv_to_rgb(y: u8, u: u8, v: u8) -> [u8; 3] {
 }
 
 /// Decodes a compressed frame (JPEG / MJPEG, PNG).
+/// The largest frame side decoded: 8K cameras fit, a corrupt header cannot make one frame
+/// take seconds and hundreds of megabytes.
+pub const MAX_SIDE: u32 = 8192;
+
 pub fn decode_compressed(data: &[u8]) -> Result<RgbImage, String> {
-    image::load_from_memory(data)
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(data))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot decode compressed image: {e}"))?;
+    reader.limits(limits);
+    reader
+        .decode()
         .map(|i| i.to_rgb8())
         .map_err(|e| format!("cannot decode compressed image: {e}"))
 }

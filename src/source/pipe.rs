@@ -1,7 +1,7 @@
 //! `pipe:WxH:rgb24` / `pipe:WxH:bgr24`: raw frames back to back on standard input, so any
 //! GStreamer pipeline (nvarguscamerasrc on a Jetson) can feed segadapt.
 
-use super::convert::{raw_to_rgb, PixelFormat};
+use super::convert::{raw_to_rgb, PixelFormat, MAX_SIDE};
 use super::{Frame, FrameSource, SourceError};
 use std::io::Read;
 use std::time::Instant;
@@ -16,10 +16,6 @@ pub struct PipeSource {
     start: Instant,
     done: bool,
 }
-
-/// The largest frame side a pipe takes: 8K cameras fit, a mistyped size cannot ask for
-/// gigabytes per frame.
-const MAX_SIDE: u32 = 8192;
 
 impl PipeSource {
     pub fn stdin(spec: &str, args: &str) -> Result<Self, SourceError> {
