@@ -242,3 +242,54 @@ fn a_looped_source_replays_with_rising_sequence_and_time() {
         .all(|w| w[1].seq == w[0].seq + 1 && w[1].timestamp_ns > w[0].timestamp_ns));
     assert_eq!(got[5].timestamp_ns, got[4].timestamp_ns + 66_666_666);
 }
+
+/// Regression inputs of the fuzzer (`cargo bench --bench fuzz`): each once aborted the process
+/// or held a frame up for seconds, and must now come back as a clear error.
+#[test]
+fn inputs_the_fuzzer_found_are_errors_not_aborts() {
+    // A compressed chunk whose first record claims 650 PB (tests/fixtures/make_mcap.py
+    // makes it): the mcap crate's message stream reserved that much and aborted.
+    let p = fixture("huge-record.mcap");
+    let (got, errors, damage) = frames(&format!("mcap:{}", p.display()));
+    assert!(got.is_empty() && errors.is_empty(), "{errors:?}");
+    assert!(
+        damage.iter().any(|d| d.contains("exceeds limit")),
+        "{damage:?}"
+    );
+
+    // A pipe size that would need exabytes per frame.
+    let err = PipeSource::new(
+        "pipe",
+        "4294967295x4294967295:rgb24",
+        Box::new(std::io::empty()),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(err.contains("at most 8192x8192"), "{err}");
+
+    // A PNG header claiming 100000x100000 pixels.
+    let mut png = Vec::new();
+    image::RgbImage::new(2, 2)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    // IHDR's CRC over its type and data, so only the size is wrong.
+    let crc = !png[12..29].iter().fold(!0u32, |mut c, &byte| {
+        c ^= byte as u32;
+        for _ in 0..8 {
+            c = if c & 1 == 1 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+        c
+    });
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    let t0 = std::time::Instant::now();
+    let err = segadapt::source::convert::decode_compressed(&png).unwrap_err();
+    assert!(err.contains("cannot decode"), "{err}");
+    assert!(t0.elapsed() < std::time::Duration::from_millis(500));
+}
