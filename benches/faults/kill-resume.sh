@@ -11,9 +11,13 @@ cargo build --release --quiet
 bin=./target/release/segadapt
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# Checkpoints every 10 steps, so each restart keeps most of what the killed one did.
+profile="$work/profile.toml"
+sed 's/^checkpoint_every = .*/checkpoint_every = 10/' firmware-configs/x86-64-cpu.toml > "$profile"
 run() {
-  "$bin" --quiet adapt --model models/camvid-day --source folder:../shared/data/camvid \
-    --where role=target --loops 3 --steps-per-frame 1 --out "$1" --json
+  "$bin" --quiet adapt --model models/camvid-day --profile "$profile" \
+    --source folder:../shared/data/camvid --where role=target --loops 3 --steps-per-frame 1 \
+    --out "$1" --json
 }
 t0=$(date +%s)
 run "$work/whole" > "$work/whole.json" 2>/dev/null
@@ -22,12 +26,12 @@ echo "uninterrupted: $(grep -o '"train_steps":[0-9]*' "$work/whole.json") in ${w
 for i in $(seq 1 "$kills"); do
   run "$work/killed" > /dev/null 2>&1 &
   pid=$!
-  # Anywhere from start-up (the plan is being measured) to well into the drive.
-  sleep "$(awk -v s="$RANDOM" -v w="$whole_s" 'BEGIN { srand(s); printf "%.1f", 1 + rand() * w / 2 }')"
-  kill -9 "$pid" 2>/dev/null || true
+  # Anywhere from start-up (the plan is being measured) to a tenth of the drive in.
+  sleep "$(awk -v s="$RANDOM" -v w="$whole_s" 'BEGIN { srand(s); printf "%.1f", 1 + rand() * w / 10 }')"
+  if kill -9 "$pid" 2>/dev/null; then live=killed; else live="had already ended"; fi
   wait "$pid" 2>/dev/null || true
   newest=$(ls "$work/killed/checkpoints" 2>/dev/null | grep -c '^step-' || true)
-  echo "kill $i: $(ls "$work/killed/checkpoints" 2>/dev/null | grep '^step-' | tail -1) ($newest kept)"
+  echo "kill $i ($live): $(ls "$work/killed/checkpoints" 2>/dev/null | grep '^step-' | tail -1) ($newest kept)"
 done
 run "$work/killed" > "$work/killed.json" 2>"$work/killed.log"
 grep -E "resuming|removed" "$work/killed.log" | sed 's/^\[[^]]*\] //' | tail -3

@@ -77,7 +77,7 @@ pub fn ema_update_where(
 }
 
 fn blend(t: &Tensor, s: &Tensor, alpha: f64) -> Result<()> {
-    if t.device().is_cpu() {
+    if crate::model::ops::fast_cpu(t.device()) {
         t.inplace_op2(
             &s.detach().contiguous()?,
             &Blend {

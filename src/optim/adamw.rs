@@ -134,7 +134,7 @@ impl AdamW {
                 clip: clip as f32,
             };
             let p = s.var.as_tensor();
-            if p.device().is_cpu() {
+            if crate::model::ops::fast_cpu(p.device()) {
                 let g = g.contiguous()?;
                 s.m.inplace_op2(&g, &Moment { k, second: false })?;
                 s.v.inplace_op2(&g, &Moment { k, second: true })?;

@@ -7,7 +7,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// `x`: [P, I], `w`: [O, I], `b`: [O] -> [P, O].
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if super::fast_cpu(x.device()) {
         x.contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearOp)
     } else {

@@ -41,9 +41,22 @@ pub(crate) fn as_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a 
     }
 }
 
+static GENERIC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs every op, the optimizer and the EMA update through their generic twins on the CPU too:
+/// the arithmetic a GPU runs, checked against the CPU kernels (process-wide; for tests).
+pub fn force_generic(on: bool) {
+    GENERIC.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the CPU kernels serve tensors on `dev`.
+pub(crate) fn fast_cpu(dev: &candle_core::Device) -> bool {
+    dev.is_cpu() && !GENERIC.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether the CPU kernels (f32 on the CPU) serve `x`; the generic twins serve the rest.
 pub(crate) fn cpu_f32(x: &candle_core::Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+    fast_cpu(x.device()) && x.dtype() == candle_core::DType::F32
 }
 
 /// An output buffer of `n` floats for a kernel that writes every element before anything reads
