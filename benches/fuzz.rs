@@ -1,5 +1,5 @@
 //! Runs the fuzz targets (`segadapt::fuzz`) and prints, per target, executions, crashes,
-//! distinct errors and the corpus size. Crashing inputs are written to `target/fuzz-crashes/`.
+//! distinct errors, the slowest input and the process's peak resident memory so far. Crashing inputs are written to `target/fuzz-crashes/`.
 //!
 //!     cargo bench --bench fuzz -- [--seconds N] [--seed S] [TARGET ...]
 //!
@@ -40,20 +40,23 @@ fn main() {
     let crash_dir = std::path::Path::new("target/fuzz-crashes");
     let mut crashed = 0;
     println!(
-        "{:<14} {:>10} {:>8} {:>8} {:>7} {:>10}",
-        "target", "execs", "execs/s", "crashes", "errors", "slowest ms"
+        "{:<14} {:>10} {:>8} {:>8} {:>7} {:>10} {:>12}",
+        "target", "execs", "execs/s", "crashes", "errors", "slowest ms", "peak RSS MB"
     );
     for t in targets {
         let o = segadapt::fuzz::run(t, Duration::from_secs(seconds), seed, crash_dir)
             .expect("scratch folder");
+        let rss =
+            segadapt::budget::peak_rss_bytes().map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64);
         println!(
-            "{:<14} {:>10} {:>8.0} {:>8} {:>7} {:>10.1}",
+            "{:<14} {:>10} {:>8.0} {:>8} {:>7} {:>10.1} {:>12.0}",
             t.name,
             o.executions,
             o.executions as f64 / seconds.max(1) as f64,
             o.crashes.len(),
             o.errors,
-            o.slowest_ms
+            o.slowest_ms,
+            rss
         );
         for c in &o.crashes {
             println!("  crash: {}", c.display());

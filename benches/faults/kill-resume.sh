@@ -14,17 +14,16 @@ trap 'rm -rf "$work"' EXIT
 # Checkpoints every 10 steps, so each restart keeps most of what the killed one did.
 profile="$work/profile.toml"
 sed 's/^checkpoint_every = .*/checkpoint_every = 10/' firmware-configs/x86-64-cpu.toml > "$profile"
-run() {
-  "$bin" --quiet adapt --model models/camvid-day --profile "$profile" \
-    --source folder:../shared/data/camvid --where role=target --loops 3 --steps-per-frame 1 \
-    --out "$1" --json
-}
+cmd=("$bin" --quiet adapt --model models/camvid-day --profile "$profile"
+  --source folder:../shared/data/camvid --where role=target --loops 3 --steps-per-frame 1 --json)
+run() { "${cmd[@]}" --out "$1"; }
 t0=$(date +%s)
 run "$work/whole" > "$work/whole.json" 2>/dev/null
 whole_s=$(( $(date +%s) - t0 ))
 echo "uninterrupted: $(grep -o '"train_steps":[0-9]*' "$work/whole.json") in ${whole_s}s"
 for i in $(seq 1 "$kills"); do
-  run "$work/killed" > /dev/null 2>&1 &
+  # The binary itself in the background, so the kill reaches it and not a subshell.
+  "${cmd[@]}" --out "$work/killed" > /dev/null 2>&1 &
   pid=$!
   # Anywhere from start-up (the plan is being measured) to a tenth of the drive in.
   sleep "$(awk -v s="$RANDOM" -v w="$whole_s" 'BEGIN { srand(s); printf "%.1f", 1 + rand() * w / 10 }')"
