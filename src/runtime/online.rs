@@ -168,14 +168,15 @@ fn train_once(
     let (weak, strong) = views(&refs, pre, cfg.crop, rng, &Device::Cpu)?;
     let t0 = std::time::Instant::now();
     let rep = adapter.step(&weak, &strong, rng)?;
+    if rep.idle {
+        return Ok(None);
+    }
+    // Steps that trained only: an idle one (no budget left) costs nothing to speak of.
     counters
         .step_ms
         .lock()
         .expect("step times")
         .push(t0.elapsed().as_secs_f64() * 1e3);
-    if rep.idle {
-        return Ok(None);
-    }
     if rep.collapsed {
         counters.live.rollbacks.fetch_add(1, Ordering::Relaxed);
         // Back past the guard's warm-up: the newest checkpoint may already hold the drift.
