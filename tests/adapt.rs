@@ -203,6 +203,16 @@ fn every_variant_steps_with_finite_bounded_state() {
     }
 }
 
+/// Serving for the runner tests: every frame predicted.
+fn predict_each(
+    pre: &PreprocessConfig,
+) -> impl FnMut(&segadapt::runtime::Arrived, &Segformer) -> segadapt::Result<()> + '_ {
+    move |item, m| {
+        segadapt::eval::predict_image(m, pre, &item.frame.image, &Device::Cpu)?;
+        Ok(())
+    }
+}
+
 /// A runner over a ring of 4 frames, batch 1, one step per frame, no checkpoints.
 fn online_config(realtime: bool) -> segadapt::runtime::online::OnlineConfig {
     segadapt::runtime::online::OnlineConfig {
@@ -549,10 +559,7 @@ fn in_real_time_a_slow_training_step_holds_no_frame_up() {
         pre,
         &oc,
         Arc::new(AtomicBool::new(false)),
-        |item, m| {
-            segadapt::eval::predict_image(m, pre, &item.frame.image, &Device::Cpu).map(|_| ())?;
-            Ok(())
-        },
+        predict_each(pre),
         // Each step keeps the trainer busy for half a second more.
         |_, _, _| {
             std::thread::sleep(std::time::Duration::from_millis(500));
@@ -594,10 +601,7 @@ fn checkpoints_that_cannot_be_written_are_counted_and_serving_goes_on() {
         pre,
         &oc,
         Arc::new(AtomicBool::new(false)),
-        |item, m| {
-            segadapt::eval::predict_image(m, pre, &item.frame.image, &Device::Cpu).map(|_| ())?;
-            Ok(())
-        },
+        predict_each(pre),
         |_, _, _| Ok(()),
     )
     .unwrap();

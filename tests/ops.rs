@@ -1,6 +1,8 @@
 //! The custom CPU kernels against their generic twins (plain differentiable candle ops) and
 //! against finite differences: same values, same gradients.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use segadapt::model::ops;
 
@@ -21,20 +23,6 @@ fn rand(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 /// Checks value and input gradients of `fast` against `slow` under a random linear loss.
 fn same_op(
     inputs: &[Tensor],
@@ -49,9 +37,9 @@ fn same_op(
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let (yf, ys) = (fast(&ts), slow(&ts));
     assert!(
-        max_diff(&yf, &ys) < tol,
+        common::max_diff(&yf, &ys) < tol,
         "values differ by {}",
-        max_diff(&yf, &ys)
+        common::max_diff(&yf, &ys)
     );
     let probe = rand(yf.dims(), 99);
     let gf = (yf * &probe)
@@ -72,9 +60,9 @@ fn same_op(
             gs.get(v.as_tensor()).expect("slow grad"),
         );
         assert!(
-            max_diff(a, b) < tol,
+            common::max_diff(a, b) < tol,
             "gradient of input {i} differs by {}",
-            max_diff(a, b)
+            common::max_diff(a, b)
         );
     }
 }
@@ -157,7 +145,7 @@ fn depthwise3x3_equals_grouped_conv2d() {
         .unwrap()
         .broadcast_add(&b)
         .unwrap();
-    assert!(max_diff(&ours, &reference) < 1e-5);
+    assert!(common::max_diff(&ours, &reference) < 1e-5);
 }
 
 #[test]
@@ -188,7 +176,10 @@ fn im2col_matmul_equals_conv2d_with_gradients() {
         // candle's own conv2d backward fails on some of these shapes, so it is the value
         // reference only; gradients are checked against the index-select twin and numerically.
         let t = [x.clone(), w.clone()];
-        assert!(max_diff(&conv(&t), &reference(&t)) < 1e-4, "k{k} s{s} p{p}");
+        assert!(
+            common::max_diff(&conv(&t), &reference(&t)) < 1e-4,
+            "k{k} s{s} p{p}"
+        );
         let generic = |t: &[Tensor]| ops::im2col_generic(&t[0], k, s, p).unwrap().0;
         same_op(
             std::slice::from_ref(&x),
@@ -417,11 +408,11 @@ fn batch_norm_relu_matches_the_composed_ops_with_gradients() {
     let (fast, slow) = (bn(&w, &b), bn(&w, &b));
     fast.forward(&x, true).unwrap();
     slow.forward_generic(&x, true).unwrap();
-    assert!(max_diff(&fast.running_mean, &slow.running_mean) < 1e-6);
-    assert!(max_diff(&fast.running_var, &slow.running_var) < 1e-6);
+    assert!(common::max_diff(&fast.running_mean, &slow.running_mean) < 1e-6);
+    assert!(common::max_diff(&fast.running_var, &slow.running_var) < 1e-6);
     // Eval mode normalises with the running statistics; about half the outputs are clipped.
     let y = fast.forward(&x, false).unwrap();
-    assert!(max_diff(&y, &slow.forward_generic(&x, false).unwrap()) < 1e-5);
+    assert!(common::max_diff(&y, &slow.forward_generic(&x, false).unwrap()) < 1e-5);
     let zeros = y.eq(0f32).unwrap().to_dtype(DType::F32).unwrap();
     let frac = zeros.mean_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(

@@ -1,6 +1,8 @@
 //! Parity with transformers' SegFormer: a tiny random model saved by `save_pretrained`
 //! (tests/fixtures/make_parity.py) must give the same logits, loss, gradients and BatchNorm update.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use segadapt::loss::{cross_entropy, flatten_pixels};
@@ -9,19 +11,6 @@ use std::path::Path;
 
 fn fixtures() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn max_abs(a: &Tensor) -> f32 {
@@ -44,7 +33,7 @@ fn eval_logits_match_transformers() {
     let out = model.forward(&refs["pixel_values"], None).unwrap();
     let logits = out.logits.permute((0, 3, 1, 2)).unwrap(); // HF's [B, C, H/4, W/4]
     assert_eq!(logits.dims(), refs["logits"].dims());
-    let d = max_abs_diff(&logits, &refs["logits"]);
+    let d = common::max_diff(&logits, &refs["logits"]);
     assert!(d < 1e-4, "logits differ from transformers by {d}");
 }
 
@@ -80,7 +69,7 @@ fn train_step_gradients_match_transformers() {
         let got = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name} received no gradient"));
-        let d = max_abs_diff(got, want);
+        let d = common::max_diff(got, want);
         let scale = max_abs(want).max(1e-3);
         assert!(
             d / scale < 1e-3,
@@ -95,7 +84,7 @@ fn train_step_gradients_match_transformers() {
         ("running_mean", "running_mean"),
         ("running_var", "running_var"),
     ] {
-        let d = max_abs_diff(&t[&format!("decode_head.batch_norm.{k}")], &refs[r]);
+        let d = common::max_diff(&t[&format!("decode_head.batch_norm.{k}")], &refs[r]);
         assert!(d < 1e-5, "BatchNorm {k} update differs by {d}");
     }
 }

@@ -107,17 +107,7 @@ fn a_killed_replay_resumes_where_the_drive_was_and_ends_as_an_uninterrupted_one(
     let (a, b) = (weights(&whole), weights(&out));
     assert_eq!(a.len(), b.len());
     for (name, t) in &a {
-        let d = (t.to_dtype(candle_core::DType::F64).unwrap()
-            - b[name].to_dtype(candle_core::DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+        let d = common::max_diff(t, &b[name]);
         assert_eq!(d, 0.0, "{name} differs from the uninterrupted run's by {d}");
     }
 }

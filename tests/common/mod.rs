@@ -81,3 +81,19 @@ pub fn write_model_dir(dir: &Path, cfg: &SegformerConfig, data: &Path, size: (us
     .unwrap();
     stats.save(dir).unwrap();
 }
+
+/// The largest absolute difference between two tensors of one shape, in f32.
+pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let f32 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    (f32(a) - f32(b))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
