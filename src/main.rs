@@ -976,20 +976,15 @@ fn replay(a: ReplayArgs, quiet: bool) -> Result<()> {
     let mut conf = segadapt::metrics::Confusion::new(classes.len());
     let mut labelled = 0u64;
     let mut trace = segadapt::report::trace::RunTrace::default();
+    let mut served = 0u64;
     // Offline only: in real time nothing is to wait for.
     let bar = progress_bar(None, quiet || a.realtime);
     let mut summary = segadapt::runtime::run(source, &cfg, stop_flag()?, |item| -> Result<()> {
         let f = &item.frame;
         let pred = segadapt::eval::predict_image(&model, &pre, &f.image, &dev)?;
-        let n = trace.served.points().last().map_or(1, |p| p.frame + 1);
+        served += 1;
         let ms = item.at.elapsed().as_secs_f64() * 1e3;
-        trace.served.push(segadapt::report::trace::ServePoint::new(
-            n,
-            ms,
-            &pred,
-            classes.len(),
-        ));
-        trace.strip.offer(n, &f.name, &f.image);
+        trace.served(served, ms, f, &pred, classes.len());
         bar.inc(1);
         if let Some(l) = &f.label {
             conf.add(&pred, l, &[ignore]);
@@ -1005,21 +1000,9 @@ fn replay(a: ReplayArgs, quiet: bool) -> Result<()> {
         summary.miou = Some(conf.scores(&classes).miou);
     }
     if let Some(out) = &a.out {
-        let frames = trace
-            .strip
-            .frames
-            .iter()
-            .map(|(i, name, img)| -> Result<_> {
-                let pred = segadapt::eval::predict_image(&model, &pre, img, &dev)?;
-                Ok(segadapt::report::run::StripFrame {
-                    caption: format!("frame {i}: {name}"),
-                    views: vec![(
-                        "prediction",
-                        segadapt::report::overlay(img, &pred, classes.len()),
-                    )],
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let models = [("prediction", &model)];
+        let frames =
+            segadapt::report::run::segment_strip(&trace.strip, &pre, classes.len(), &models)?;
         let page = out.join("report.html");
         std::fs::create_dir_all(out)?;
         segadapt::report::run::replay_page(&summary, &trace, &classes, frames)?.write(&page)?;

@@ -3,10 +3,12 @@
 
 use super::html::{esc, legend, strip, table, Page};
 use super::plot::{bars, lines, series_color, stacked, Axes, Series};
-use super::trace::RunTrace;
+use super::trace::{FrameStrip, RunTrace};
 use crate::budget::Plan;
+use crate::config::PreprocessConfig;
 use crate::error::Result;
 use crate::metrics::Scores;
+use crate::model::Segformer;
 use crate::runtime::session::Report;
 use crate::runtime::Summary;
 use image::RgbImage;
@@ -17,6 +19,33 @@ const MB: f64 = (1 << 20) as f64;
 pub struct StripFrame {
     pub caption: String,
     pub views: Vec<(&'static str, RgbImage)>,
+}
+
+/// The strip's frames as overlays of each model's prediction, side by side.
+pub fn segment_strip(
+    strip: &FrameStrip,
+    pre: &PreprocessConfig,
+    classes: usize,
+    models: &[(&'static str, &Segformer)],
+) -> Result<Vec<StripFrame>> {
+    let dev = candle_core::Device::Cpu;
+    strip
+        .frames
+        .iter()
+        .map(|(i, name, img)| {
+            let views = models
+                .iter()
+                .map(|&(label, m)| {
+                    let pred = crate::eval::predict_image(m, pre, img, &dev)?;
+                    Ok((label, super::overlay(img, &pred, classes)))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(StripFrame {
+                caption: format!("frame {i}: {name}"),
+                views,
+            })
+        })
+        .collect()
 }
 
 /// The page of an adaptation run (`adapt`, the demo, each cell of an ablation or suite).

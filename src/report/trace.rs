@@ -145,6 +145,23 @@ pub struct RunTrace {
     pub strip: FrameStrip,
 }
 
+impl RunTrace {
+    /// Records the `index`-th served frame (counting from 1): its latency, its prediction's
+    /// class shares, and the frame itself where the strip wants it.
+    pub fn served(
+        &mut self,
+        index: u64,
+        latency_ms: f64,
+        frame: &crate::source::Frame,
+        pred: &[u8],
+        classes: usize,
+    ) {
+        self.served
+            .push(ServePoint::new(index, latency_ms, pred, classes));
+        self.strip.offer(index, &frame.name, &frame.image);
+    }
+}
+
 impl Default for RunTrace {
     fn default() -> Self {
         Self {

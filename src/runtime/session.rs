@@ -13,8 +13,8 @@ use crate::data::{Example, LabelMap};
 use crate::error::{Error, Result};
 use crate::metrics::Scores;
 use crate::model::{weights, Segformer};
-use crate::report::run::StripFrame;
-use crate::report::trace::{RunTrace, ServePoint, StepPoint};
+use crate::report::run::segment_strip;
+use crate::report::trace::{RunTrace, StepPoint};
 use crate::source::FrameSource;
 use crate::stats::SourceStats;
 use candle_core::Device;
@@ -284,10 +284,10 @@ impl Session {
                 served += 1;
                 let pred = crate::eval::predict_image(model, &pre, &item.frame.image, &dev)?;
                 let ms = item.at.elapsed().as_secs_f64() * 1e3;
-                let mut t = trace.lock().expect("trace");
-                t.served
-                    .push(ServePoint::new(served, ms, &pred, classes.len()));
-                t.strip.offer(served, &item.frame.name, &item.frame.image);
+                trace
+                    .lock()
+                    .expect("trace")
+                    .served(served, ms, &item.frame, &pred, classes.len());
                 if served % 500 == 0 {
                     // The soak's figures: memory must not grow with the length of a drive.
                     let mb = |b: usize| b as f64 / (1 << 20) as f64;
@@ -378,21 +378,7 @@ fn write_page(
     pre: &crate::config::PreprocessConfig,
     path: &std::path::Path,
 ) -> Result<()> {
-    let dev = Device::Cpu;
-    let frames = trace
-        .strip
-        .frames
-        .iter()
-        .map(|(i, name, img)| {
-            let view = |m: &Segformer| -> Result<image::RgbImage> {
-                let pred = crate::eval::predict_image(m, pre, img, &dev)?;
-                Ok(crate::report::overlay(img, &pred, classes.len()))
-            };
-            Ok(StripFrame {
-                caption: format!("frame {i}: {name}"),
-                views: vec![("source-only", view(source)?), ("adapted", view(adapted)?)],
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let models = [("source-only", source), ("adapted", adapted)];
+    let frames = segment_strip(&trace.strip, pre, classes.len(), &models)?;
     crate::report::run::adaptation_page(report, trace, classes, frames)?.write(path)
 }
