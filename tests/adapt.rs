@@ -206,8 +206,8 @@ fn every_variant_steps_with_finite_bounded_state() {
 /// Serving for the runner tests: every frame predicted.
 fn predict_each(
     pre: &PreprocessConfig,
-) -> impl FnMut(&segadapt::runtime::Arrived, &Segformer) -> segadapt::Result<()> + '_ {
-    move |item, m| {
+) -> impl FnMut(u64, &segadapt::runtime::Arrived, &Segformer) -> segadapt::Result<()> + '_ {
+    move |_, item, m| {
         segadapt::eval::predict_image(m, pre, &item.frame.image, &Device::Cpu)?;
         Ok(())
     }
@@ -259,7 +259,8 @@ fn online_runner_serves_every_frame_and_trains_beside_it() {
             pre,
             &oc,
             Arc::new(AtomicBool::new(false)),
-            |item, m| {
+            |before, item, m| {
+                assert_eq!(before, served, "frames served before this one");
                 served += 1;
                 segadapt::eval::predict_image(m, pre, &item.frame.image, &Device::Cpu)
                     .map(|_| ())?;

@@ -244,7 +244,8 @@ fn lower_priority() {
     }
 }
 
-/// Runs `source` through serving and adaptation. `serve` gets each frame and the model to use;
+/// Runs `source` through serving and adaptation. `serve` gets the count of frames served before
+/// (a resumed drive's included), each frame and the model to use;
 /// `after_step` is called with the step count, the step's report and the published model
 /// after every step.
 pub fn run_online(
@@ -253,7 +254,7 @@ pub fn run_online(
     pre: &PreprocessConfig,
     cfg: &OnlineConfig,
     stop: Arc<AtomicBool>,
-    mut serve: impl FnMut(&Arrived, &Segformer) -> crate::Result<()>,
+    mut serve: impl FnMut(u64, &Arrived, &Segformer) -> crate::Result<()>,
     mut after_step: impl FnMut(u64, &StepReport, &Segformer) -> crate::Result<()> + Send,
 ) -> crate::Result<Ended> {
     let slot: Published = Arc::new(RwLock::new(Arc::new(Segformer::new(
@@ -306,7 +307,7 @@ pub fn run_online(
         let mut served = first;
         let summary = run(source, &cfg.pipeline, stop, |item| -> crate::Result<()> {
             let model = slot.read().expect("model slot").clone();
-            serve(item, &model)?;
+            serve(served, item, &model)?;
             push(&item.frame.image);
             served += 1;
             if served % cfg.every.max(1) as u64 != 0 {
@@ -378,7 +379,8 @@ pub fn run_online(
         let summary = run(source, &cfg.pipeline, stop, |item| -> crate::Result<()> {
             let t0 = std::time::Instant::now();
             let model = slot.read().expect("model slot").clone();
-            serve(item, &model)?;
+            // Only this thread counts served frames: the load is exact.
+            serve(served.load(Ordering::Relaxed), item, &model)?;
             push(&item.frame.image);
             served.fetch_add(1, Ordering::Relaxed);
             serve_us.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);

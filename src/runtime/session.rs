@@ -224,7 +224,7 @@ impl Session {
             seed: self.seed,
             checkpoints: Some(ckpts.clone()),
             checkpoint_every: p.train.checkpoint_every,
-            start: start.clone(),
+            start,
             step_budget: Some(StepBudget {
                 limit_bytes: plan.budget,
                 activation_bytes: act,
@@ -242,11 +242,6 @@ impl Session {
         };
         let points = Mutex::new(Vec::new());
         let trace = Mutex::new(RunTrace::default());
-        // A resumed replay's frames are counted from the start of the drive.
-        let mut served = match (&start, source.replayable()) {
-            (Some(p), true) => p.frames,
-            _ => 0,
-        };
         let mut next = 0usize;
         let mut due = |frames: u64, model: &Segformer| -> Result<Vec<CurvePoint>> {
             let mut out = Vec::new();
@@ -278,10 +273,10 @@ impl Session {
             &pre,
             &online,
             stop,
-            |item, model| {
+            |before, item, model| {
                 // Frames before this one are served and trained on: the schedule's points there.
-                points.lock().expect("points").extend(due(served, model)?);
-                served += 1;
+                points.lock().expect("points").extend(due(before, model)?);
+                let served = before + 1;
                 let pred = crate::eval::predict_image(model, &pre, &item.frame.image, &dev)?;
                 let ms = item.at.elapsed().as_secs_f64() * 1e3;
                 trace
@@ -318,7 +313,7 @@ impl Session {
         let (summary, adapter) = (ended.summary, ended.adapter);
         let peak_heap_mb = crate::budget::peak_bytes() as f64 / (1 << 20) as f64;
         let mut points = points.into_inner().expect("points");
-        points.extend(due(served, &adapter.teacher)?);
+        points.extend(due(ended.at.frames, &adapter.teacher)?);
         let adapted = score(&adapter.teacher)?;
         if let Err(e) = ckpts.save(adapter.step, &adapter.state()?, ended.at.meta()) {
             // The adapted model is still written below; a restart resumes from the newest
