@@ -125,6 +125,17 @@ fn mean_terms(reports: &[Report]) -> Vec<(String, f64)> {
 }
 
 impl Ablation {
+    /// How many runs `run` makes: one per method and seed, one for source-only.
+    pub fn runs(&self) -> usize {
+        self.methods
+            .iter()
+            .map(|&m| match m {
+                crate::adapt::Method::SourceOnly => 1,
+                _ => self.seeds.len(),
+            })
+            .sum()
+    }
+
     /// Runs every method and seed; `progress` hears of each run as it ends.
     pub fn run(&self, stop: Arc<AtomicBool>, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
         let cfg = crate::config::SegformerConfig::load(&self.model.join("config.json"))?;

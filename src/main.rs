@@ -1201,19 +1201,7 @@ fn ablate(a: AblateArgs, quiet: bool) -> Result<()> {
         seeds: a.seeds,
         out: a.out.clone(),
     };
-    let runs: usize = ab
-        .methods
-        .iter()
-        .map(|&m| {
-            if m == Method::SourceOnly {
-                1
-            } else {
-                ab.seeds.len()
-            }
-        })
-        .sum();
-    let runs = runs as u64;
-    let bar = progress_bar(Some(runs), quiet);
+    let bar = progress_bar(Some(ab.runs() as u64), quiet);
     let rows = ab.run(stop_flag()?, &mut |line| {
         bar.inc(1);
         bar.set_message(line.to_string());
