@@ -9,13 +9,7 @@ use std::process::Command;
 
 fn tiny_profile(root: &Path) -> PathBuf {
     let p = root.join("tiny.toml");
-    let text = std::fs::read_to_string("firmware-configs/x86-64-cpu.toml")
-        .unwrap()
-        .replace("width = 240", "width = 64")
-        .replace("height = 180", "height = 48")
-        .replace("crop_width = 240", "crop_width = 64")
-        .replace("crop_height = 180", "crop_height = 48");
-    std::fs::write(&p, text).unwrap();
+    std::fs::write(&p, common::tiny_profile_text()).unwrap();
     p
 }
 

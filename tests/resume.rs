@@ -41,13 +41,8 @@ fn a_killed_replay_resumes_where_the_drive_was_and_ends_as_an_uninterrupted_one(
     let model = root.path().join("model");
     common::write_model_dir(&model, &common::tiny_config(3), &data, (64, 48));
     let profile = root.path().join("tiny.toml");
-    let text = std::fs::read_to_string("firmware-configs/x86-64-cpu.toml")
-        .unwrap()
-        .replace("width = 240", "width = 64")
-        .replace("height = 180", "height = 48")
-        .replace("crop_width = 240", "crop_width = 64")
-        .replace("crop_height = 180", "crop_height = 48")
-        .replace("checkpoint_every = 100", "checkpoint_every = 2");
+    let text =
+        common::tiny_profile_text().replace("checkpoint_every = 100", "checkpoint_every = 2");
     std::fs::write(&profile, text).unwrap();
     let cmd = |out: &Path| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_segadapt"));

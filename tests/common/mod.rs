@@ -97,3 +97,14 @@ pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// The x86-64-cpu profile's text with input and training crop at 64x48, for runs of the CLI on
+/// the tiny fixtures.
+pub fn tiny_profile_text() -> String {
+    std::fs::read_to_string("firmware-configs/x86-64-cpu.toml")
+        .unwrap()
+        .replace("width = 240", "width = 64")
+        .replace("height = 180", "height = 48")
+        .replace("crop_width = 240", "crop_width = 64")
+        .replace("crop_height = 180", "crop_height = 48")
+}
