@@ -21,7 +21,7 @@ pub struct Outcome {
     /// Inputs that panicked, written under the crash folder.
     pub crashes: Vec<PathBuf>,
     pub corpus: usize,
-    /// Distinct error messages seen (their first words).
+    /// Distinct error messages seen (their words, without numbers or quoted values).
     pub errors: usize,
     pub slowest_ms: f64,
 }
@@ -73,17 +73,21 @@ pub fn run(t: &Target, time: Duration, seed: u64, crash_dir: &Path) -> std::io::
     Ok(out)
 }
 
-/// Replaces the panic hook with a silent one until the guard drops: a crash is recorded as an
-/// input, not printed thousands of times.
+/// Replaces the panic hook with a silent one until the guard drops, then puts the one before
+/// back: a crash is recorded as an input, not printed thousands of times.
 fn silence_panics() -> impl Drop {
-    struct Restore;
+    type Hook = Box<dyn Fn(&std::panic::PanicHookInfo<'_>) + Sync + Send + 'static>;
+    struct Restore(Option<Hook>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            let _ = std::panic::take_hook();
+            if let Some(hook) = self.0.take() {
+                std::panic::set_hook(hook);
+            }
         }
     }
+    let before = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    Restore
+    Restore(Some(before))
 }
 
 /// Numbers a text mutation swaps in: the edges parsers get wrong.
