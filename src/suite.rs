@@ -430,6 +430,17 @@ fn opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:+.2}"))
 }
 
+/// Every method scored on any target, in the order they first appear.
+pub fn methods(results: &[TargetResult]) -> Vec<String> {
+    let mut methods: Vec<String> = Vec::new();
+    for c in results.iter().flat_map(|t| &t.cells) {
+        if !methods.contains(&c.method) {
+            methods.push(c.method.clone());
+        }
+    }
+    methods
+}
+
 /// The suite's table in Markdown: a row per target and method, then the mean over targets.
 pub fn markdown(results: &[TargetResult]) -> String {
     let mut s = String::from(
@@ -463,13 +474,7 @@ pub fn markdown(results: &[TargetResult]) -> String {
     }
     s += "\n| method | mean mIoU over targets | mean gain | mean margin vs best baseline | lowest margin | worst class change |\n|---|---|---|---|---|---|\n";
     // Joined runs may lack a method on some target: its means are over the targets it has.
-    let mut methods: Vec<String> = Vec::new();
-    for c in results.iter().flat_map(|t| &t.cells) {
-        if !methods.contains(&c.method) {
-            methods.push(c.method.clone());
-        }
-    }
-    for m in &methods {
+    for m in &methods(results) {
         let (mut sum, mut gain, mut margins, mut worst) = (0.0, 0.0, Vec::new(), f64::MAX);
         let mut n = 0usize;
         for t in results {

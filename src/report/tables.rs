@@ -34,12 +34,7 @@ pub fn suite_page(results: &[TargetResult], runs: &[String]) -> Result<Page> {
     let mut page = Page::new("segadapt: multi-target suite");
     page.section("Table", &markdown_html(&crate::suite::markdown(results)));
     let targets: Vec<String> = results.iter().map(|t| t.name.clone()).collect();
-    let mut methods: Vec<String> = Vec::new();
-    for c in results.iter().flat_map(|t| &t.cells) {
-        if !methods.contains(&c.method) {
-            methods.push(c.method.clone());
-        }
-    }
+    let methods = crate::suite::methods(results);
     let groups: Vec<Series> = methods
         .iter()
         .enumerate()
