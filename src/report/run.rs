@@ -183,14 +183,6 @@ fn scores_section(page: &mut Page, r: &Report, classes: &[String]) -> Result<()>
         after.miou,
         after.miou - before.miou
     );
-    let mut curve: Vec<Series> = Vec::new();
-    if !r.curve.is_empty() {
-        curve.push(Series {
-            name: "held-out frames".into(),
-            color: series_color(0),
-            points: r.curve.iter().map(|&(s, m)| (s as f64, m)).collect(),
-        });
-    }
     let sets = r.points.iter().map(|p| p.set).max().map_or(0, |m| m + 1);
     let by_frames: Vec<Series> = (0..sets)
         .map(|set| Series {
@@ -204,13 +196,18 @@ fn scores_section(page: &mut Page, r: &Report, classes: &[String]) -> Result<()>
                 .collect(),
         })
         .collect();
-    if !curve.is_empty() {
+    if !r.curve.is_empty() {
         let axes = Axes {
             title: "mIoU while adapting",
             x: "step",
             y: "mIoU",
         };
-        html += &lines(&axes, &curve, None)?;
+        let curve = Series {
+            name: "held-out frames".into(),
+            color: series_color(0),
+            points: r.curve.iter().map(|&(s, m)| (s as f64, m)).collect(),
+        };
+        html += &lines(&axes, &[curve], None)?;
     }
     if !by_frames.is_empty() {
         let axes = Axes {
