@@ -16,11 +16,15 @@ for _ in $(seq "$rounds"); do
     ours+=("$(./target/release/segadapt bench --config b0 --size "$size" --batch "$batch" --json)")
     refs+=("$(python3 benches/reference/segformer_torch.py --config b0 --size "$size" --batch "$batch" --json)")
 done
-python3 - "$rounds" "${ours[@]}" "${refs[@]}" <<'PY'
+# Memory does not drift: the deployed profile's component set is measured once.
+prof="$(./target/release/segadapt bench --config b0 --size "$size" --batch "$batch" --reps 2 --warmup 1 \
+    --profile firmware-configs/x86-64-cpu.toml --json)"
+python3 - "$rounds" "${ours[@]}" "${refs[@]}" "$prof" <<'PY'
 import json, statistics, sys
 n = int(sys.argv[1])
 os_ = [json.loads(a) for a in sys.argv[2:2 + n]]
 rs = [json.loads(a) for a in sys.argv[2 + n:2 + 2 * n]]
+prof = json.loads(sys.argv[2 + 2 * n])
 med = lambda runs, k: statistics.median(r[k] for r in runs)
 o0 = os_[0]
 print(f"B0 {o0['size']} batch {o0['batch']}, {o0['threads']} threads, {n} alternating rounds")
@@ -36,6 +40,13 @@ print(f"{'train peak MB':22}{med(os_, 'train_peak_rss_mb'):12.0f}{med(rs, 'train
 torch_step = med(rs, 'train_peak_rss_mb') - med(rs, 'base_rss_mb')
 print(f"\nmemory a step needs beyond the library, MB (PyTorch: training step, {torch_step:.0f})")
 for k, name in [("train_peak_mb", "training step"), ("adapt_peak_mb", "adaptation step, all weights"),
-                ("adapt_norm_peak_mb", "adaptation step, norms train")]:
+                ("adapt_norm_peak_mb", "adaptation step, norms train"),
+                ("adapt_recompute_peak_mb", "adaptation step, blocks recomputed")]:
     print(f"{name:34}{med(os_, k):8.0f}   {med(os_, k) / torch_step:5.2f}x PyTorch's")
+print("x86-64-cpu profile's components:")
+for k, name in [("adapt_peak_mb", "  adaptation step, all weights"),
+                ("adapt_recompute_peak_mb", "  adaptation step, blocks recomputed")]:
+    print(f"{name:34}{prof[k]:8.0f}   {prof[k] / torch_step:5.2f}x PyTorch's")
+a, r = med(os_, "adapt_step_ms"), med(os_, "adapt_step_recompute_ms")
+print(f"\nadaptation step ms (every component): {a:.1f} kept, {r:.1f} blocks recomputed ({r / a:.2f}x)")
 PY

@@ -15,6 +15,7 @@ fn main() {
         warmup: 2,
         reps: 5,
         ops: false,
+        adapt: None,
     };
     let r = segadapt::bench::run(&spec).expect("benchmark runs");
     println!(

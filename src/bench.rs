@@ -24,6 +24,9 @@ pub struct BenchSpec {
     pub reps: usize,
     /// Also profile the training step by phase, model part and kernel.
     pub ops: bool,
+    /// The adaptation steps' settings (None: every component on, all weights training). The
+    /// rows vary its training scope and recomputation.
+    pub adapt: Option<crate::adapt::AdaptConfig>,
 }
 
 /// One row of the per-op profile: milliseconds and calls per training step.
@@ -51,10 +54,13 @@ pub struct BenchReport {
     pub threads: usize,
     pub infer: Timing,
     pub train_step: Timing,
-    /// One adaptation step with every component on (batch as given), every weight training.
+    /// One adaptation step (batch as given) with every component on or the profile's, every
+    /// weight training.
     pub adapt_step: Timing,
-    /// The same with only the norm layers' affine parameters training (the profiles' setting).
+    /// The same with only the norm layers' affine parameters training.
     pub adapt_step_norm: Timing,
+    /// Every weight training, the encoder blocks recomputed in the backward pass.
+    pub adapt_step_recompute: Timing,
     pub ema: Timing,
     /// Process peak RSS after the inference runs and after the training runs, MB.
     pub infer_peak_rss_mb: f64,
@@ -173,32 +179,37 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         &[ex],
         255,
     )?;
-    let adapter = |train: crate::adapt::config::TrainScope| -> Result<crate::adapt::step::Adapter> {
-        let mut full = crate::adapt::AdaptConfig {
-            train,
-            ..Default::default()
+    use crate::adapt::config::TrainScope;
+    use crate::model::Recompute;
+    let adapter =
+        |train: TrainScope, recompute: Recompute| -> Result<crate::adapt::step::Adapter> {
+            let mut full = crate::adapt::AdaptConfig {
+                train,
+                recompute,
+                ..spec.adapt.clone().unwrap_or_default()
+            };
+            // A collapse would skip the step's work and flatter the figure.
+            full.guard.collapse = false;
+            Ok(crate::adapt::step::Adapter::new(
+                full,
+                &cfg,
+                &tensors,
+                stats.clone(),
+            )?)
         };
-        // A collapse would skip the step's work and flatter the figure.
-        full.guard.collapse = false;
-        Ok(crate::adapt::step::Adapter::new(
-            full,
-            &cfg,
-            &tensors,
-            stats.clone(),
-        )?)
-    };
     let strong = (&x * 0.9)?;
-    let adapt_step = |train: crate::adapt::config::TrainScope| -> Result<Timing> {
-        let mut adapter = adapter(train)?;
+    let adapt_step = |train: TrainScope, recompute: Recompute| -> Result<Timing> {
+        let mut adapter = adapter(train, recompute)?;
         let mut rng = SeededRng::seed_from_u64(1);
         time(spec, || {
             Ok(adapter.step(&x, &strong, &mut rng).map(|_| ())?)
         })
     };
-    let adapt_step_norm = adapt_step(crate::adapt::config::TrainScope::Norm)?;
-    let adapt_step = adapt_step(crate::adapt::config::TrainScope::All)?;
+    let adapt_step_norm = adapt_step(TrainScope::Norm, Recompute::None)?;
+    let adapt_step_recompute = adapt_step(TrainScope::All, Recompute::Blocks)?;
+    let adapt_step = adapt_step(TrainScope::All, Recompute::None)?;
     let adapt_ops = if spec.ops {
-        let mut adapter = adapter(crate::adapt::config::TrainScope::All)?;
+        let mut adapter = adapter(TrainScope::All, Recompute::None)?;
         let mut rng = SeededRng::seed_from_u64(1);
         adapter.step(&x, &strong, &mut rng)?; // warm-up
         profile_steps(spec.reps, || {
@@ -216,6 +227,7 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         train_step,
         adapt_step,
         adapt_step_norm,
+        adapt_step_recompute,
         ema,
         infer_peak_rss_mb,
         train_peak_rss_mb,

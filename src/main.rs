@@ -219,6 +219,10 @@ struct BenchArgs {
     /// Profile the training step: time per phase, model part and kernel.
     #[arg(long)]
     ops: bool,
+    /// Time the adaptation steps with this profile's `[adapt]` settings (its components and
+    /// training scope) instead of every component on.
+    #[arg(long)]
+    profile: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -876,6 +880,10 @@ fn bench(a: BenchArgs) -> Result<()> {
         warmup: a.warmup,
         reps: a.reps,
         ops: a.ops,
+        adapt: match &a.profile {
+            Some(p) => Some(segadapt::config::Profile::load(p)?.adapt),
+            None => None,
+        },
     };
     let r = segadapt::bench::run(&spec)?;
     if a.json {
@@ -884,6 +892,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             serde_json::json!({
                 "config": r.config, "size": r.size, "batch": r.batch, "threads": r.threads,
                 "infer_ms": r.infer.median_ms, "train_step_ms": r.train_step.median_ms, "adapt_step_ms": r.adapt_step.median_ms, "adapt_step_norm_ms": r.adapt_step_norm.median_ms,
+                "adapt_step_recompute_ms": r.adapt_step_recompute.median_ms, "adapt_recompute_peak_mb": r.adapt_step_recompute.peak_mb,
                 "adapt_peak_mb": r.adapt_step.peak_mb, "adapt_norm_peak_mb": r.adapt_step_norm.peak_mb, "ema_ms": r.ema.median_ms,
                 "infer_peak_mb": r.infer.peak_mb, "train_peak_mb": r.train_step.peak_mb,
                 "peak_mb": r.infer.peak_mb.max(r.train_step.peak_mb),
@@ -905,6 +914,10 @@ fn bench(a: BenchArgs) -> Result<()> {
             ("train step (fwd+CE+bwd+AdamW+EMA)", &r.train_step),
             ("adaptation step (full)", &r.adapt_step),
             ("adaptation step (full, norms train)", &r.adapt_step_norm),
+            (
+                "adaptation step (full, blocks recomputed)",
+                &r.adapt_step_recompute,
+            ),
             ("EMA update", &r.ema),
         ] {
             println!(

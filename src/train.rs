@@ -123,7 +123,7 @@ impl Trainer {
         let loss_v = loss.to_scalar::<f32>()?;
         let grads = {
             let _t = crate::profile::scope("step: backward");
-            loss.backward()?
+            self.student.model.backward(&loss)?
         };
         let lr = self.schedule.lr(t);
         let outcome = if loss_v.is_finite() {

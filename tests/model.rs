@@ -298,3 +298,50 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
     ck.save(20, &bad, Default::default()).unwrap();
     assert_eq!(ck.latest(&dev).unwrap().step, 10);
 }
+
+/// A training forward's gradients, by parameter name, with `recompute`; dropout and drop path on,
+/// so the backward pass's rerun must draw the forward's masks again.
+fn gradients_with(recompute: segadapt::model::Recompute) -> Vec<(String, Tensor)> {
+    use rand_distr::Distribution;
+    let mut cfg = common::tiny_config(5);
+    cfg.hidden_dropout_prob = 0.1;
+    cfg.attention_probs_dropout_prob = 0.1;
+    let mut student = Student::new(&cfg, &init_tensors(&cfg, &Device::Cpu, 1).unwrap()).unwrap();
+    student.model.set_recompute(recompute);
+    let mut r = segadapt::SeededRng::seed_from_u64(9);
+    let x: Vec<f32> = (0..2 * 3 * 64 * 96)
+        .map(|_| rand_distr::StandardNormal.sample(&mut r))
+        .collect();
+    let x = Tensor::from_vec(x, (2, 3, 64, 96), &Device::Cpu).unwrap();
+    let out = student.model.forward(&x, Some(&mut r)).unwrap();
+    let labels: Vec<u32> = (0..2 * 16 * 24).map(|i| (i * 7 % 5) as u32).collect();
+    let labels = Tensor::from_vec(labels, 2 * 16 * 24, &Device::Cpu).unwrap();
+    let ce = cross_entropy(&flatten_pixels(&out.logits).unwrap(), &labels, None, 255).unwrap();
+    let loss = (ce + out.embed.sqr().unwrap().mean_all().unwrap()).unwrap();
+    let grads = student.model.backward(&loss).unwrap();
+    student
+        .vars
+        .iter()
+        .map(|(n, v)| (n.clone(), grads.get(v.as_tensor()).unwrap().clone()))
+        .collect()
+}
+
+#[test]
+fn recomputed_blocks_give_the_gradients_of_the_kept_graph() {
+    let kept = gradients_with(segadapt::model::Recompute::None);
+    let rerun = gradients_with(segadapt::model::Recompute::Blocks);
+    assert_eq!(kept.len(), rerun.len());
+    let blocks = kept.iter().filter(|(n, _)| n.contains(".block.")).count();
+    assert!(blocks > 50, "{blocks} block tensors");
+    for ((name, a), (_, b)) in kept.iter().zip(&rerun) {
+        let scale = a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = common::max_diff(a, b);
+        assert!(d <= 1e-5 * scale.max(1e-3), "{name}: {d} (largest {scale})");
+    }
+}

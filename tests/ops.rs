@@ -207,6 +207,23 @@ fn bilinear_matches_interpolation_matrices_and_finite_differences() {
 }
 
 #[test]
+fn resize_add_matches_the_resize_and_the_sum_and_finite_differences() {
+    for (h, w, oh, ow) in [(4, 5, 16, 20), (2, 3, 8, 12), (5, 7, 5, 7)] {
+        let acc = rand(&[2, oh, ow, 3], 12);
+        let x = rand(&[2, h, w, 3], 13);
+        let f = |t: &[Tensor]| ops::resize_add(&t[0], &t[1]).unwrap();
+        same_op(
+            &[acc.clone(), x.clone()],
+            f,
+            move |t| (&t[0] + ops::resize_bilinear_generic(&t[1], oh, ow).unwrap()).unwrap(),
+            1e-5,
+        );
+        finite_diff(&[acc.clone(), x.clone()], 0, f, 1e-2);
+        finite_diff(&[acc, x], 1, f, 1e-2);
+    }
+}
+
+#[test]
 fn bilinear_matches_pytorch_align_corners_false() {
     // torch.nn.functional.interpolate(torch.tensor([[[[1., 2.], [3., 4.]]]]), size=(3, 4),
     //     mode="bilinear", align_corners=False)

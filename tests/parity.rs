@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use segadapt::loss::{cross_entropy, flatten_pixels};
-use segadapt::model::{ops, weights, Segformer, Student};
+use segadapt::model::{ops, weights, Recompute, Segformer, Student};
 use std::path::Path;
 
 fn fixtures() -> &'static Path {
@@ -39,10 +39,20 @@ fn eval_logits_match_transformers() {
 
 #[test]
 fn train_step_gradients_match_transformers() {
+    train_step_matches(Recompute::None);
+}
+
+#[test]
+fn train_step_gradients_match_transformers_with_recomputation() {
+    train_step_matches(Recompute::Blocks);
+}
+
+fn train_step_matches(recompute: Recompute) {
     let dev = Device::Cpu;
     let files = weights::load_model_dir(&fixtures().join("tiny-segformer"), &dev).unwrap();
     let refs = candle_core::safetensors::load(fixtures().join("parity.safetensors"), &dev).unwrap();
-    let student = Student::new(&files.config, &files.tensors).unwrap();
+    let mut student = Student::new(&files.config, &files.tensors).unwrap();
+    student.model.set_recompute(recompute);
     let mut rng = segadapt::SeededRng::seed_from_u64(0);
     let out = student
         .model
@@ -60,7 +70,7 @@ fn train_step_gradients_match_transformers() {
         "loss {got} vs transformers {want}"
     );
 
-    let grads = loss.backward().unwrap();
+    let grads = student.model.backward(&loss).unwrap();
     let mut checked = 0;
     for (name, var) in &student.vars {
         let want = refs

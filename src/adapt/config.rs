@@ -15,6 +15,8 @@ pub struct AdaptConfig {
     pub ema: f64,
     /// Which student parameters train.
     pub train: TrainScope,
+    /// What the student's backward pass recomputes instead of keeping in memory.
+    pub recompute: crate::model::Recompute,
     /// Fixed confidence threshold of plain self-training (used when `ias` is off).
     pub threshold: f32,
     pub ias: Ias,
@@ -245,6 +247,7 @@ impl Default for AdaptConfig {
             max_grad_norm: 10.0,
             ema: 0.999,
             train: TrainScope::All,
+            recompute: crate::model::Recompute::None,
             threshold: 0.968,
             ias: Ias::default(),
             hpla: Hpla::default(),

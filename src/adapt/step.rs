@@ -72,7 +72,8 @@ impl Adapter {
         source: &TensorMap,
         stats: SourceStats,
     ) -> Result<Self> {
-        let student = Student::with_trainable(model_cfg, init, |n| cfg.trains(n))?;
+        let mut student = Student::with_trainable(model_cfg, init, |n| cfg.trains(n))?;
+        student.model.set_recompute(cfg.recompute);
         let teacher = Segformer::new(model_cfg, detached_copy(&student.model)?)?;
         let components = super::components(&cfg, model_cfg, &stats, source)?;
         let mut vars: Vec<(String, candle_core::Var, ParamGroup)> = student
@@ -290,7 +291,14 @@ impl Adapter {
             terms.extend(c.losses(&mut step, &self.student, rng)?);
         }
         drop(phase);
-        let (mut report, applied) = optimize(&mut self.opt, lr, terms, kept, self.step)?;
+        let (mut report, applied) = optimize(
+            &mut self.opt,
+            &self.student.model,
+            lr,
+            terms,
+            kept,
+            self.step,
+        )?;
         report.confidence = confidence;
         if applied {
             let _phase = crate::profile::scope("adapt: EMA and state");
@@ -315,7 +323,14 @@ impl Adapter {
         let all = Tensor::ones(logits.dim(0)?, DType::U8, x.device())?;
         let loss = region::entropy(&logits, &all)?;
         let terms = vec![("entropy", loss)];
-        let (report, applied) = optimize(&mut self.opt, lr, terms, 1.0, self.step)?;
+        let (report, applied) = optimize(
+            &mut self.opt,
+            &self.student.model,
+            lr,
+            terms,
+            1.0,
+            self.step,
+        )?;
         // The served model is the adapted one itself.
         if applied {
             ema_update(&self.teacher, &self.student.model, 0.0)?;
@@ -329,6 +344,7 @@ impl Adapter {
 /// the student moved.
 fn optimize(
     opt: &mut AdamW,
+    model: &Segformer,
     lr: f64,
     terms: Vec<(&'static str, Tensor)>,
     kept: f32,
@@ -342,7 +358,7 @@ fn optimize(
     let outcome = if total_v.is_finite() {
         let grads = {
             let _t = crate::profile::scope("adapt: backward");
-            total.backward()?
+            model.backward(&total)?
         };
         let _t = crate::profile::scope("adapt: optimizer");
         opt.step(&grads, lr)?

@@ -3,10 +3,12 @@
 pub mod ema;
 pub mod nn;
 pub mod ops;
+mod recompute;
 mod segformer;
 mod student;
 pub mod weights;
 
+pub use recompute::Recompute;
 pub use segformer::{
     init_tensors, param_specs, prefixed, with_prefix, Init, ParamSpec, SegOutput, Segformer,
     TensorMap,

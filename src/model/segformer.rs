@@ -3,6 +3,7 @@
 
 use super::nn::{drop_path, dropout, BatchNormRelu, LayerNorm, Linear, PatchConv};
 use super::ops;
+use super::recompute::{recomputed, GradStash, Recompute};
 use crate::config::SegformerConfig;
 use crate::SeededRng;
 use candle_core::{DType, Device, Result, Tensor};
@@ -10,6 +11,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
 
 /// Named tensors in HF's naming (`segformer.encoder.block.0.0.attention.self.query.weight`, ...).
 pub type TensorMap = BTreeMap<String, Tensor>;
@@ -252,15 +254,21 @@ struct Block {
 struct Stage {
     embed: PatchConv,
     embed_norm: LayerNorm,
-    blocks: Vec<Block>,
+    blocks: Vec<Arc<Block>>,
     norm: LayerNorm,
 }
 
 struct Decoder {
-    linear_c: Vec<Linear>,
-    fuse: Tensor,
+    fuse: Arc<StageFuse>,
     bn: BatchNormRelu,
     classifier: Linear,
+}
+
+/// The decode head up to its BatchNorm: each stage projected to the decoder width, upsampled to
+/// 1/4 resolution and fused by the 1x1 conv.
+struct StageFuse {
+    linear_c: Vec<Linear>,
+    weight: Tensor,
 }
 
 pub struct Segformer {
@@ -269,6 +277,9 @@ pub struct Segformer {
     specs: Vec<ParamSpec>,
     stages: Vec<Stage>,
     decoder: Decoder,
+    recompute: Recompute,
+    /// Gradients of recomputed blocks' parameters, between a backward pass and its end.
+    stash: GradStash,
 }
 
 /// Looks tensors up by name, checking each shape against the spec.
@@ -360,7 +371,7 @@ impl Segformer {
                     0.0
                 };
                 block_idx += 1;
-                blocks.push(Block {
+                blocks.push(Arc::new(Block {
                     norm1: lk.norm(&format!("{b}.layer_norm_1"), LN_EPS)?,
                     attn: Attention {
                         query: lk.linear(&format!("{b}.attention.self.query"))?,
@@ -378,7 +389,7 @@ impl Segformer {
                         dense2: lk.linear(&format!("{b}.mlp.dense2"))?,
                     },
                     drop_path: dp,
-                });
+                }));
             }
             stages.push(Stage {
                 embed,
@@ -392,8 +403,10 @@ impl Segformer {
             .collect::<Result<Vec<_>>>()?;
         let counter = lk.get("decode_head.batch_norm.num_batches_tracked")?;
         let decoder = Decoder {
-            linear_c,
-            fuse: lk.get("decode_head.linear_fuse.weight")?,
+            fuse: Arc::new(StageFuse {
+                linear_c,
+                weight: lk.get("decode_head.linear_fuse.weight")?,
+            }),
             bn: BatchNormRelu {
                 w: lk.get("decode_head.batch_norm.weight")?,
                 b: lk.get("decode_head.batch_norm.bias")?,
@@ -414,7 +427,23 @@ impl Segformer {
             specs,
             stages,
             decoder,
+            recompute: Recompute::None,
+            stash: GradStash::default(),
         })
+    }
+
+    /// What the backward pass of this model's training forwards recomputes.
+    pub fn set_recompute(&mut self, r: Recompute) {
+        self.recompute = r;
+    }
+
+    /// Backpropagates `loss` from this model's training forward: the gradients of every tensor
+    /// it depends on, recomputed blocks' parameters included. Intermediate results are freed as
+    /// the pass leaves them behind, so the graph cannot be backpropagated again.
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        let mut grads = loss.backward_releasing()?;
+        self.stash.merge_into(&mut grads)?;
+        Ok(grads)
     }
 
     /// All tensors in HF names, the BatchNorm counter brought up to date.
@@ -446,6 +475,10 @@ impl Segformer {
     fn forward_on_pool(&self, x: &Tensor, mut train: Option<&mut SeededRng>) -> Result<SegOutput> {
         let cfg = &self.cfg;
         let training = train.is_some();
+        let rerun = (training && self.recompute == Recompute::Blocks).then(|| {
+            self.stash.clear();
+            Arc::new(cfg.clone())
+        });
         let mut h = x.permute((0, 2, 3, 1))?.contiguous()?; // [B, H, W, 3]
         let mut feats = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
@@ -455,7 +488,16 @@ impl Segformer {
             };
             let mut s = stage.embed_norm.forward(&e)?;
             for block in &stage.blocks {
-                s = block.forward(&s, hh, ww, cfg, train.as_deref_mut())?;
+                s = match &rerun {
+                    Some(cfg) => {
+                        let (block, cfg) = (block.clone(), cfg.clone());
+                        let f = move |x: &Tensor, rng: Option<&mut SeededRng>| {
+                            block.forward(x, hh, ww, &cfg, rng)
+                        };
+                        recomputed(&s, train.as_deref_mut(), &self.stash, Arc::new(f))?
+                    }
+                    None => block.forward(&s, hh, ww, cfg, train.as_deref_mut())?,
+                };
             }
             let s = stage.norm.forward(&s)?;
             let c = s.dim(2)?;
@@ -466,41 +508,10 @@ impl Segformer {
         let d = &self.decoder;
         let (b, h1, w1, _) = feats[0].dims4()?;
         let dd = cfg.decoder_hidden_size;
-        let fuse = d.fuse.reshape((dd, ()))?;
-        let n = d.linear_c.len();
-        // HF concatenates the upsampled stage projections (stage 4 first) and applies the 1x1 fuse
-        // conv at 1/4 resolution. Projection, upsampling and fuse are all linear, so each stage's
-        // projection is folded into its slice of the fuse weight and applied before upsampling:
-        // the same function without the [B*h1*w1, 4D] concat and its 4D x D GEMM.
-        let mut y: Option<Tensor> = None;
-        let mut bias: Option<Tensor> = None;
-        for (i, (f, lin)) in feats.iter().zip(&d.linear_c).enumerate() {
-            let slot = n - 1 - i;
-            let wj = fuse.narrow(1, slot * dd, dd)?; // [D, D]
-            let folded = Linear {
-                w: wj.matmul(&lin.w)?, // [D, C_i]
-                b: None,
-            };
-            if let Some(lb) = &lin.b {
-                let fb = wj.matmul(&lb.unsqueeze(1)?)?.squeeze(1)?;
-                bias = Some(match bias {
-                    Some(acc) => (acc + fb)?,
-                    None => fb,
-                });
-            }
-            let z = ops::resize_bilinear(&folded.forward(f)?, h1, w1)?; // [B, h1, w1, D]
-            y = Some(match y {
-                Some(acc) => (acc + z)?,
-                None => z,
-            });
-        }
-        let y = y.expect("at least one stage").reshape(((), dd))?; // [B*h1*w1, D]
-
-        // Bilinear weights sum to one, so the stages' biases pass through upsampling unchanged.
-        let y = match bias {
-            Some(bias) => ops::add_bias(&y, &bias)?,
-            None => y,
-        };
+        let y = match rerun.is_some() {
+            true => d.fuse.recomputed(&feats, &self.stash)?,
+            false => d.fuse.forward(&feats)?,
+        }; // [B*h1*w1, D]
         let y = d.bn.forward(&y, training)?;
         let embed = y.reshape((b, h1, w1, dd))?;
         let y = dropout(&y, cfg.classifier_dropout_prob, train)?;
@@ -510,6 +521,73 @@ impl Segformer {
         };
         let logits = cls.forward(&y)?.reshape((b, h1, w1, cfg.num_labels()))?;
         Ok(SegOutput { logits, embed })
+    }
+}
+
+impl StageFuse {
+    /// `feats`: the stages' outputs [B, h_i, w_i, C_i] -> [B*h1*w1, D] at the first stage's size.
+    fn forward(&self, feats: &[Tensor]) -> Result<Tensor> {
+        let (_, h1, w1, _) = feats[0].dims4()?;
+        let dd = self.weight.dim(0)?;
+        let fuse = self.weight.reshape((dd, ()))?;
+        let n = self.linear_c.len();
+        // HF concatenates the upsampled stage projections (stage 4 first) and applies the 1x1 fuse
+        // conv at 1/4 resolution. Projection, upsampling and fuse are all linear, so each stage's
+        // projection is folded into its slice of the fuse weight and applied before upsampling:
+        // the same function without the [B*h1*w1, 4D] concat and its 4D x D GEMM.
+        let mut folded = Vec::with_capacity(n);
+        let mut bias: Option<Tensor> = None;
+        for (i, lin) in self.linear_c.iter().enumerate() {
+            let wj = fuse.narrow(1, (n - 1 - i) * dd, dd)?; // [D, D]
+            folded.push(wj.matmul(&lin.w)?); // [D, C_i]
+            if let Some(lb) = &lin.b {
+                let fb = wj.matmul(&lb.unsqueeze(1)?)?.squeeze(1)?;
+                bias = Some(match bias {
+                    Some(acc) => (acc + fb)?,
+                    None => fb,
+                });
+            }
+        }
+        // Bilinear weights sum to one, so the stages' biases pass through upsampling unchanged
+        // and all join the first stage's projection, which needs no upsampling.
+        let mut y = Linear {
+            w: folded[0].clone(),
+            b: bias,
+        }
+        .forward(&feats[0])?; // [B, h1, w1, D]
+        for (f, w) in feats.iter().zip(&folded).skip(1) {
+            let z = Linear {
+                w: w.clone(),
+                b: None,
+            }
+            .forward(f)?; // [B, h_i, w_i, D]
+            y = ops::resize_add(&y, &z)?;
+        }
+        debug_assert_eq!(y.dims()[1..3], [h1, w1]);
+        y.reshape(((), dd)) // [B*h1*w1, D]
+    }
+
+    /// As `forward`, its full-resolution intermediates recomputed in the backward pass: the
+    /// stages enter as one flat tensor (a recomputed function has one input), a few MB against
+    /// the eight [B*h1*w1, D] tensors the plain forward keeps.
+    fn recomputed(self: &Arc<Self>, feats: &[Tensor], stash: &GradStash) -> Result<Tensor> {
+        let shapes: Vec<Vec<usize>> = feats.iter().map(|f| f.dims().to_vec()).collect();
+        let flat = feats
+            .iter()
+            .map(|f| f.flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        let fuse = self.clone();
+        let f = move |x: &Tensor, _: Option<&mut SeededRng>| {
+            let mut at = 0;
+            let mut parts = Vec::with_capacity(shapes.len());
+            for shape in &shapes {
+                let n: usize = shape.iter().product();
+                parts.push(x.narrow(0, at, n)?.reshape(shape.as_slice())?);
+                at += n;
+            }
+            fuse.forward(&parts)
+        };
+        recomputed(&Tensor::cat(&flat, 0)?, None, stash, Arc::new(f))
     }
 }
 

@@ -2,7 +2,7 @@
 //! the decoder and the loss), on channel-last maps, with a gradient.
 
 use super::{as_f32, output_buffer, MIN_CHUNK};
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Source taps for one axis: (i0, i1, w0, w1) for every output index.
@@ -25,7 +25,7 @@ pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor>
     if (h, w) == (out_h, out_w) {
         return Ok(x.clone());
     }
-    if x.device().is_cpu() {
+    if super::cpu_f32(x) {
         x.contiguous()?.apply_op1(Bilinear { out_h, out_w })
     } else {
         resize_bilinear_generic(x, out_h, out_w)
@@ -78,26 +78,15 @@ impl CustomOp1 for Bilinear {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let _t = crate::profile::scope(self.name());
         let x = as_f32(st, l, "resize-bilinear")?;
-        let (n, h, w, c) = l.shape().dims4()?;
-        let (ty, tx) = (axis_taps(h, self.out_h), axis_taps(w, self.out_w));
+        let (n, _, _, c) = l.shape().dims4()?;
         let mut out = output_buffer(n * self.out_h * self.out_w * c);
-        out.par_chunks_mut(self.out_w * c)
-            .with_min_len(MIN_CHUNK)
-            .enumerate()
-            .for_each(|(r, o)| {
-                let (ni, oy) = (r / self.out_h, r % self.out_h);
-                let (y0, y1, wy0, wy1) = ty[oy];
-                let r0 = &x[(ni * h + y0) * w * c..][..w * c];
-                let r1 = &x[(ni * h + y1) * w * c..][..w * c];
-                for (ox, &(x0, x1, wx0, wx1)) in tx.iter().enumerate() {
-                    let d = &mut o[ox * c..][..c];
-                    let (a, b) = (&r0[x0 * c..][..c], &r0[x1 * c..][..c]);
-                    let (e, f) = (&r1[x0 * c..][..c], &r1[x1 * c..][..c]);
-                    for t in 0..c {
-                        d[t] = wy0 * (wx0 * a[t] + wx1 * b[t]) + wy1 * (wx0 * e[t] + wx1 * f[t]);
-                    }
-                }
-            });
+        resize_into(
+            x,
+            l.shape().dims4()?,
+            &mut out,
+            (self.out_h, self.out_w),
+            false,
+        );
         Ok((
             CpuStorage::F32(out),
             Shape::from((n, self.out_h, self.out_w, c)),
@@ -108,6 +97,88 @@ impl CustomOp1 for Bilinear {
         let (_, h, w, _) = x.dims4()?;
         let op = BilinearGrad { h, w };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// Resizes `x` ([n, h, w, c]) into `out` ([n, out_h, out_w, c]), or adds the resized map to it.
+fn resize_into(
+    x: &[f32],
+    (n, h, w, c): (usize, usize, usize, usize),
+    out: &mut [f32],
+    (out_h, out_w): (usize, usize),
+    add: bool,
+) {
+    let (ty, tx) = (axis_taps(h, out_h), axis_taps(w, out_w));
+    debug_assert_eq!(out.len(), n * out_h * out_w * c);
+    out.par_chunks_mut(out_w * c)
+        .with_min_len(MIN_CHUNK)
+        .enumerate()
+        .for_each(|(r, o)| {
+            let (ni, oy) = (r / out_h, r % out_h);
+            let (y0, y1, wy0, wy1) = ty[oy];
+            let r0 = &x[(ni * h + y0) * w * c..][..w * c];
+            let r1 = &x[(ni * h + y1) * w * c..][..w * c];
+            for (ox, &(x0, x1, wx0, wx1)) in tx.iter().enumerate() {
+                let d = &mut o[ox * c..][..c];
+                let (a, b) = (&r0[x0 * c..][..c], &r0[x1 * c..][..c]);
+                let (e, f) = (&r1[x0 * c..][..c], &r1[x1 * c..][..c]);
+                for t in 0..c {
+                    let v = wy0 * (wx0 * a[t] + wx1 * b[t]) + wy1 * (wx0 * e[t] + wx1 * f[t]);
+                    d[t] = if add { d[t] + v } else { v };
+                }
+            }
+        });
+}
+
+/// `acc + resize(x)`: `acc` [N, H, W, C], `x` [N, h, w, C] resized to H x W. One output instead
+/// of the resized map and the sum, and the backward needs neither.
+pub fn resize_add(acc: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let (_, out_h, out_w, _) = acc.dims4()?;
+    if x.dims()[1..3] == acc.dims()[1..3] {
+        return acc + x;
+    }
+    if super::cpu_f32(acc) {
+        acc.contiguous()?.apply_op2(&x.contiguous()?, ResizeAdd)
+    } else {
+        acc + resize_bilinear_generic(x, out_h, out_w)?
+    }
+}
+
+struct ResizeAdd;
+
+impl CustomOp2 for ResizeAdd {
+    fn name(&self) -> &'static str {
+        "resize-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        sx: &CpuStorage,
+        lx: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::scope(self.name());
+        let acc = as_f32(sa, la, "resize-add")?;
+        let x = as_f32(sx, lx, "resize-add")?;
+        let (_, out_h, out_w, _) = la.shape().dims4()?;
+        let mut out = acc.to_vec();
+        resize_into(x, lx.shape().dims4()?, &mut out, (out_h, out_w), true);
+        Ok((CpuStorage::F32(out), la.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _acc: &Tensor,
+        x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, h, w, _) = x.dims4()?;
+        let dx = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&BilinearGrad { h, w })?;
+        Ok((Some(grad.clone()), Some(dx)))
     }
 }
 

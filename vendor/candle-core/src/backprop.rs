@@ -163,7 +163,21 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
+        self.backward_impl(false)
+    }
+
+    /// As [`Tensor::backward`], freeing each intermediate result once the pass no longer needs
+    /// it, as PyTorch does: peak memory is then the activations not yet reached plus the
+    /// gradients in flight, not the whole graph plus its gradients. A tensor is freed only where
+    /// no handle outside the graph can read it (see `Tensor::release_storage`); the graph
+    /// cannot be backpropagated a second time.
+    pub fn backward_releasing(&self) -> Result<GradStore> {
+        self.backward_impl(true)
+    }
+
+    fn backward_impl(&self, release: bool) -> Result<GradStore> {
         let sorted_nodes = self.sorted_nodes();
+        let mut release = release.then(|| Release::new(&sorted_nodes));
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {
@@ -660,8 +674,106 @@ impl Tensor {
                     }
                 };
             }
+            // Every consumer of this node came earlier in the order and its own backward has
+            // just run: nothing of the pass reads its value again.
+            if let Some(r) = release.as_mut() {
+                r.done(node)?;
+            }
         }
         Ok(grads)
+    }
+}
+
+/// Frees the storages of a backward pass's intermediate results once it is done with them. A
+/// storage is shared by a tensor and its views (reshapes, transposes, narrows), so it is freed
+/// when the last graph node over it has been processed, and only if every tensor over it is
+/// such a node and every handle to those nodes is held by the graph's own ops: nothing the
+/// caller holds, nothing a custom op saved, no variable.
+struct Release<'a> {
+    /// How many handles to each node the ops of the graph hold.
+    refs: HashMap<TensorId, usize>,
+    /// The graph's nodes over each storage, and how many of them the pass has yet to process.
+    groups: HashMap<usize, (Vec<&'a Tensor>, usize)>,
+}
+
+impl<'a> Release<'a> {
+    fn new(nodes: &[&'a Tensor]) -> Self {
+        let mut refs = HashMap::new();
+        let mut groups: HashMap<usize, (Vec<&'a Tensor>, usize)> = HashMap::new();
+        for node in nodes {
+            if let Some(op) = node.op() {
+                for arg in op_args(op) {
+                    *refs.entry(arg.id()).or_insert(0) += 1;
+                }
+            }
+            let g = groups.entry(node.storage_key()).or_default();
+            g.0.push(node);
+            g.1 += 1;
+        }
+        Self { refs, groups }
+    }
+
+    /// `node`'s backward has run: every consumer of it came earlier in the order, so the pass
+    /// never reads its value again.
+    fn done(&mut self, node: &Tensor) -> Result<()> {
+        let key = node.storage_key();
+        let Some((members, pending)) = self.groups.get_mut(&key) else {
+            return Ok(());
+        };
+        *pending -= 1;
+        if *pending > 0 {
+            return Ok(());
+        }
+        let only_graph = members
+            .iter()
+            .all(|t| t.held_by_graph_only(self.refs.get(&t.id()).copied().unwrap_or(0)));
+        if only_graph && node.storage_users() == members.len() {
+            node.free_storage()?;
+        }
+        self.groups.remove(&key);
+        Ok(())
+    }
+}
+
+/// Every tensor an op holds.
+fn op_args(op: &Op) -> Vec<&Tensor> {
+    match op {
+        Op::IndexAdd(a, b, c, _)
+        | Op::Scatter(a, b, c, _)
+        | Op::ScatterAdd(a, b, c, _)
+        | Op::CustomOp3(a, b, c, _)
+        | Op::WhereCond(a, b, c) => vec![a, b, c],
+        Op::Conv1D { arg, kernel, .. }
+        | Op::ConvTranspose1D { arg, kernel, .. }
+        | Op::Conv2D { arg, kernel, .. }
+        | Op::ConvTranspose2D { arg, kernel, .. } => vec![arg, kernel],
+        Op::CustomOp2(a, b, _)
+        | Op::Binary(a, b, _)
+        | Op::Gather(a, b, _)
+        | Op::IndexSelect(a, b, _)
+        | Op::Matmul(a, b)
+        | Op::SliceScatter0(a, b, _) => vec![a, b],
+        Op::Cat(args, _) => args.iter().collect(),
+        Op::Affine { arg, .. }
+        | Op::UpsampleNearest1D { arg, .. }
+        | Op::UpsampleNearest2D { arg, .. }
+        | Op::UpsampleBilinear2D { arg, .. }
+        | Op::AvgPool2D { arg, .. }
+        | Op::MaxPool2D { arg, .. } => vec![arg],
+        Op::Unary(a, _)
+        | Op::Cmp(a, _)
+        | Op::Reduce(a, _, _)
+        | Op::Reshape(a)
+        | Op::Copy(a)
+        | Op::Broadcast(a)
+        | Op::ToDevice(a)
+        | Op::Transpose(a, _, _)
+        | Op::Permute(a, _)
+        | Op::Narrow(a, _, _, _)
+        | Op::Elu(a, _)
+        | Op::Powf(a, _)
+        | Op::ToDType(a)
+        | Op::CustomOp1(a, _) => vec![a],
     }
 }
 

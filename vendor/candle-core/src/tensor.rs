@@ -2775,6 +2775,25 @@ impl Tensor {
         (storage, &self.layout)
     }
 
+    /// Whether the only handles to this tensor are the `graph_refs` that a graph's ops hold
+    /// (never for a variable).
+    pub(crate) fn held_by_graph_only(&self, graph_refs: usize) -> bool {
+        !self.is_variable && Arc::strong_count(&self.0) == graph_refs
+    }
+
+    /// How many tensors share this tensor's storage (itself and its views).
+    pub(crate) fn storage_users(&self) -> usize {
+        Arc::strong_count(&self.storage)
+    }
+
+    /// Replaces the storage, shared by every view of it, with an empty one. Reading any of
+    /// those tensors afterwards fails; backprop frees only storages nothing else can read.
+    pub(crate) fn free_storage(&self) -> Result<()> {
+        let empty = self.device().zeros(&Shape::from(0usize), self.dtype())?;
+        *self.storage.write() = empty;
+        Ok(())
+    }
+
     /// The storage used by this tensor, together with the layout to use to access it safely.
     pub fn storage_and_layout(&self) -> (StorageRef<'_>, &Layout) {
         let storage = self.storage.read();

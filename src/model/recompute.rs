@@ -1,0 +1,153 @@
+//! Activation recomputation (gradient checkpointing). A recomputed MiT block keeps only its input
+//! and its output in the training graph: its forward runs with the graph dropped as it goes, and
+//! the backward pass runs it again from the saved input, with the same dropout and drop-path
+//! draws, and backpropagates through that second copy. Memory then holds one block's
+//! activations at a time instead of the whole encoder's, for one more block forward per step.
+//!
+//! The block enters the outer graph as a custom op on its input, and a custom op passes a
+//! gradient to its input only: the gradients of the block's own parameters are kept in a
+//! [`GradStash`] that [`crate::model::Segformer::backward`] adds to the outer ones.
+
+use crate::SeededRng;
+use candle_core::backprop::GradStore;
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, TensorId, Var,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// What the backward pass recomputes instead of keeping (profile key `adapt.recompute`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Every activation stays in memory until the backward pass.
+    #[default]
+    None,
+    /// Each encoder block is run again in the backward pass: the encoder's activations drop to
+    /// its blocks' inputs and outputs, for one more encoder forward per training step.
+    Blocks,
+}
+
+/// Parameter gradients computed inside recomputed blocks, waiting to join the outer gradients.
+#[derive(Clone, Default)]
+pub(crate) struct GradStash(Arc<Mutex<HashMap<TensorId, Tensor>>>);
+
+impl GradStash {
+    fn add(&self, id: TensorId, g: &Tensor) -> Result<()> {
+        let mut m = self.0.lock().expect("stash lock");
+        let sum = match m.remove(&id) {
+            Some(acc) => (acc + g)?,
+            None => g.clone(),
+        };
+        m.insert(id, sum);
+        Ok(())
+    }
+
+    /// Drops what an earlier, unfinished backward pass left.
+    pub(crate) fn clear(&self) {
+        self.0.lock().expect("stash lock").clear();
+    }
+
+    /// Moves the stashed gradients into `grads`, adding to any already there.
+    pub(crate) fn merge_into(&self, grads: &mut GradStore) -> Result<()> {
+        let stashed = std::mem::take(&mut *self.0.lock().expect("stash lock"));
+        for (id, g) in stashed {
+            let sum = match grads.get_id(id) {
+                Some(acc) => (acc + g)?,
+                None => g,
+            };
+            grads.insert_id(id, sum);
+        }
+        Ok(())
+    }
+}
+
+/// A function of one tensor that may draw from the training RNG: a block's forward.
+pub(crate) type Forward = dyn Fn(&Tensor, Option<&mut SeededRng>) -> Result<Tensor> + Send + Sync;
+
+/// `f(x)` with its intermediate activations recomputed in the backward pass instead of kept.
+/// Where `x` carries no gradient, the call is a plain `f(x)`: the block's parameters still need
+/// theirs, and only the outer graph reaches them then.
+pub(crate) fn recomputed(
+    x: &Tensor,
+    rng: Option<&mut SeededRng>,
+    stash: &GradStash,
+    f: Arc<Forward>,
+) -> Result<Tensor> {
+    if !x.track_op() {
+        return f(x, rng);
+    }
+    let draws = rng.as_deref().cloned();
+    // Detached, the output holds no graph: the block's intermediates are freed here.
+    let out = f(&x.detach(), rng)?.detach();
+    let op = Rerun {
+        out: Mutex::new(Some(out)),
+        f,
+        draws,
+        stash: stash.clone(),
+    };
+    x.apply_op1(op)
+}
+
+struct Rerun {
+    /// The forward's result, handed to the graph node once.
+    out: Mutex<Option<Tensor>>,
+    f: Arc<Forward>,
+    /// The RNG as the forward found it, so the rerun draws the same masks.
+    draws: Option<SeededRng>,
+    stash: GradStash,
+}
+
+impl Rerun {
+    /// The forward's result, laid out from the start of its storage, so that the storage is
+    /// the tensor (a longer tail is unused, not wrong).
+    fn take(&self) -> Result<Tensor> {
+        match self.out.lock().expect("rerun lock").take() {
+            Some(t) if t.layout().is_contiguous() && t.layout().start_offset() == 0 => Ok(t),
+            Some(t) => t.copy(),
+            None => bail!("recomputed block: forward applied twice"),
+        }
+    }
+}
+
+impl CustomOp1 for Rerun {
+    fn name(&self) -> &'static str {
+        "recomputed-block"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let out = self.take()?;
+        let (s, l) = out.storage_and_layout();
+        match &*s {
+            Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => bail!("recomputed block: output left the CPU"),
+        }
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let out = self.take()?;
+        let (s, l) = out.storage_and_layout();
+        match &*s {
+            Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => bail!("recomputed block: output left the GPU"),
+        }
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let x = Var::from_tensor(&arg.detach())?;
+        let mut draws = self.draws.clone();
+        let y = (self.f)(x.as_tensor(), draws.as_mut())?;
+        // d/dθ <y, grad> is the vector-Jacobian product the outer pass asks for.
+        let grads = (y * grad.detach())?.sum_all()?.backward_releasing()?;
+        let ids: Vec<TensorId> = grads.get_ids().copied().collect();
+        for id in ids {
+            if id != x.as_tensor().id() {
+                self.stash.add(id, grads.get_id(id).expect("listed id"))?;
+            }
+        }
+        Ok(grads.get(x.as_tensor()).cloned())
+    }
+}
