@@ -207,19 +207,23 @@ fn bilinear_matches_interpolation_matrices_and_finite_differences() {
 }
 
 #[test]
-fn resize_add_matches_the_resize_and_the_sum_and_finite_differences() {
-    for (h, w, oh, ow) in [(4, 5, 16, 20), (2, 3, 8, 12), (5, 7, 5, 7)] {
-        let acc = rand(&[2, oh, ow, 3], 12);
-        let x = rand(&[2, h, w, 3], 13);
-        let f = |t: &[Tensor]| ops::resize_add(&t[0], &t[1]).unwrap();
-        same_op(
-            &[acc.clone(), x.clone()],
-            f,
-            move |t| (&t[0] + ops::resize_bilinear_generic(&t[1], oh, ow).unwrap()).unwrap(),
-            1e-5,
-        );
-        finite_diff(&[acc.clone(), x.clone()], 0, f, 1e-2);
-        finite_diff(&[acc, x], 1, f, 1e-2);
+fn resize_add_matches_the_resizes_and_the_sum_and_finite_differences() {
+    let acc = rand(&[2, 16, 20, 3], 12);
+    let xs = [
+        rand(&[2, 4, 5, 3], 13),
+        rand(&[2, 2, 3, 3], 14),
+        rand(&[2, 16, 20, 3], 15),
+    ];
+    let inputs = [&[acc][..], &xs[..]].concat();
+    let f = |t: &[Tensor]| ops::resize_add(&t[0], &t[1..]).unwrap();
+    let slow = |t: &[Tensor]| {
+        t[1..].iter().fold(t[0].clone(), |y, x| {
+            (y + ops::resize_bilinear_generic(x, 16, 20).unwrap()).unwrap()
+        })
+    };
+    same_op(&inputs, f, slow, 1e-5);
+    for which in 0..inputs.len() {
+        finite_diff(&inputs, which, f, 1e-2);
     }
 }
 

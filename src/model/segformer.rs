@@ -550,19 +550,24 @@ impl StageFuse {
         }
         // Bilinear weights sum to one, so the stages' biases pass through upsampling unchanged
         // and all join the first stage's projection, which needs no upsampling.
-        let mut y = Linear {
+        let y = Linear {
             w: folded[0].clone(),
             b: bias,
         }
         .forward(&feats[0])?; // [B, h1, w1, D]
-        for (f, w) in feats.iter().zip(&folded).skip(1) {
-            let z = Linear {
-                w: w.clone(),
-                b: None,
-            }
-            .forward(f)?; // [B, h_i, w_i, D]
-            y = ops::resize_add(&y, &z)?;
-        }
+        let low = feats
+            .iter()
+            .zip(&folded)
+            .skip(1)
+            .map(|(f, w)| {
+                Linear {
+                    w: w.clone(),
+                    b: None,
+                }
+                .forward(f) // [B, h_i, w_i, D]
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let y = ops::resize_add(&y, &low)?;
         debug_assert_eq!(y.dims()[1..3], [h1, w1]);
         y.reshape(((), dd)) // [B*h1*w1, D]
     }

@@ -130,21 +130,29 @@ fn resize_into(
         });
 }
 
-/// `acc + resize(x)`: `acc` [N, H, W, C], `x` [N, h, w, C] resized to H x W. One output instead
-/// of the resized map and the sum, and the backward needs neither.
-pub fn resize_add(acc: &Tensor, x: &Tensor) -> Result<Tensor> {
+/// `acc + sum_i resize(xs[i])`: `acc` [N, H, W, C], each `xs[i]` [N, h_i, w_i, C] resized to
+/// H x W. One output instead of a resized map and a partial sum per input, and the backward
+/// needs none of them: the inputs travel as one flat tensor.
+pub fn resize_add(acc: &Tensor, xs: &[Tensor]) -> Result<Tensor> {
     let (_, out_h, out_w, _) = acc.dims4()?;
-    if x.dims()[1..3] == acc.dims()[1..3] {
-        return acc + x;
+    if !super::cpu_f32(acc) {
+        return xs.iter().try_fold(acc.clone(), |y, x| {
+            y + resize_bilinear_generic(x, out_h, out_w)?
+        });
     }
-    if super::cpu_f32(acc) {
-        acc.contiguous()?.apply_op2(&x.contiguous()?, ResizeAdd)
-    } else {
-        acc + resize_bilinear_generic(x, out_h, out_w)?
-    }
+    let dims = xs.iter().map(|x| x.dims4()).collect::<Result<Vec<_>>>()?;
+    let flat = xs
+        .iter()
+        .map(|x| x.flatten_all())
+        .collect::<Result<Vec<_>>>()?;
+    acc.contiguous()?
+        .apply_op2(&Tensor::cat(&flat, 0)?, ResizeAdd { dims })
 }
 
-struct ResizeAdd;
+struct ResizeAdd {
+    /// The inputs' [N, h, w, C], in the order of the flat tensor.
+    dims: Vec<(usize, usize, usize, usize)>,
+}
 
 impl CustomOp2 for ResizeAdd {
     fn name(&self) -> &'static str {
@@ -160,25 +168,32 @@ impl CustomOp2 for ResizeAdd {
     ) -> Result<(CpuStorage, Shape)> {
         let _t = crate::profile::scope(self.name());
         let acc = as_f32(sa, la, "resize-add")?;
-        let x = as_f32(sx, lx, "resize-add")?;
+        let flat = as_f32(sx, lx, "resize-add")?;
         let (_, out_h, out_w, _) = la.shape().dims4()?;
         let mut out = acc.to_vec();
-        resize_into(x, lx.shape().dims4()?, &mut out, (out_h, out_w), true);
+        let mut at = 0;
+        for &(n, h, w, c) in &self.dims {
+            let x = &flat[at..at + n * h * w * c];
+            resize_into(x, (n, h, w, c), &mut out, (out_h, out_w), true);
+            at += x.len();
+        }
         Ok((CpuStorage::F32(out), la.shape().clone()))
     }
 
     fn bwd(
         &self,
         _acc: &Tensor,
-        x: &Tensor,
+        _flat: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (_, h, w, _) = x.dims4()?;
-        let dx = grad
-            .contiguous()?
-            .apply_op1_no_bwd(&BilinearGrad { h, w })?;
-        Ok((Some(grad.clone()), Some(dx)))
+        let grad = grad.contiguous()?;
+        let parts = self
+            .dims
+            .iter()
+            .map(|&(_, h, w, _)| grad.apply_op1_no_bwd(&BilinearGrad { h, w })?.flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        Ok((Some(grad), Some(Tensor::cat(&parts, 0)?)))
     }
 }
 

@@ -17,7 +17,7 @@ pub(crate) use affine::ColumnSum;
 pub use batchnorm::{batch_norm_relu_rows, column_stats};
 pub use bilinear::{resize_add, resize_bilinear, resize_bilinear_generic};
 pub use dwconv::{depthwise3x3, depthwise3x3_generic};
-pub use fused::{gelu, scale_by, softmax_cross_entropy};
+pub use fused::{dropout_bits, gelu, scale_by, softmax_cross_entropy};
 pub use im2col::{im2col, im2col_generic};
 pub use linear::linear;
 pub use norm::{
