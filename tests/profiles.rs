@@ -122,6 +122,32 @@ fn every_profile_adapts_under_its_budget_and_small_budgets_are_refused() {
     assert!(!root.path().join("out-small/model.safetensors").exists());
 }
 
+/// Where the profile's GPU is not there (no CUDA in the build, or no device), `adapt` stops at
+/// start-up with one line naming the device, before it writes anything.
+#[test]
+fn a_cuda_profile_without_its_gpu_fails_in_one_line_naming_the_device() {
+    if cfg!(feature = "cuda") && candle_core::Device::new_cuda(0).is_ok() {
+        return; // a GPU is here: the profile's device opens
+    }
+    let root = tempfile::tempdir().unwrap();
+    let model = b0_dir(root.path());
+    let frames = root.path().join("data");
+    let p = load("jetson-orin-nano-8gb");
+    assert_eq!(p.device.device, "cuda:0");
+    let source =
+        segadapt::source::open(&format!("folder:{}", frames.display()), &Default::default())
+            .unwrap();
+    let out = root.path().join("out");
+    let err = session(&model, p, &out)
+        .run(source, Arc::new(AtomicBool::new(false)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("config device.device = cuda:0: "), "{err}");
+    assert!(err.contains("--device cpu"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!out.join("checkpoints").exists());
+}
+
 #[test]
 fn bad_profiles_are_refused_naming_key_value_and_what_is_allowed() {
     let good = std::fs::read_to_string("firmware-configs/jetson-xavier-nx-8gb.toml").unwrap();

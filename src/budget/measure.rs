@@ -8,7 +8,7 @@ use crate::config::SegformerConfig;
 use crate::error::{Error, Result};
 use crate::model::{Segformer, TensorMap};
 use crate::stats::SourceStats;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::SeedableRng;
 
 pub struct Calibrator<'a> {
@@ -41,7 +41,7 @@ impl Measure for Calibrator<'_> {
         cfg.guard.collapse = false;
         let replay = cfg.replay.on;
         let mut a = Adapter::new(cfg, self.model, self.tensors, self.stats.clone())?;
-        let x = Tensor::randn(0f32, 1.0, (batch, 3, h, w), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (batch, 3, h, w), a.teacher.device())?;
         let strong = (&x * 0.9)?;
         let mut rng = crate::SeededRng::seed_from_u64(0);
         if replay {
@@ -75,7 +75,7 @@ impl Measure for Calibrator<'_> {
     fn serve_peak(&mut self) -> Result<usize> {
         let m = Segformer::new(self.model, self.tensors.clone())?;
         let (w, h) = self.input;
-        let x = Tensor::randn(0f32, 1.0, (1, 3, h, w), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (1, 3, h, w), m.device())?;
         peak_of(|| {
             let out = m.forward(&x, None)?;
             drop(out.logits.argmax(3)?);

@@ -177,6 +177,27 @@ impl Profile {
         Ok(p)
     }
 
+    /// The device the profile names, opened; where it cannot be, one line naming it and why.
+    pub fn open_device(&self) -> Result<candle_core::Device> {
+        let Some(n) = self.cuda_ordinal() else {
+            return Ok(candle_core::Device::Cpu);
+        };
+        let cpu = "--device cpu runs the profile's plan on the CPU";
+        candle_core::Device::new_cuda(n).map_err(|e| {
+            let why = match cfg!(feature = "cuda") {
+                true => {
+                    let e = e.to_string();
+                    format!(
+                        "no such CUDA device here ({}); {cpu}",
+                        e.lines().next().unwrap_or("")
+                    )
+                }
+                false => format!("this build has no CUDA (build with --features cuda); {cpu}"),
+            };
+            Error::config("device.device", &self.device.device, why)
+        })
+    }
+
     /// The CUDA ordinal, or None on CPU.
     pub fn cuda_ordinal(&self) -> Option<usize> {
         self.device.device.strip_prefix("cuda:")?.parse().ok()

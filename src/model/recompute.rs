@@ -90,6 +90,32 @@ pub(crate) fn recomputed(
     x.apply_op1(op)
 }
 
+/// A scalar whose gradient with respect to its input is the outer pass's gradient: the backward
+/// pass from it is the vector-Jacobian product the outer pass asks for. `(y * grad).sum()` would
+/// do the same with two more tensors of `y`'s size, and a third for `grad`'s own gradient.
+struct Seed(Tensor);
+
+impl CustomOp1 for Seed {
+    fn name(&self) -> &'static str {
+        "gradient-seed"
+    }
+
+    // The value is never read: only the backward pass from it is.
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        let shape = Shape::from(());
+        Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.0.clone()))
+    }
+}
+
 struct Rerun {
     /// The forward's result, handed to the graph node once.
     out: Mutex<Option<Tensor>>,
@@ -140,8 +166,7 @@ impl CustomOp1 for Rerun {
         let x = Var::from_tensor(&arg.detach())?;
         let mut draws = self.draws.clone();
         let y = (self.f)(x.as_tensor(), draws.as_mut())?;
-        // d/dθ <y, grad> is the vector-Jacobian product the outer pass asks for.
-        let grads = (y * grad.detach())?.sum_all()?.backward_releasing()?;
+        let grads = y.apply_op1(Seed(grad.detach()))?.backward_releasing()?;
         let ids: Vec<TensorId> = grads.get_ids().copied().collect();
         for id in ids {
             if id != x.as_tensor().id() {

@@ -432,6 +432,11 @@ impl Segformer {
         })
     }
 
+    /// The device the model's tensors are on.
+    pub fn device(&self) -> &Device {
+        self.decoder.classifier.w.device()
+    }
+
     /// What the backward pass of this model's training forwards recomputes.
     pub fn set_recompute(&mut self, r: Recompute) {
         self.recompute = r;

@@ -28,7 +28,6 @@ pub fn segment_strip(
     classes: usize,
     models: &[(&'static str, &Segformer)],
 ) -> Result<Vec<StripFrame>> {
-    let dev = candle_core::Device::Cpu;
     strip
         .frames
         .iter()
@@ -36,7 +35,7 @@ pub fn segment_strip(
             let views = models
                 .iter()
                 .map(|&(label, m)| {
-                    let pred = crate::eval::predict_image(m, pre, img, &dev)?;
+                    let pred = crate::eval::predict_image(m, pre, img, m.device())?;
                     Ok((label, super::overlay(img, &pred, classes)))
                 })
                 .collect::<Result<Vec<_>>>()?;

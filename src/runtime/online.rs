@@ -165,7 +165,8 @@ fn train_once(
             .collect()
     };
     let refs: Vec<&RgbImage> = batch.iter().collect();
-    let (weak, strong) = views(&refs, pre, cfg.crop, rng, &Device::Cpu)?;
+    let dev = adapter.teacher.device().clone();
+    let (weak, strong) = views(&refs, pre, cfg.crop, rng, &dev)?;
     let t0 = std::time::Instant::now();
     let rep = adapter.step(&weak, &strong, rng)?;
     if rep.idle {

@@ -17,7 +17,6 @@ use crate::report::run::segment_strip;
 use crate::report::trace::{RunTrace, StepPoint};
 use crate::source::FrameSource;
 use crate::stats::SourceStats;
-use candle_core::Device;
 use rand::SeedableRng;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -91,15 +90,8 @@ pub struct Report {
 impl Session {
     pub fn run(&self, source: Box<dyn FrameSource>, stop: Arc<AtomicBool>) -> Result<Report> {
         let _lock = crate::checkpoint::OutLock::acquire(&self.out)?;
-        let dev = Device::Cpu;
         let p = &self.profile;
-        if p.cuda_ordinal().is_some() {
-            return Err(Error::config(
-                "device.device",
-                &p.device.device,
-                "cpu in this build: adaptation on CUDA is not wired yet (run the profile's plan on CPU with --device cpu)",
-            ));
-        }
+        let dev = p.open_device()?;
         if p.device.dtype != "f32" {
             return Err(Error::config(
                 "device.dtype",
