@@ -232,6 +232,7 @@ fn online_config(realtime: bool) -> segadapt::runtime::online::OnlineConfig {
         checkpoint_every: 0,
         start: None,
         step_budget: None,
+        serve_dtype: candle_core::DType::F32,
     }
 }
 

@@ -198,6 +198,16 @@ impl Profile {
         })
     }
 
+    /// The served model's precision (`device.dtype`, checked by `validate`: half precision
+    /// only on CUDA, bf16 from compute capability 80).
+    pub fn serve_dtype(&self) -> candle_core::DType {
+        match self.device.dtype.as_str() {
+            "f16" => candle_core::DType::F16,
+            "bf16" => candle_core::DType::BF16,
+            _ => candle_core::DType::F32,
+        }
+    }
+
     /// The CUDA ordinal, or None on CPU.
     pub fn cuda_ordinal(&self) -> Option<usize> {
         self.device.device.strip_prefix("cuda:")?.parse().ok()

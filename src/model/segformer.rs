@@ -432,6 +432,28 @@ impl Segformer {
         })
     }
 
+    /// The dtype of the model's weights and of its outputs.
+    pub fn dtype(&self) -> DType {
+        self.decoder.classifier.w.dtype()
+    }
+
+    /// A copy of the model with its floating-point tensors in `dtype` (the served model in
+    /// half precision); the BatchNorm counter stays an integer.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let tensors = self
+            .tensors()?
+            .into_iter()
+            .map(|(k, t)| {
+                let t = match t.dtype().is_float() {
+                    true => t.detach().to_dtype(dtype)?,
+                    false => t,
+                };
+                Ok((k, t))
+            })
+            .collect::<Result<TensorMap>>()?;
+        Self::new(&self.cfg, tensors)
+    }
+
     /// The device the model's tensors are on.
     pub fn device(&self) -> &Device {
         self.decoder.classifier.w.device()
@@ -484,6 +506,7 @@ impl Segformer {
             self.stash.clear();
             Arc::new(cfg.clone())
         });
+        let x = x.to_dtype(self.dtype())?;
         let mut h = x.permute((0, 2, 3, 1))?.contiguous()?; // [B, H, W, 3]
         let mut feats = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {

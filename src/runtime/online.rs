@@ -52,6 +52,8 @@ pub struct OnlineConfig {
     pub start: Option<Position>,
     /// A step waits while live heap bytes plus its measured activation peak would pass this.
     pub step_budget: Option<StepBudget>,
+    /// The served model's precision (the teacher and the student stay f32).
+    pub serve_dtype: candle_core::DType,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -105,10 +107,20 @@ pub struct Ended {
 /// The model serving predictions, replaced after every training step.
 pub type Published = Arc<RwLock<Arc<Segformer>>>;
 
-fn publish(slot: &Published, adapter: &Adapter) -> crate::Result<()> {
-    let m = Segformer::new(&adapter.teacher.cfg, detached_copy(&adapter.teacher)?)?;
-    *slot.write().expect("model slot") = Arc::new(m);
+fn publish(slot: &Published, adapter: &Adapter, dtype: candle_core::DType) -> crate::Result<()> {
+    *slot.write().expect("model slot") = Arc::new(served_copy(adapter, dtype)?);
     Ok(())
+}
+
+/// A copy of the teacher to serve from, in `dtype`.
+fn served_copy(adapter: &Adapter, dtype: candle_core::DType) -> crate::Result<Segformer> {
+    let m = match dtype {
+        candle_core::DType::F32 => {
+            Segformer::new(&adapter.teacher.cfg, detached_copy(&adapter.teacher)?)?
+        }
+        _ => adapter.teacher.to_dtype(dtype)?,
+    };
+    Ok(m)
 }
 
 /// Saves the adaptation state with the run's position when a checkpoint is due (the step count
@@ -258,9 +270,9 @@ pub fn run_online(
     mut serve: impl FnMut(u64, &Arrived, &Segformer) -> crate::Result<()>,
     mut after_step: impl FnMut(u64, &StepReport, &Segformer) -> crate::Result<()> + Send,
 ) -> crate::Result<Ended> {
-    let slot: Published = Arc::new(RwLock::new(Arc::new(Segformer::new(
-        &adapter.teacher.cfg,
-        detached_copy(&adapter.teacher)?,
+    let slot: Published = Arc::new(RwLock::new(Arc::new(served_copy(
+        &adapter,
+        cfg.serve_dtype,
     )?)));
     let ring = Arc::new(Mutex::new(VecDeque::with_capacity(cfg.ring)));
     let push = |img: &RgbImage| {
@@ -316,7 +328,7 @@ pub fn run_online(
             }
             for _ in 0..k {
                 if let Some(rep) = train_once(&mut adapter, &ring, cfg, pre, &mut rng, &counters)? {
-                    publish(&slot, &adapter)?;
+                    publish(&slot, &adapter, cfg.serve_dtype)?;
                     after_step(adapter.step, &rep, &slot.read().expect("model slot"))?;
                 }
             }
@@ -363,7 +375,7 @@ pub fn run_online(
                     })?;
                     if let Some(rep) = moved {
                         last = now;
-                        publish(&slot, &adapter)?;
+                        publish(&slot, &adapter, cfg.serve_dtype)?;
                         steps.store(adapter.step, Ordering::Relaxed);
                         after_step(adapter.step, &rep, &slot.read().expect("model slot"))?;
                         let at = || Position::new(served.load(Ordering::Relaxed), &rng);

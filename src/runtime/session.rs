@@ -92,13 +92,6 @@ impl Session {
         let _lock = crate::checkpoint::OutLock::acquire(&self.out)?;
         let p = &self.profile;
         let dev = p.open_device()?;
-        if p.device.dtype != "f32" {
-            return Err(Error::config(
-                "device.dtype",
-                &p.device.dtype,
-                "f32 in this build (half-precision serving is not implemented yet)",
-            ));
-        }
         let mut files = weights::load_model_dir(&self.model, &dev)?;
         files.preprocess.size = Some(crate::config::Size {
             width: p.input.width,
@@ -217,6 +210,7 @@ impl Session {
             checkpoints: Some(ckpts.clone()),
             checkpoint_every: p.train.checkpoint_every,
             start,
+            serve_dtype: p.serve_dtype(),
             step_budget: Some(StepBudget {
                 limit_bytes: plan.budget,
                 activation_bytes: act,

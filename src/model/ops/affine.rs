@@ -20,7 +20,7 @@ fn column_sums(x: &[f32], d: usize) -> Vec<f32> {
 
 /// `x + b` with `b` [D] broadcast over the rows of `x` [..., D].
 pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if super::cpu_f32(x) {
         x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
     } else {
         x.broadcast_add(b)

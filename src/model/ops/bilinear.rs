@@ -52,7 +52,7 @@ pub fn resize_bilinear_generic(x: &Tensor, out_h: usize, out_w: usize) -> Result
         .contiguous()?
         .reshape((n * h * c, w))?;
     let t = t
-        .matmul(&axis_matrix(w, out_w, dev)?)?
+        .matmul(&axis_matrix(w, out_w, dev)?.to_dtype(x.dtype())?)?
         .reshape((n, h, c, out_w))?;
     // Along H: [N, Wo, C, H] x [H, Ho].
     let t = t
@@ -60,7 +60,7 @@ pub fn resize_bilinear_generic(x: &Tensor, out_h: usize, out_w: usize) -> Result
         .contiguous()?
         .reshape((n * out_w * c, h))?;
     let t = t
-        .matmul(&axis_matrix(h, out_h, dev)?)?
+        .matmul(&axis_matrix(h, out_h, dev)?.to_dtype(x.dtype())?)?
         .reshape((n, out_w, c, out_h))?;
     t.permute((0, 3, 1, 2))?.contiguous()
 }

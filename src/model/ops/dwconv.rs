@@ -12,7 +12,7 @@ pub fn depthwise3x3(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if b.dims() != [c] {
         bail!("depthwise3x3: bias {:?} for {c} channels", b.dims());
     }
-    if x.device().is_cpu() {
+    if super::cpu_f32(x) {
         x.contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, DwConvBias)
     } else {

@@ -48,7 +48,7 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
 
 /// GELU with the exact erf form, as HF's `"gelu"`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if super::cpu_f32(x) {
         x.contiguous()?.apply_op1(Gelu)
     } else {
         x.gelu_erf()

@@ -31,7 +31,7 @@ pub fn im2col(x: &Tensor, k: usize, s: usize, p: usize) -> Result<(Tensor, (usiz
     let g = Geometry { k, s, p };
     let (_, h, w, _) = x.dims4()?;
     let hw = (g.out(h)?, g.out(w)?);
-    if x.device().is_cpu() {
+    if super::cpu_f32(x) {
         Ok((x.contiguous()?.apply_op1(Im2Col(g))?, hw))
     } else {
         im2col_generic(x, k, s, p)

@@ -7,7 +7,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// `x`: [P, I], `w`: [O, I], `b`: [O] -> [P, O].
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if super::fast_cpu(x.device()) {
+    if super::cpu_f32(x) {
         x.contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearOp)
     } else {

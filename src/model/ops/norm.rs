@@ -7,14 +7,20 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 
 /// Layer norm over the last dimension with affine `w`, `b` (each [D]).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if !cpu_f32(x) {
         return layer_norm_generic(x, w, b, eps);
     }
     super::affine::layer_norm_affine(x, w, b, eps)
 }
 
-/// Layer norm from plain differentiable ops (mean, variance, divide).
+/// Layer norm from plain differentiable ops (mean, variance, divide). A half-precision input
+/// is normalised in f32, as PyTorch's autocast does: its mean and variance need the mantissa.
 pub fn layer_norm_generic(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    if dtype != candle_core::DType::F32 {
+        let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+        return layer_norm_generic(&f32(x)?, &f32(w)?, &f32(b)?, eps)?.to_dtype(dtype);
+    }
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
