@@ -16,6 +16,7 @@ fn main() {
         reps: 5,
         ops: false,
         adapt: None,
+        device: candle_core::Device::Cpu,
     };
     let r = segadapt::bench::run(&spec).expect("benchmark runs");
     println!(

@@ -27,6 +27,8 @@ pub struct BenchSpec {
     /// The adaptation steps' settings (None: every component on, all weights training). The
     /// rows vary its training scope and recomputation.
     pub adapt: Option<crate::adapt::AdaptConfig>,
+    /// Where everything runs. The heap peaks count host memory only.
+    pub device: Device,
 }
 
 /// One row of the per-op profile: milliseconds and calls per training step.
@@ -97,7 +99,7 @@ fn time(spec: &BenchSpec, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
 }
 
 pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
-    let dev = Device::Cpu;
+    let dev = spec.device.clone();
     let classes: Vec<String> = (0..spec.classes).map(|i| format!("c{i}")).collect();
     let cfg = SegformerConfig::preset(&spec.config, &classes, 255)?;
     let tensors = init_tensors(&cfg, &dev, 0)?;
@@ -178,7 +180,8 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         &tc.preprocess,
         &[ex],
         255,
-    )?;
+    )?
+    .to_device(&dev)?;
     use crate::adapt::config::TrainScope;
     use crate::model::Recompute;
     let adapter =

@@ -223,6 +223,9 @@ struct BenchArgs {
     /// training scope) instead of every component on.
     #[arg(long)]
     profile: Option<PathBuf>,
+    /// cpu or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
     #[arg(long)]
     json: bool,
 }
@@ -884,6 +887,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             Some(p) => Some(segadapt::config::Profile::load(p)?.adapt),
             None => None,
         },
+        device: segadapt::config::open_device("--device", &a.device)?,
     };
     let r = segadapt::bench::run(&spec)?;
     if a.json {

@@ -45,6 +45,24 @@ pub struct SourceStats {
 }
 
 impl SourceStats {
+    /// The same statistics on `dev`.
+    pub fn to_device(&self, dev: &Device) -> Result<Self> {
+        Ok(Self {
+            mean: self.mean.to_device(dev)?,
+            var: self.var.to_device(dev)?,
+            count: self.count.to_device(dev)?,
+            prior: self.prior.to_device(dev)?,
+            prototypes: self.prototypes.to_device(dev)?,
+            bank: match &self.bank {
+                Some(b) => Some(Instances {
+                    feats: b.feats.to_device(dev)?,
+                    labels: b.labels.clone(),
+                }),
+                None => None,
+            },
+        })
+    }
+
     /// Runs `model` (eval mode) over `examples`; labels are downsampled (nearest) to the embedding.
     pub fn compute(
         model: &Segformer,
@@ -65,7 +83,7 @@ impl SourceStats {
                 .iter()
                 .filter(|&&v| (v as usize) < c)
                 .for_each(|&v| pixels[v as usize] += 1.0);
-            let x = image_to_tensor(&ex.image, pre, &Device::Cpu)?;
+            let x = image_to_tensor(&ex.image, pre, model.device())?;
             let emb = model.forward(&x, None)?.embed; // [1, h, w, D]
             let (_, h, w, _) = emb.dims4()?;
             let emb: Vec<f32> = emb.flatten_all()?.to_vec1()?;

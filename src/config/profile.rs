@@ -179,23 +179,7 @@ impl Profile {
 
     /// The device the profile names, opened; where it cannot be, one line naming it and why.
     pub fn open_device(&self) -> Result<candle_core::Device> {
-        let Some(n) = self.cuda_ordinal() else {
-            return Ok(candle_core::Device::Cpu);
-        };
-        let cpu = "--device cpu runs the profile's plan on the CPU";
-        candle_core::Device::new_cuda(n).map_err(|e| {
-            let why = match cfg!(feature = "cuda") {
-                true => {
-                    let e = e.to_string();
-                    format!(
-                        "no such CUDA device here ({}); {cpu}",
-                        e.lines().next().unwrap_or("")
-                    )
-                }
-                false => format!("this build has no CUDA (build with --features cuda); {cpu}"),
-            };
-            Error::config("device.device", &self.device.device, why)
-        })
+        open_device("device.device", &self.device.device)
     }
 
     /// The served model's precision (`device.dtype`, checked by `validate`: half precision
@@ -318,4 +302,27 @@ impl Profile {
         )?;
         self.adapt.validate()
     }
+}
+
+/// Opens `name` ("cpu" or "cuda:N", the value of `key`); where it cannot be, one line naming it
+/// and why.
+pub fn open_device(key: &str, name: &str) -> Result<candle_core::Device> {
+    if name == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let Some(n) = name.strip_prefix("cuda:").and_then(|n| n.parse().ok()) else {
+        return Err(Error::config(key, name, "\"cpu\" or \"cuda:N\""));
+    };
+    let cpu = "--device cpu runs on the CPU";
+    candle_core::Device::new_cuda(n).map_err(|e| {
+        let why = match cfg!(feature = "cuda") {
+            true => {
+                let e = e.to_string();
+                let e = e.lines().next().unwrap_or("");
+                format!("no such CUDA device here ({e}); {cpu}")
+            }
+            false => format!("this build has no CUDA (build with --features cuda); {cpu}"),
+        };
+        Error::config(key, name, why)
+    })
 }
