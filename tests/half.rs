@@ -19,20 +19,8 @@ fn a_half_precision_served_model_predicts_what_the_f32_one_does() {
         .collect();
     let x = Tensor::from_vec(x, (2, 3, 64, 96), &Device::Cpu).unwrap();
     let full = model.forward(&x, None).unwrap().logits;
-    let want: Vec<u32> = full
-        .argmax(3)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let scale = full
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let want = common::classes(&full);
+    let scale = common::max_abs(&full);
     for (dtype, tol) in [(DType::F16, 0.01), (DType::BF16, 0.05)] {
         let half = model.to_dtype(dtype).unwrap();
         assert_eq!(half.dtype(), dtype);
@@ -40,13 +28,7 @@ fn a_half_precision_served_model_predicts_what_the_f32_one_does() {
         assert_eq!(logits.dtype(), dtype);
         let d = common::max_diff(&logits, &full) / scale;
         assert!(d < tol, "{dtype:?}: logits differ by {d} of their largest");
-        let got: Vec<u32> = logits
-            .argmax(3)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = common::classes(&logits);
         let agree = got.iter().zip(&want).filter(|(a, b)| a == b).count();
         assert!(
             agree * 100 >= want.len() * 97,

@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use rand::SeedableRng;
 use segadapt::loss::{cross_entropy, flatten_pixels};
 use segadapt::model::{ops, weights, Recompute, Segformer, Student};
@@ -11,17 +11,6 @@ use std::path::Path;
 
 fn fixtures() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
-}
-
-fn max_abs(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
@@ -80,7 +69,7 @@ fn train_step_matches(recompute: Recompute) {
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name} received no gradient"));
         let d = common::max_diff(got, want);
-        let scale = max_abs(want).max(1e-3);
+        let scale = common::max_abs(want).max(1e-3);
         assert!(
             d / scale < 1e-3,
             "{name}: gradient differs by {d} (max |g| {scale})"

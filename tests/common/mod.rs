@@ -83,6 +83,28 @@ pub fn write_model_dir(dir: &Path, cfg: &SegformerConfig, data: &Path, size: (us
 }
 
 /// The largest absolute difference between two tensors of one shape, in f32.
+/// The largest absolute value of `t`.
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    let t = t.to_dtype(candle_core::DType::F32).unwrap();
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The arg-max class of each pixel of channel-last logits [B, H, W, C], flattened.
+pub fn classes(logits: &candle_core::Tensor) -> Vec<u32> {
+    logits
+        .argmax(3)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     let f32 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
