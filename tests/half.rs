@@ -37,3 +37,47 @@ fn a_half_precision_served_model_predicts_what_the_f32_one_does() {
         );
     }
 }
+
+/// The teacher labelling in half precision: one adaptation step keeps nearly the same pixels at
+/// nearly the same confidence as with f32 labels.
+#[test]
+fn half_precision_labels_select_what_f32_labels_do() {
+    use segadapt::adapt::step::Adapter;
+    let data = tempfile::tempdir().unwrap();
+    common::write_dataset(data.path(), 3, 64, 48);
+    let examples = segadapt::data::Dataset::open(data.path(), &[])
+        .unwrap()
+        .load_all(3, 255, true);
+    let cfg = common::tiny_config(3);
+    let tensors = init_tensors(&cfg, &Device::Cpu, 0).unwrap();
+    let pre = segadapt::config::PreprocessConfig::with_size(Some((64, 48)));
+    let stats = segadapt::stats::SourceStats::compute(
+        &Segformer::new(&cfg, tensors.clone()).unwrap(),
+        &pre,
+        &examples,
+        255,
+    )
+    .unwrap();
+    let x = segadapt::data::image_to_tensor(&examples[0].image, &pre, &Device::Cpu).unwrap();
+    let strong = (&x * 0.9).unwrap();
+    let ac = segadapt::adapt::AdaptConfig {
+        threshold: 0.2,
+        ..Default::default()
+    };
+    let report = |dtype: DType| {
+        let mut a = Adapter::new(ac.clone(), &cfg, &tensors, stats.clone()).unwrap();
+        a.label_dtype = dtype;
+        let mut rng = segadapt::SeededRng::seed_from_u64(4);
+        a.step(&x, &strong, &mut rng).unwrap()
+    };
+    let full = report(DType::F32);
+    assert!(full.kept > 0.0, "{full:?}");
+    let half = report(DType::F16);
+    // Rounded in f16, the mean confidence cannot come out to the same f32 bits.
+    assert_ne!(half.confidence, full.confidence, "the labels ran in f16");
+    assert!(
+        (half.confidence - full.confidence).abs() < 0.01,
+        "{half:?} vs {full:?}"
+    );
+    assert!((half.kept - full.kept).abs() < 0.03, "{half:?} vs {full:?}");
+}

@@ -50,6 +50,9 @@ pub struct Adapter {
     /// The weights adaptation started from (shared with the caller's map, never changed).
     source: TensorMap,
     pub step: u64,
+    /// The precision of the teacher's labelling forward (a half copy of the f32 teacher, made
+    /// for each step); the student always trains in f32.
+    pub label_dtype: DType,
 }
 
 impl Adapter {
@@ -115,6 +118,7 @@ impl Adapter {
             stats,
             source: source.clone(),
             step: 0,
+            label_dtype: DType::F32,
         })
     }
 
@@ -229,7 +233,16 @@ impl Adapter {
     /// The teacher's probabilities and embedding on the weak view, as unselected labels.
     fn teacher_labels(&self, weak: &Tensor) -> Result<Labels> {
         let _phase = crate::profile::scope("adapt: teacher");
-        let out = self.teacher.forward(weak, None)?;
+        let out = match self.label_dtype {
+            DType::F32 => self.teacher.forward(weak, None)?,
+            half => {
+                let out = self.teacher.to_dtype(half)?.forward(weak, None)?;
+                crate::model::SegOutput {
+                    logits: out.logits.to_dtype(DType::F32)?,
+                    embed: out.embed.to_dtype(DType::F32)?,
+                }
+            }
+        };
         let (b, h, w, c) = out.logits.dims4()?;
         let d = out.embed.dim(3)?;
         let n = b * h * w;

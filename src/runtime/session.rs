@@ -159,6 +159,7 @@ impl Session {
                 a
             }
         };
+        adapter.label_dtype = p.serve_dtype();
         if let (true, Some(ex)) = (adapter.cfg.replay.on, &self.replay) {
             // Seeded by the run's seed, so a resumed run keeps the same frames.
             let mut rng = crate::SeededRng::seed_from_u64(self.seed);
