@@ -358,7 +358,7 @@ impl ProfileArgs {
         if let Some(d) = &self.device {
             p.device.device = d.clone();
             if d == "cpu" {
-                p.device.dtype = "f32".into();
+                p.device.dtype = segadapt::config::Precision::F32;
             }
             p.validate()?;
         }

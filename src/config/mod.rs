@@ -7,6 +7,6 @@ mod profile;
 pub use model::SegformerConfig;
 pub use preprocess::{PreprocessConfig, Size};
 pub use profile::{
-    built_in_names, open_device, DeviceSection, InputSection, MemorySection, Profile, TrainSection,
-    BUILT_IN,
+    built_in_names, open_device, DeviceSection, InputSection, MemorySection, Precision, Profile,
+    TrainSection, BUILT_IN,
 };

@@ -26,9 +26,9 @@ pub struct DeviceSection {
     /// CUDA compute capability as major*10+minor (87 Orin, 72 Xavier); 0 on CPU.
     #[serde(default)]
     pub compute_capability: u32,
-    /// Serving precision: f32, f16 or bf16. Training always keeps f32 master weights.
-    #[serde(default = "f32_name")]
-    pub dtype: String,
+    /// Serving precision. Training always keeps f32 master weights.
+    #[serde(default)]
+    pub dtype: Precision,
     /// CPU worker threads (0: all cores).
     #[serde(default)]
     pub threads: usize,
@@ -82,8 +82,36 @@ pub struct MemorySection {
     pub state_mb: f64,
 }
 
-fn f32_name() -> String {
-    "f32".into()
+/// The served model's precision (`device.dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// CUDA only.
+    F16,
+    /// CUDA with compute capability 80 or more.
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::F16 => candle_core::DType::F16,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        })
+    }
 }
 fn default_checkpoint_every() -> u64 {
     100
@@ -182,16 +210,6 @@ impl Profile {
         open_device("device.device", &self.device.device)
     }
 
-    /// The served model's precision (`device.dtype`, checked by `validate`: half precision
-    /// only on CUDA, bf16 from compute capability 80).
-    pub fn serve_dtype(&self) -> candle_core::DType {
-        match self.device.dtype.as_str() {
-            "f16" => candle_core::DType::F16,
-            "bf16" => candle_core::DType::BF16,
-            _ => candle_core::DType::F32,
-        }
-    }
-
     /// The CUDA ordinal, or None on CPU.
     pub fn cuda_ordinal(&self) -> Option<usize> {
         self.device.device.strip_prefix("cuda:")?.parse().ok()
@@ -220,16 +238,15 @@ impl Profile {
                 "a CUDA compute capability such as 87 (Orin) or 72 (Xavier)",
             )?;
         }
-        match d.dtype.as_str() {
-            "f32" => {}
-            "f16" => check(cuda.is_some(), "device.dtype", "f16", "f32 on cpu")?,
-            "bf16" => check(
+        match d.dtype {
+            Precision::F32 => {}
+            Precision::F16 => check(cuda.is_some(), "device.dtype", "f16", "f32 on cpu")?,
+            Precision::Bf16 => check(
                 cuda.is_some() && d.compute_capability >= 80,
                 "device.dtype",
                 "bf16",
                 "f32 or f16: bf16 needs CUDA compute capability 80 or more (not Xavier, sm_72)",
             )?,
-            other => check(false, "device.dtype", other, "f32, f16 or bf16")?,
         }
         check(
             d.threads <= 1024,

@@ -159,7 +159,7 @@ impl Session {
                 a
             }
         };
-        adapter.label_dtype = p.serve_dtype();
+        adapter.label_dtype = p.device.dtype.dtype();
         if let (true, Some(ex)) = (adapter.cfg.replay.on, &self.replay) {
             // Seeded by the run's seed, so a resumed run keeps the same frames.
             let mut rng = crate::SeededRng::seed_from_u64(self.seed);
@@ -211,7 +211,7 @@ impl Session {
             checkpoints: Some(ckpts.clone()),
             checkpoint_every: p.train.checkpoint_every,
             start,
-            serve_dtype: p.serve_dtype(),
+            serve_dtype: p.device.dtype.dtype(),
             step_budget: Some(StepBudget {
                 limit_bytes: plan.budget,
                 activation_bytes: act,
