@@ -212,7 +212,7 @@ impl Profile {
 
     /// The CUDA ordinal, or None on CPU.
     pub fn cuda_ordinal(&self) -> Option<usize> {
-        self.device.device.strip_prefix("cuda:")?.parse().ok()
+        cuda_ordinal(&self.device.device)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -321,13 +321,18 @@ impl Profile {
     }
 }
 
+/// N of a "cuda:N" device name.
+fn cuda_ordinal(name: &str) -> Option<usize> {
+    name.strip_prefix("cuda:")?.parse().ok()
+}
+
 /// Opens `name` ("cpu" or "cuda:N", the value of `key`); where it cannot be, one line naming it
 /// and why.
 pub fn open_device(key: &str, name: &str) -> Result<candle_core::Device> {
     if name == "cpu" {
         return Ok(candle_core::Device::Cpu);
     }
-    let Some(n) = name.strip_prefix("cuda:").and_then(|n| n.parse().ok()) else {
+    let Some(n) = cuda_ordinal(name) else {
         return Err(Error::config(key, name, "\"cpu\" or \"cuda:N\""));
     };
     let cpu = "--device cpu runs on the CPU";

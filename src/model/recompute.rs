@@ -126,13 +126,22 @@ struct Rerun {
 }
 
 impl Rerun {
-    /// The forward's result, laid out from the start of its storage, so that the storage is
-    /// the tensor (a longer tail is unused, not wrong).
-    fn take(&self) -> Result<Tensor> {
-        match self.out.lock().expect("rerun lock").take() {
-            Some(t) if t.layout().is_contiguous() && t.layout().start_offset() == 0 => Ok(t),
-            Some(t) => t.copy(),
+    /// The forward's result as the storage `pick` takes from it (None: another device's),
+    /// laid out from the start of its storage so that the storage is the tensor (a longer tail
+    /// is unused, not wrong).
+    fn hand_over<S>(
+        &self,
+        pick: impl Fn(&Storage, &Layout) -> Option<Result<S>>,
+    ) -> Result<(S, Shape)> {
+        let out = match self.out.lock().expect("rerun lock").take() {
+            Some(t) if t.layout().is_contiguous() && t.layout().start_offset() == 0 => t,
+            Some(t) => t.copy()?,
             None => bail!("recomputed block: forward applied twice"),
+        };
+        let (s, l) = out.storage_and_layout();
+        match pick(&s, l) {
+            Some(storage) => Ok((storage?, l.shape().clone())),
+            None => bail!("recomputed block: its output is on another device than its input"),
         }
     }
 }
@@ -144,22 +153,18 @@ impl CustomOp1 for Rerun {
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let out = self.take()?;
-        let (s, l) = out.storage_and_layout();
-        match &*s {
-            Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => bail!("recomputed block: output left the CPU"),
-        }
+        self.hand_over(|s, l| match s {
+            Storage::Cpu(c) => Some(c.try_clone(l)),
+            _ => None,
+        })
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let out = self.take()?;
-        let (s, l) = out.storage_and_layout();
-        match &*s {
-            Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => bail!("recomputed block: output left the GPU"),
-        }
+        self.hand_over(|s, l| match s {
+            Storage::Cuda(c) => Some(c.try_clone(l)),
+            _ => None,
+        })
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
