@@ -1131,6 +1131,12 @@ fn adapt(a: AdaptArgs) -> Result<()> {
         s.train_steps_per_s, s.step_ms_p50, s.steps_skipped, s.rollbacks, s.budget_waits,
         s.latency_ms_p50, s.latency_ms_p99, s.latency_ms_max
     );
+    if s.frames_blank > 0 {
+        println!(
+            "{} frames without content (uniform: a covered lens, a black frame) were served but not trained on",
+            s.frames_blank
+        );
+    }
     if s.checkpoint_failures > 0 {
         println!(
             "{} checkpoints could not be written; the newest written one is in {}",

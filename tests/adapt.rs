@@ -614,3 +614,37 @@ fn checkpoints_that_cannot_be_written_are_counted_and_serving_goes_on() {
         .render()
         .contains("segadapt_checkpoint_failures_total 6"));
 }
+
+#[test]
+fn frames_without_content_are_served_but_never_trained_on() {
+    use segadapt::runtime::online::{run_online, OnlineConfig};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let fx = fixture(6, false);
+    // The camera fails to black for the last four frames.
+    for i in 2..6 {
+        image::RgbImage::new(64, 48)
+            .save(fx.data.path().join(format!("images/f{i:03}.png")))
+            .unwrap();
+    }
+    let adapter = Adapter::new(full(), &fx.cfg, &fx.tensors, fx.stats()).unwrap();
+    let oc = OnlineConfig {
+        steps_per_frame: Some(1),
+        ..online_config(false)
+    };
+    let pre = &fx.pre;
+    let ended = run_online(
+        fx.source(30.0),
+        adapter,
+        pre,
+        &oc,
+        Arc::new(AtomicBool::new(false)),
+        predict_each(pre),
+        |_, _, _| Ok(()),
+    )
+    .unwrap();
+    let s = &ended.summary;
+    assert_eq!((s.frames_served, s.frames_blank), (6, 4), "{s:?}");
+    // The black frames never reach the ring; steps go on over the two frames with content.
+    assert_eq!(s.train_steps, 6);
+}

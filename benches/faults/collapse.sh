@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A collapsing stream: the dusk frames, then 60 black frames, then the dusk frames again. The
-# collapse guard must catch the drift and roll back, and the model must not end below
-# source-only on the dusk frames (scored with their labels, never trained on).
+# black frames must not reach training (they are served and counted as frames without
+# content), and the model must not end below source-only on the dusk frames (scored with their
+# labels, never trained on).
 #   benches/faults/collapse.sh                 (needs ../shared/data/camvid, python3 with Pillow)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,9 +25,14 @@ for k, n in enumerate(rows + [None] * 60 + rows):
     names.append(name)
 open(f"{d}/manifest.csv", "w").write("name\n" + "\n".join(names) + "\n")
 PY
-./target/release/segadapt --quiet adapt --model models/camvid-day --source "folder:$work/drive" \
-  --steps-per-frame 1 --eval-data ../shared/data/camvid --eval-where role=target \
-  --out "$work/run" > "$work/out.txt" 2> "$work/log.txt"
-grep -E "training steps|mIoU" "$work/out.txt"
-echo "rollbacks logged: $(grep -c 'rolling back' "$work/log.txt")"
-grep -E "new condition|rolling back" "$work/log.txt" | sed 's/^\[[^]]*\] //' | head -5
+# The deployed profile, and the same with one set of weights carried through (no budgets).
+sed 's/^budget.on = true/budget.on = false/' firmware-configs/x86-64-cpu.toml > "$work/one-set.toml"
+for profile in x86-64-cpu "$work/one-set.toml"; do
+  echo "== profile $(basename "$profile")"
+  ./target/release/segadapt --quiet adapt --model models/camvid-day --source "folder:$work/drive" \
+    --profile "$profile" --steps-per-frame 1 --eval-data ../shared/data/camvid --eval-where role=target \
+    --out "$work/run" > "$work/out.txt" 2> "$work/log.txt"
+  grep -E "training steps|without content|mIoU" "$work/out.txt"
+  echo "rollbacks logged: $(grep -c 'rolling back' "$work/log.txt")"
+  rm -rf "$work/run"
+done

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub frames_served: AtomicU64,
     pub frames_dropped: AtomicU64,
     pub frame_errors: AtomicU64,
+    /// Frames without content (uniform: a covered lens, a black frame), served but never
+    /// trained on.
+    pub frames_blank: AtomicU64,
     pub train_steps: AtomicU64,
     pub steps_skipped: AtomicU64,
     pub rollbacks: AtomicU64,
@@ -84,6 +87,12 @@ impl Metrics {
             "counter",
             "Frames the source could not decode.",
             n(&self.frame_errors),
+        );
+        put(
+            "frames_blank_total",
+            "counter",
+            "Frames without content (uniform), served but not trained on.",
+            n(&self.frames_blank),
         );
         put(
             "train_steps_total",

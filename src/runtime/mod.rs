@@ -33,6 +33,8 @@ pub struct Summary {
     pub frames_dropped: u64,
     /// Frames the source could not deliver (corrupt, wrong size), reported and skipped.
     pub frame_errors: u64,
+    /// Frames without content (uniform), served but kept out of training.
+    pub frames_blank: u64,
     pub latency_ms_p50: f64,
     pub latency_ms_p99: f64,
     pub latency_ms_max: f64,

@@ -275,7 +275,16 @@ pub fn run_online(
         cfg.serve_dtype,
     )?)));
     let ring = Arc::new(Mutex::new(VecDeque::with_capacity(cfg.ring)));
+    let counters = Counters {
+        live: cfg.pipeline.metrics.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    // A frame without content is served but never trained on (see `data::has_content`).
     let push = |img: &RgbImage| {
+        if !crate::data::has_content(img) {
+            counters.live.frames_blank.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let mut r = ring.lock().expect("ring");
         if r.len() == cfg.ring.max(1) {
             r.pop_front();
@@ -297,14 +306,11 @@ pub fn run_online(
         }
         _ => 0,
     };
-    let counters = Counters {
-        live: cfg.pipeline.metrics.clone().unwrap_or_default(),
-        ..Default::default()
-    };
     let fill = |mut s: Summary, steps: u64| {
         s.train_steps = steps;
         let live = &counters.live;
         s.steps_skipped = live.steps_skipped.load(Ordering::Relaxed);
+        s.frames_blank = live.frames_blank.load(Ordering::Relaxed);
         s.rollbacks = live.rollbacks.load(Ordering::Relaxed);
         s.budget_waits = live.budget_waits.load(Ordering::Relaxed);
         s.checkpoint_failures = live.checkpoint_failures.load(Ordering::Relaxed);
