@@ -213,6 +213,24 @@ fn predict_each(
     }
 }
 
+/// Runs `adapter` over the fixture's frames at 30 fps, predicting each one.
+fn serve_each(
+    fx: &Fixture,
+    adapter: Adapter,
+    oc: &segadapt::runtime::online::OnlineConfig,
+) -> segadapt::runtime::online::Ended {
+    segadapt::runtime::online::run_online(
+        fx.source(30.0),
+        adapter,
+        &fx.pre,
+        oc,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        predict_each(&fx.pre),
+        |_, _, _| Ok(()),
+    )
+    .unwrap()
+}
+
 /// A runner over a ring of 4 frames, batch 1, one step per frame, no checkpoints.
 fn online_config(realtime: bool) -> segadapt::runtime::online::OnlineConfig {
     segadapt::runtime::online::OnlineConfig {
@@ -580,8 +598,8 @@ fn in_real_time_a_slow_training_step_holds_no_frame_up() {
 #[test]
 fn checkpoints_that_cannot_be_written_are_counted_and_serving_goes_on() {
     use segadapt::checkpoint::CheckpointDir;
-    use segadapt::runtime::online::{run_online, OnlineConfig};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use segadapt::runtime::online::OnlineConfig;
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
     let fx = fixture(6, false);
     let adapter = Adapter::new(full(), &fx.cfg, &fx.tensors, fx.stats()).unwrap();
@@ -596,17 +614,7 @@ fn checkpoints_that_cannot_be_written_are_counted_and_serving_goes_on() {
         ..online_config(false)
     };
     oc.pipeline.metrics = Some(metrics.clone());
-    let pre = &fx.pre;
-    let ended = run_online(
-        fx.source(30.0),
-        adapter,
-        pre,
-        &oc,
-        Arc::new(AtomicBool::new(false)),
-        predict_each(pre),
-        |_, _, _| Ok(()),
-    )
-    .unwrap();
+    let ended = serve_each(&fx, adapter, &oc);
     assert_eq!(ended.summary.frames_served, 6);
     assert_eq!(ended.summary.train_steps, 6, "{:?}", ended.summary);
     assert_eq!(metrics.checkpoint_failures.load(Ordering::Relaxed), 6);
@@ -617,9 +625,7 @@ fn checkpoints_that_cannot_be_written_are_counted_and_serving_goes_on() {
 
 #[test]
 fn frames_without_content_are_served_but_never_trained_on() {
-    use segadapt::runtime::online::{run_online, OnlineConfig};
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
+    use segadapt::runtime::online::OnlineConfig;
     let fx = fixture(6, false);
     // The camera fails to black for the last four frames.
     for i in 2..6 {
@@ -632,17 +638,7 @@ fn frames_without_content_are_served_but_never_trained_on() {
         steps_per_frame: Some(1),
         ..online_config(false)
     };
-    let pre = &fx.pre;
-    let ended = run_online(
-        fx.source(30.0),
-        adapter,
-        pre,
-        &oc,
-        Arc::new(AtomicBool::new(false)),
-        predict_each(pre),
-        |_, _, _| Ok(()),
-    )
-    .unwrap();
+    let ended = serve_each(&fx, adapter, &oc);
     let s = &ended.summary;
     assert_eq!((s.frames_served, s.frames_blank), (6, 4), "{s:?}");
     // The black frames never reach the ring; steps go on over the two frames with content.

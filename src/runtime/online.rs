@@ -279,17 +279,24 @@ pub fn run_online(
         live: cfg.pipeline.metrics.clone().unwrap_or_default(),
         ..Default::default()
     };
-    // A frame without content is served but never trained on (see `data::has_content`).
-    let push = |img: &RgbImage| {
+    // A frame without content is served but never trained on (see `data::has_content`);
+    // false when `img` was kept out.
+    let enter = |img: &RgbImage| {
         if !crate::data::has_content(img) {
-            counters.live.frames_blank.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         }
         let mut r = ring.lock().expect("ring");
         if r.len() == cfg.ring.max(1) {
             r.pop_front();
         }
         r.push_back(img.clone());
+        true
+    };
+    // A served frame; the frames a resume refills the ring with were counted when served.
+    let push = |img: &RgbImage| {
+        if !enter(img) {
+            counters.live.frames_blank.fetch_add(1, Ordering::Relaxed);
+        }
     };
     let mut rng = match &cfg.start {
         Some(p) => p.rng(),
@@ -297,7 +304,9 @@ pub fn run_online(
     };
     let first = match (&cfg.start, source.replayable()) {
         (Some(p), true) => {
-            let passed = fast_forward(&mut *source, p.frames, cfg.ring, &push);
+            let passed = fast_forward(&mut *source, p.frames, cfg.ring, |img| {
+                enter(img);
+            });
             log::info!(
                 "resuming the drive after frame {passed} of {}",
                 source.spec()
