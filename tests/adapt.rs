@@ -449,6 +449,43 @@ fn restore_after_a_resume_moves_towards_the_source_weights() {
 }
 
 #[test]
+fn the_teacher_tracks_the_batchnorm_statistics_of_the_frames_it_labels() {
+    // The student sees the strong view (here brighter and with more contrast); the teacher
+    // serves the frames themselves, so its statistics must come from those.
+    let fx = fixture(3, false);
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
+    let strong = ((&x * 3.0).unwrap() + 2.0).unwrap();
+    let stats = |m: &Segformer| -> Vec<Vec<f32>> {
+        ["running_mean", "running_var"]
+            .map(|k| {
+                m.raw_tensors()[&format!("decode_head.batch_norm.{k}")]
+                    .to_vec1()
+                    .unwrap()
+            })
+            .to_vec()
+    };
+    let reference = Segformer::new(&fx.cfg, detached(&fx.tensors)).unwrap();
+    let source = stats(&reference);
+    reference.forward_tracking(&x).unwrap();
+    let mut ac = AdaptConfig::plain();
+    ac.guard.collapse = false;
+    let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
+    let mut rng = segadapt::SeededRng::seed_from_u64(3);
+    a.step(&x, &strong, &mut rng).unwrap();
+    assert_eq!(a.optimizer_steps(), 1);
+    let (teacher, student) = (stats(&a.teacher), stats(&a.student.model));
+    assert_eq!(teacher, stats(&reference), "one tracking step on the frame");
+    assert_ne!(teacher, student, "the student's follow the strong view");
+    assert_ne!(teacher, source, "they moved from the source's");
+}
+
+fn detached(m: &segadapt::model::TensorMap) -> segadapt::model::TensorMap {
+    m.iter()
+        .map(|(k, v)| (k.clone(), v.copy().unwrap()))
+        .collect()
+}
+
+#[test]
 fn tent_adapts_on_the_frame_not_the_strong_view() {
     let fx = fixture(3, false);
     let ac = Method::Tent.config(&full());

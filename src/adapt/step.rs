@@ -17,6 +17,12 @@ use crate::SeededRng;
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
 
+/// The decode head's BatchNorm statistics, which the teacher tracks itself.
+const RUNNING_STATS: [&str; 2] = [
+    "decode_head.batch_norm.running_mean",
+    "decode_head.batch_norm.running_var",
+];
+
 /// Loss terms of the last step, for logs and tests.
 #[derive(Debug, Clone, Default)]
 pub struct StepReport {
@@ -234,9 +240,14 @@ impl Adapter {
     fn teacher_labels(&self, weak: &Tensor) -> Result<Labels> {
         let _phase = crate::profile::scope("adapt: teacher");
         let out = match self.label_dtype {
-            DType::F32 => self.teacher.forward(weak, None)?,
+            DType::F32 => self.teacher.forward_tracking(weak)?,
             half => {
-                let out = self.teacher.to_dtype(half)?.forward(weak, None)?;
+                let copy = self.teacher.to_dtype(half)?;
+                let out = copy.forward_tracking(weak)?;
+                for n in RUNNING_STATS {
+                    let moved = copy.raw_tensors()[n].to_dtype(DType::F32)?;
+                    self.teacher.raw_tensors()[n].slice_set(&moved, 0, 0)?;
+                }
                 crate::model::SegOutput {
                     logits: out.logits.to_dtype(DType::F32)?,
                     embed: out.embed.to_dtype(DType::F32)?,
@@ -320,8 +331,10 @@ impl Adapter {
             }
             // The teacher starts as a trained model, not a random one: no momentum warm-up.
             let cfg = &self.cfg;
+            // The teacher's BatchNorm statistics are its own, tracked on the clean frames it
+            // labels: the student's follow the strong views.
             ema_update_where(&self.teacher, &self.student.model, cfg.ema, |n| {
-                cfg.trains(n)
+                cfg.trains(n) && !RUNNING_STATS.contains(&n)
             })?;
             self.step += 1;
         }

@@ -51,22 +51,22 @@ pub fn ema_update(teacher: &Segformer, student: &Segformer, alpha: f64) -> Resul
     ema_update_where(teacher, student, alpha, |_| true)
 }
 
-/// As [`ema_update`], blending only the parameters `trained` names: the others are equal in
-/// both models already, and blending them would only add rounding.
+/// As [`ema_update`], moving only the tensors `moves` names: parameters the student does not
+/// train are equal in both models already (blending them would only add rounding), and a
+/// teacher may keep BatchNorm statistics of its own.
 pub fn ema_update_where(
     teacher: &Segformer,
     student: &Segformer,
     alpha: f64,
-    trained: impl Fn(&str) -> bool + Sync,
+    moves: impl Fn(&str) -> bool + Sync,
 ) -> Result<()> {
     let (t, s) = (teacher.raw_tensors(), student.raw_tensors());
     use rayon::prelude::*;
     teacher.specs().par_iter().try_for_each(|spec| {
         let (tt, st) = (&t[&spec.name], &s[&spec.name]);
-        if spec.trainable {
-            if !trained(&spec.name) {
-                return Ok(());
-            }
+        if !moves(&spec.name) {
+            Ok(())
+        } else if spec.trainable {
             blend(tt, st, alpha)
         } else if spec.shape.is_empty() {
             Ok(()) // the BatchNorm counter is informational

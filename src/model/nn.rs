@@ -128,6 +128,15 @@ impl BatchNormRelu {
         xhat.broadcast_mul(&self.w)?.broadcast_add(&self.b)?.relu()
     }
 
+    /// Moves the running statistics towards the batch statistics of `x` ([P, C]) without
+    /// normalising it.
+    pub fn track(&self, x: &Tensor) -> Result<()> {
+        let x = x.detach().to_dtype(self.running_mean.dtype())?;
+        let mean = x.mean_keepdim(0)?;
+        let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
+        self.update_running(&mean, &var, x.dim(0)?)
+    }
+
     fn update_running(&self, mean: &Tensor, var: &Tensor, p: usize) -> Result<()> {
         let m = self.momentum;
         let unbiased = (var.squeeze(0)? * (p as f64 / (p.max(2) - 1) as f64))?;
