@@ -3,19 +3,14 @@
 //! the model's input and conversion to a normalised tensor), both timed in the same run.
 
 use image::{Rgb, RgbImage};
-use std::time::Instant;
 
-/// Median wall time of `f` in microseconds over `reps` runs.
-fn median_us(reps: usize, mut f: impl FnMut()) -> f64 {
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e6
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[reps / 2]
+/// Median wall time of `f` in microseconds over 201 runs.
+fn median_us(mut f: impl FnMut()) -> f64 {
+    let t = segadapt::bench::timing(0, 201, || {
+        f();
+        Ok(())
+    });
+    t.expect("an infallible closure").median_ms * 1e3
 }
 
 fn main() {
@@ -23,10 +18,10 @@ fn main() {
     println!("frame        content check   preprocessing   ratio   (medians of 201, µs)");
     for (w, h) in [(240, 180), (960, 720), (1920, 1080)] {
         let img = RgbImage::from_fn(w, h, |x, y| Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
-        let check = median_us(201, || {
+        let check = median_us(|| {
             std::hint::black_box(segadapt::data::has_content(std::hint::black_box(&img)));
         });
-        let prep = median_us(201, || {
+        let prep = median_us(|| {
             let small = segadapt::data::resize_rgb(&img, 240, 180);
             let t = segadapt::data::image_to_tensor(&small, &pre, &candle_core::Device::Cpu);
             std::hint::black_box(t.expect("a frame converts"));

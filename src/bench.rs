@@ -78,13 +78,19 @@ fn rss_mb() -> f64 {
     budget::peak_rss_bytes().unwrap_or(0) as f64 / 1e6
 }
 
-fn time(spec: &BenchSpec, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
-    for _ in 0..spec.warmup {
+fn time(spec: &BenchSpec, f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    timing(spec.warmup, spec.reps, f)
+}
+
+/// `f` run `warmup` times untimed, then `reps` times timed: median, min, max and the heap peak
+/// over the timed runs (zero unless the binary counts allocations, see [`budget::CountingAlloc`]).
+pub fn timing(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    for _ in 0..warmup {
         f()?;
     }
     budget::reset_peak();
-    let mut ms = Vec::with_capacity(spec.reps);
-    for _ in 0..spec.reps {
+    let mut ms = Vec::with_capacity(reps);
+    for _ in 0..reps {
         let t = Instant::now();
         f()?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);

@@ -464,7 +464,8 @@ fn the_teacher_tracks_the_batchnorm_statistics_of_the_frames_it_labels() {
             })
             .to_vec()
     };
-    let reference = Segformer::new(&fx.cfg, detached(&fx.tensors)).unwrap();
+    let copy = segadapt::model::ema::detached_copy(&fx.model).unwrap();
+    let reference = Segformer::new(&fx.cfg, copy).unwrap();
     let source = stats(&reference);
     reference.forward_tracking(&x).unwrap();
     let mut ac = AdaptConfig::plain();
@@ -477,12 +478,6 @@ fn the_teacher_tracks_the_batchnorm_statistics_of_the_frames_it_labels() {
     assert_eq!(teacher, stats(&reference), "one tracking step on the frame");
     assert_ne!(teacher, student, "the student's follow the strong view");
     assert_ne!(teacher, source, "they moved from the source's");
-}
-
-fn detached(m: &segadapt::model::TensorMap) -> segadapt::model::TensorMap {
-    m.iter()
-        .map(|(k, v)| (k.clone(), v.copy().unwrap()))
-        .collect()
 }
 
 #[test]

@@ -77,6 +77,13 @@ pub struct BatchNormRelu {
     pub momentum: f64,
 }
 
+/// Per-column mean and biased variance of `x` ([P, C]), each [1, C].
+fn batch_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let mean = x.mean_keepdim(0)?;
+    let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
+    Ok((mean, var))
+}
+
 impl BatchNormRelu {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !(ops::cpu_f32(x) && x.rank() == 2) {
@@ -111,10 +118,8 @@ impl BatchNormRelu {
     /// The same from candle's broadcast ops: other devices and the test reference.
     pub fn forward_generic(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (mean, var) = if train {
-            let p = x.dim(0)?;
-            let mean = x.mean_keepdim(0)?;
-            let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
-            self.update_running(&mean.detach(), &var.detach(), p)?;
+            let (mean, var) = batch_stats(x)?;
+            self.update_running(&mean.detach(), &var.detach(), x.dim(0)?)?;
             (mean, var)
         } else {
             (
@@ -131,9 +136,7 @@ impl BatchNormRelu {
     /// Moves the running statistics towards the batch statistics of `x` ([P, C]) without
     /// normalising it.
     pub fn track(&self, x: &Tensor) -> Result<()> {
-        let x = x.detach().to_dtype(self.running_mean.dtype())?;
-        let mean = x.mean_keepdim(0)?;
-        let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
+        let (mean, var) = batch_stats(&x.detach().to_dtype(self.running_mean.dtype())?)?;
         self.update_running(&mean, &var, x.dim(0)?)
     }
 
