@@ -516,6 +516,41 @@ fn a_spent_training_budget_leaves_the_model_alone() {
     assert!(b.step(&x, &x, &mut rng).unwrap().idle);
 }
 
+#[test]
+fn with_the_budget_spent_the_teacher_still_follows_the_frames_statistics() {
+    // A condition the shift test misses gets no budget of its own: its frames must still be
+    // labelled and served with their own normalisation statistics, and nothing else may move.
+    let fx = fixture(3, false);
+    let mut ac = AdaptConfig::plain();
+    ac.guard.collapse = false;
+    ac.budget.on = true;
+    ac.budget.steps = 1;
+    let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
+    let dark = ((&x * 0.2).unwrap() - 1.5).unwrap();
+    let mut rng = segadapt::SeededRng::seed_from_u64(3);
+    assert!(!a.step(&x, &x, &mut rng).unwrap().idle);
+    let trained = segadapt::model::ema::detached_copy(&a.teacher).unwrap();
+    // Its own copy: a model tracks in place, in the tensors it was built from.
+    let copy = segadapt::model::ema::detached_copy(&a.teacher).unwrap();
+    let reference = Segformer::new(&fx.cfg, copy).unwrap();
+    reference.forward_tracking(&dark).unwrap();
+    assert!(a.step(&dark, &dark, &mut rng).unwrap().idle);
+    let after = segadapt::model::ema::detached_copy(&a.teacher).unwrap();
+    for k in ["running_mean", "running_var"] {
+        let n = format!("decode_head.batch_norm.{k}");
+        let v = |m: &segadapt::model::TensorMap| m[&n].to_vec1::<f32>().unwrap();
+        assert_ne!(v(&after), v(&trained), "{n} followed the dark frame");
+        assert_eq!(
+            v(&after),
+            v(reference.raw_tensors()),
+            "{n}: one tracking forward"
+        );
+    }
+    assert_eq!(distance(&after, &trained), 0.0, "no weight moved");
+    assert_eq!(a.optimizer_steps(), 1);
+}
+
 /// Euclidean distance between the trained tensors of two weight maps.
 fn distance(a: &segadapt::model::TensorMap, b: &segadapt::model::TensorMap) -> f64 {
     a.iter()

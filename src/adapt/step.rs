@@ -159,6 +159,12 @@ impl Adapter {
             None => (1.0, Event::Steady),
         };
         if scale == 0.0 {
+            // The weights stay, but the teacher's normalisation statistics go on following the
+            // frames: a running average of the last few frames cannot drift over a long drive,
+            // and a condition the shift test missed is still served with its own statistics.
+            if !self.cfg.tent.on {
+                self.teacher_forward(weak)?;
+            }
             return Ok(StepReport {
                 idle: true,
                 event,
@@ -238,8 +244,20 @@ impl Adapter {
 
     /// The teacher's probabilities and embedding on the weak view, as unselected labels.
     fn teacher_labels(&self, weak: &Tensor) -> Result<Labels> {
+        let out = self.teacher_forward(weak)?;
+        let (b, h, w, c) = out.logits.dims4()?;
+        let d = out.embed.dim(3)?;
+        let n = b * h * w;
+        let probs = candle_nn::ops::softmax_last_dim(&out.logits.reshape((n, c))?)?;
+        let feats = out.embed.reshape((n, d))?;
+        Labels::from_scores(probs.clone(), feats, (b, h, w), probs)
+    }
+
+    /// The teacher's forward on the weak view (f32 outputs), moving its BatchNorm statistics
+    /// towards the view's.
+    fn teacher_forward(&self, weak: &Tensor) -> Result<crate::model::SegOutput> {
         let _phase = crate::profile::scope("adapt: teacher");
-        let out = match self.label_dtype {
+        Ok(match self.label_dtype {
             DType::F32 => self.teacher.forward_tracking(weak)?,
             half => {
                 let copy = self.teacher.to_dtype(half)?;
@@ -253,13 +271,7 @@ impl Adapter {
                     embed: out.embed.to_dtype(DType::F32)?,
                 }
             }
-        };
-        let (b, h, w, c) = out.logits.dims4()?;
-        let d = out.embed.dim(3)?;
-        let n = b * h * w;
-        let probs = candle_nn::ops::softmax_last_dim(&out.logits.reshape((n, c))?)?;
-        let feats = out.embed.reshape((n, d))?;
-        Labels::from_scores(probs.clone(), feats, (b, h, w), probs)
+        })
     }
 
     fn self_training_step(

@@ -151,8 +151,17 @@ fn checkpoint(
     Ok(())
 }
 
-/// One training step if the ring holds a batch and memory allows; its report when the
-/// student moved (or was rolled back).
+/// What a call of [`train_once`] changed in the teacher.
+enum Trained {
+    /// No batch yet, or memory is short: nothing ran.
+    Nothing,
+    /// No training budget left: only the teacher's BatchNorm statistics followed the frames.
+    Statistics,
+    /// A step ran, or was rolled back.
+    Step(StepReport),
+}
+
+/// One training step if the ring holds a batch and memory allows.
 fn train_once(
     adapter: &mut Adapter,
     ring: &Mutex<VecDeque<RgbImage>>,
@@ -160,17 +169,17 @@ fn train_once(
     pre: &PreprocessConfig,
     rng: &mut SeededRng,
     counters: &Counters,
-) -> crate::Result<Option<StepReport>> {
+) -> crate::Result<Trained> {
     if let Some(b) = cfg.step_budget {
         if crate::budget::current_bytes() + b.activation_bytes > b.limit_bytes {
             counters.live.budget_waits.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
+            return Ok(Trained::Nothing);
         }
     }
     let batch: Vec<RgbImage> = {
         let r = ring.lock().expect("ring");
         if r.len() < cfg.batch {
-            return Ok(None);
+            return Ok(Trained::Nothing);
         }
         (0..cfg.batch)
             .map(|_| r[rng.random_range(0..r.len())].clone())
@@ -182,9 +191,9 @@ fn train_once(
     let t0 = std::time::Instant::now();
     let rep = adapter.step(&weak, &strong, rng)?;
     if rep.idle {
-        return Ok(None);
+        return Ok(Trained::Statistics);
     }
-    // Steps that trained only: an idle one (no budget left) costs nothing to speak of.
+    // Steps that trained only: an idle one (no budget left) costs one forward.
     counters
         .step_ms
         .lock()
@@ -212,7 +221,7 @@ fn train_once(
                 adapter.step
             ),
         }
-        return Ok(Some(rep));
+        return Ok(Trained::Step(rep));
     }
     if rep.outcome == Some(crate::optim::StepOutcome::NonFinite) {
         counters.live.steps_skipped.fetch_add(1, Ordering::Relaxed);
@@ -220,11 +229,11 @@ fn train_once(
             "adaptation step {}: non-finite loss or gradient, skipped",
             adapter.step
         );
-        return Ok(None);
+        return Ok(Trained::Nothing);
     }
     counters.add_terms(&rep.terms);
     counters.live.stepped(rep.kept, rep.confidence);
-    Ok(Some(rep))
+    Ok(Trained::Step(rep))
 }
 
 /// The training thread's worker pool, its threads below serving's priority.
@@ -342,9 +351,13 @@ pub fn run_online(
                 return Ok(());
             }
             for _ in 0..k {
-                if let Some(rep) = train_once(&mut adapter, &ring, cfg, pre, &mut rng, &counters)? {
-                    publish(&slot, &adapter, cfg.serve_dtype)?;
-                    after_step(adapter.step, &rep, &slot.read().expect("model slot"))?;
+                match train_once(&mut adapter, &ring, cfg, pre, &mut rng, &counters)? {
+                    Trained::Nothing => {}
+                    Trained::Statistics => publish(&slot, &adapter, cfg.serve_dtype)?,
+                    Trained::Step(rep) => {
+                        publish(&slot, &adapter, cfg.serve_dtype)?;
+                        after_step(adapter.step, &rep, &slot.read().expect("model slot"))?;
+                    }
                 }
             }
             // At a frame's end, so a resumed run continues with the next frame.
@@ -388,18 +401,23 @@ pub fn run_online(
                     let moved = pool.install(|| {
                         train_once(&mut adapter, &ring, &cfg, pre, &mut rng, counters)
                     })?;
-                    if let Some(rep) = moved {
-                        last = now;
-                        publish(&slot, &adapter, cfg.serve_dtype)?;
-                        steps.store(adapter.step, Ordering::Relaxed);
-                        after_step(adapter.step, &rep, &slot.read().expect("model slot"))?;
-                        let at = || Position::new(served.load(Ordering::Relaxed), &rng);
-                        checkpoint(&adapter, &cfg, &mut saved, at, &counters.live)?;
-                        let us = t0.elapsed().as_micros() as u64;
-                        counters.busy_us.fetch_add(us, Ordering::Relaxed);
-                    } else {
-                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    match moved {
+                        Trained::Nothing => {
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                            continue;
+                        }
+                        Trained::Statistics => publish(&slot, &adapter, cfg.serve_dtype)?,
+                        Trained::Step(rep) => {
+                            publish(&slot, &adapter, cfg.serve_dtype)?;
+                            steps.store(adapter.step, Ordering::Relaxed);
+                            after_step(adapter.step, &rep, &slot.read().expect("model slot"))?;
+                            let at = || Position::new(served.load(Ordering::Relaxed), &rng);
+                            checkpoint(&adapter, &cfg, &mut saved, at, &counters.live)?;
+                        }
                     }
+                    last = now;
+                    let us = t0.elapsed().as_micros() as u64;
+                    counters.busy_us.fetch_add(us, Ordering::Relaxed);
                 }
                 Ok((adapter, rng))
             })
