@@ -1,9 +1,10 @@
 //! When to train (HAMLET's active training modulation, methods.md section 6.1): training runs on
 //! a budget of steps granted when the stream shifts away from what the model has adapted to,
-//! with the learning rate decaying linearly to zero over the budget; between budgets the model
-//! only serves. A drive that stays in one condition (or loops over the same road) stops changing
-//! the model once its budget is spent, so the model cannot drift on it; a new condition grants
-//! a new budget, a condition seen before a smaller one.
+//! with the learning rate decaying linearly to zero over the budget; between budgets the weights
+//! stay and only the teacher's BatchNorm statistics follow the frames it serves. A drive that
+//! stays in one condition (or loops over the same road) stops changing the weights once its
+//! budget is spent, so the model cannot drift on it; a new condition grants a new budget, a
+//! condition seen before a smaller one.
 //!
 //! With `slots`, the controller also remembers the weights adapted to each condition: the
 //! adapter starts a known condition from the weights it had when the stream last left it, and a
