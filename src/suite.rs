@@ -293,6 +293,19 @@ impl Cell {
         self.scores.iter().sum::<f64>() / self.scores.len().max(1) as f64
     }
 
+    /// Adds another run's seeds of the same method; the per-class IoU stays a mean over seeds.
+    fn absorb(&mut self, other: Cell) {
+        let (n, m) = (self.scores.len() as f64, other.scores.len() as f64);
+        self.per_class = (self.per_class.iter().zip(&other.per_class))
+            .map(|(a, b)| match (a, b) {
+                (Some(a), Some(b)) => Some((a * n + b * m) / (n + m)),
+                _ => a.or(*b),
+            })
+            .collect();
+        self.scores.extend(other.scores);
+        self.points.extend(other.points);
+    }
+
     /// The largest drop of a class against `base` (negative: a loss), over classes both score.
     pub fn worst_class(&self, base: &Cell) -> Option<f64> {
         self.per_class
@@ -409,18 +422,21 @@ pub fn run_target(
     })
 }
 
-/// Results of several runs of one suite (e.g. methods split over processes) as one: per target,
-/// every run's cells, source-only once.
+/// Results of several runs of one suite (methods or seeds split over processes) as one: per
+/// target, every method once with the seeds of every run, source-only once.
 pub fn join(parts: Vec<Vec<TargetResult>>) -> Vec<TargetResult> {
     let mut out: Vec<TargetResult> = Vec::new();
     for t in parts.into_iter().flatten() {
-        match out.iter_mut().find(|o| o.name == t.name) {
-            Some(o) => o.cells.extend(
-                t.cells
-                    .into_iter()
-                    .filter(|c| c.method != Method::SourceOnly.name()),
-            ),
-            None => out.push(t),
+        let Some(o) = out.iter_mut().find(|o| o.name == t.name) else {
+            out.push(t);
+            continue;
+        };
+        for c in t.cells {
+            match o.cells.iter_mut().find(|k| k.method == c.method) {
+                Some(_) if c.method == Method::SourceOnly.name() => {}
+                Some(k) => k.absorb(c),
+                None => o.cells.push(c),
+            }
         }
     }
     out
@@ -507,4 +523,43 @@ pub fn markdown(results: &[TargetResult]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(seeds: &[f64], car: f64) -> Vec<TargetResult> {
+        let cell = |method: &str, scores: &[f64], car: f64| Cell {
+            method: method.into(),
+            scores: scores.to_vec(),
+            points: scores.iter().map(|&s| vec![s]).collect(),
+            per_class: vec![Some(car), None],
+        };
+        vec![TargetResult {
+            name: "fog".into(),
+            continual: false,
+            class_names: vec!["car".into(), "pole".into()],
+            cells: vec![
+                cell("source-only", &[20.0], 40.0),
+                cell("profile", seeds, car),
+            ],
+        }]
+    }
+
+    #[test]
+    fn joining_runs_of_other_seeds_merges_them_into_one_cell() {
+        let joined = join(vec![run(&[30.0, 31.0], 36.0), run(&[33.0], 39.0)]);
+        assert_eq!(joined.len(), 1);
+        let methods: Vec<&str> = joined[0].cells.iter().map(|c| c.method.as_str()).collect();
+        assert_eq!(methods, ["source-only", "profile"]);
+        let p = joined[0].cell("profile").unwrap();
+        assert_eq!(p.scores, [30.0, 31.0, 33.0]);
+        assert_eq!(p.points.len(), 3);
+        assert_eq!(p.per_class, [Some(37.0), None], "weighted by seeds");
+        assert_eq!(
+            p.worst_class(joined[0].cell("source-only").unwrap()),
+            Some(-3.0)
+        );
+    }
 }
