@@ -1,7 +1,6 @@
 //! Traces the training budgets' shift test over a suite target without running a model: which
 //! frames start a budget, which conditions are recalled, against the target's own segments.
-//! It feeds every frame in order; an adapter observes its training batches, drawn from the ring
-//! of recent frames, so its events come a few frames later and may differ near a threshold.
+//! It feeds every frame in order, as the runtime shows them to an adapter's shift test.
 //!
 //! ```sh
 //! cargo run --release --example shift_trace -- benches/suites/dev.toml continual
@@ -45,8 +44,10 @@ fn main() -> anyhow::Result<()> {
             println!("{frame:5} ---- segment {segment} starts");
         }
         let x = image_to_tensor(&f.image, &pre, &candle_core::Device::Cpu)?;
-        let obs = ctl.observe(&x)?;
-        match obs.event {
+        let event = ctl.observe(&x)?;
+        // One step per frame, as the suite replays.
+        ctl.spend();
+        match event {
             Event::Steady => {}
             Event::Shifted { left } => {
                 if let Some(i) = left {

@@ -564,7 +564,8 @@ fn distance(a: &segadapt::model::TensorMap, b: &segadapt::model::TensorMap) -> f
 }
 
 #[test]
-fn with_condition_slots_a_new_condition_starts_from_the_source_and_a_known_one_from_its_weights() {
+fn with_condition_slots_a_new_condition_goes_on_from_the_nearest_kept_weights_a_known_one_from_its_own(
+) {
     use segadapt::adapt::controller::Event;
     let fx = fixture(3, false);
     let mut ac = AdaptConfig::plain();
@@ -592,35 +593,42 @@ fn with_condition_slots_a_new_condition_starts_from_the_source_and_a_known_one_f
         let k = (i % 3) as f64;
         noise(2, i).affine(0.1 + 0.01 * k, -1.5 - 0.1 * k).unwrap()
     };
-    let mut step = |a: &mut Adapter, x: Tensor| a.step(&x, &x, &mut rng).unwrap().event;
+    let mut run = |a: &mut Adapter, x: Tensor| a.step(&x, &x, &mut rng).unwrap();
     for i in 0..12 {
-        assert_eq!(step(&mut a, day(i)), Event::Steady);
+        assert_eq!(run(&mut a, day(i)).event, Event::Steady);
     }
-    let day_weights = a.teacher.tensors().unwrap();
+    let day_weights = segadapt::model::ema::detached_copy(&a.teacher).unwrap();
     let adapted = distance(&day_weights, &fx.tensors);
     assert!(adapted > 0.0);
-    // Night: the teacher leaves the day weights behind and starts again from the source.
+    // Night: day's weights are kept, and training waits until night is told apart.
     let mut i = 0;
-    while step(&mut a, night(i)) == Event::Steady {
+    while run(&mut a, night(i)).event == Event::Steady {
         i += 1;
         assert!(i < 6, "the shift to night is seen within the window");
     }
-    let at_night = a.teacher.tensors().unwrap();
+    let mut waited = 0;
+    while run(&mut a, night(i + waited)).idle {
+        waited += 1;
+        assert!(waited < 12, "night is told apart");
+    }
+    assert!(waited > 0, "no step before night is told apart");
+    // Then night goes on from day's weights, the nearest kept ones, not from the source.
+    let at_night = segadapt::model::ema::detached_copy(&a.teacher).unwrap();
     assert!(
-        distance(&at_night, &fx.tensors) < adapted / 3.0,
-        "one step from the source"
+        distance(&at_night, &day_weights) < distance(&at_night, &fx.tensors) / 3.0,
+        "night goes on from day's weights"
     );
     for i in 0..12 {
-        step(&mut a, night(i));
+        run(&mut a, night(i));
     }
     // Back in day: day's weights come back once the window holds day frames alone.
     let events: Vec<Event> = (0..20)
-        .map(|i| step(&mut a, day(i)))
+        .map(|i| run(&mut a, day(i)).event)
         .take_while(|e| !matches!(e, Event::Recalled(_)))
         .collect();
     assert_eq!(events[0], Event::Shifted { left: Some(1) }, "{events:?}");
     assert!(events.len() < 20, "day is recognised: {events:?}");
-    let back = a.teacher.tensors().unwrap();
+    let back = segadapt::model::ema::detached_copy(&a.teacher).unwrap();
     assert!(
         distance(&back, &day_weights) < distance(&back, &fx.tensors) / 3.0,
         "the day weights are back"
@@ -710,4 +718,62 @@ fn frames_without_content_are_served_but_never_trained_on() {
     assert_eq!((s.frames_served, s.frames_blank), (6, 4), "{s:?}");
     // The black frames never reach the ring; steps go on over the two frames with content.
     assert_eq!(s.train_steps, 6);
+}
+
+#[test]
+fn the_shift_test_watches_the_arriving_frames_not_the_ring_samples() {
+    // Twelve day frames, then twelve night ones, through a ring of 16: samples drawn from the
+    // ring stay mostly day for several frames after the change, the arriving frames do not.
+    use segadapt::adapt::controller::Event;
+    use segadapt::runtime::online::{run_online, OnlineConfig};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+    let fx = fixture(24, false);
+    for i in 0..24 {
+        let path = fx.data.path().join(format!("images/f{i:03}.png"));
+        let mut img = image::open(&path).unwrap().to_rgb8();
+        let k = (i % 3) as u8;
+        for p in img.pixels_mut() {
+            for c in p.0.iter_mut() {
+                *c = match i < 12 {
+                    true => c.saturating_sub(30) + 12 * k,
+                    false => *c / 8 + 2 * k,
+                };
+            }
+        }
+        img.save(&path).unwrap();
+    }
+    let mut ac = AdaptConfig::plain();
+    ac.guard.collapse = false;
+    ac.budget.on = true;
+    (ac.budget.steps, ac.budget.window, ac.budget.slots) = (500, 2, 0);
+    let adapter = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
+    let oc = OnlineConfig {
+        steps_per_frame: Some(1),
+        ring: 16,
+        ..online_config(false)
+    };
+    let shifts = Mutex::new(Vec::new());
+    run_online(
+        fx.source(30.0),
+        adapter,
+        &fx.pre,
+        &oc,
+        Arc::new(AtomicBool::new(false)),
+        predict_each(&fx.pre),
+        |step, rep, _| {
+            if matches!(rep.event, Event::Shifted { .. }) {
+                shifts.lock().unwrap().push(step);
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    // One step per frame from the first: step 13 follows the first night frame.
+    let shifts = shifts.into_inner().unwrap();
+    assert_eq!(
+        shifts.iter().find(|&&s| s > 12),
+        Some(&13),
+        "shifts at steps {shifts:?}"
+    );
 }

@@ -47,8 +47,8 @@ pub struct Budget {
     /// Budget factor per earlier visit of a known condition.
     pub revisit: f64,
     /// Conditions whose adapted weights are kept (0: none). With slots, a known condition starts
-    /// from the weights adapted to it and a new one from the source weights (or a similar kept
-    /// condition's), so adapting to one condition does not degrade the model for another.
+    /// from the weights adapted to it and a new one from the nearest kept condition's, so
+    /// adapting to one condition does not degrade the model for another.
     pub slots: usize,
 }
 

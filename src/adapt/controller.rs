@@ -8,14 +8,18 @@
 //!
 //! With `slots`, the controller also remembers the weights adapted to each condition: the
 //! adapter starts a known condition from the weights it had when the stream last left it, and a
-//! new one from the source weights, or from a kept condition's within the shift threshold of it. Adapting to fog then cannot cost anything at night, and a
-//! drive through many conditions does not accumulate the errors of each (measured on the
-//! continual CamVid-C stream, where one set of weights carried through all conditions falls
-//! below the source model by the second round).
+//! new one from the weights of the kept condition nearest to it. Adapting to fog then cannot
+//! cost anything back in the day, and a drive through many conditions does not accumulate the
+//! errors of each (measured on the continual CamVid-C stream, where one set of weights carried
+//! through all conditions falls below the source model by the second round). After a shift,
+//! training waits until the new condition is told apart from the kept ones (a window of its
+//! own frames), so no step goes to weights about to be replaced.
 //!
 //! The shift signal is model-free: per frame, each colour channel's mean, spread and mean
 //! absolute gradient (brightness, contrast, sharpness: what weather and light change), compared
-//! window by window with the statistics of the frames the current budget adapted on. HAMLET
+//! window by window with the statistics of the frames the current budget adapted on. The
+//! runtime shows it every frame as it arrives; the training samples drawn from the ring of
+//! recent frames would blur a change over the ring's length. HAMLET
 //! measures the shift with a small decoder on the frozen source encoder instead; these
 //! statistics cost no forward pass and do not move as the model adapts.
 
@@ -101,16 +105,8 @@ pub enum Event {
     /// adapter hands to [`Controller::keep`] (None for the first condition and without slots).
     Shifted { left: Option<usize> },
     /// The adapter goes on from condition `.0`'s kept weights: the stream moved to it again,
-    /// came back to it after a passing change, or moved to a new condition close to it.
+    /// came back to it after a passing change, or moved to a new condition nearest to it.
     Recalled(usize),
-}
-
-/// How much to train on a frame and what the stream did.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Observation {
-    /// Learning-rate scale: 0 when no budget is left.
-    pub scale: f64,
-    pub event: Event,
 }
 
 pub struct Controller {
@@ -132,6 +128,9 @@ pub struct Controller {
     settling: usize,
     /// The condition the last shift left, until the new one's statistics are there.
     interrupted: Option<Interrupted>,
+    /// The kept condition whose weights the adapter holds (with slots): the one a shift left,
+    /// or the one the new condition went on from.
+    held: Option<usize>,
 }
 
 impl Controller {
@@ -147,12 +146,15 @@ impl Controller {
             pending: false,
             settling: 0,
             interrupted: None,
+            held: None,
         }
     }
 
-    /// Folds in a batch of frames ([B, 3, H, W], normalised) and says how much to train on
-    /// it and whether the stream has just moved to another condition.
-    pub fn observe(&mut self, frames: &Tensor) -> Result<Observation> {
+    /// Folds in frames as they arrive ([B, 3, H, W], normalised) and says whether the stream
+    /// has just moved to another condition. The shift test watches the stream itself: fed the
+    /// training samples drawn from the ring of recent frames, its windows would mix conditions
+    /// for as long as the ring holds both, and a change could pass unseen.
+    pub fn observe(&mut self, frames: &Tensor) -> Result<Event> {
         // A frame joins the current condition's statistics once it leaves the window, so the
         // window is always compared with frames before it.
         for d in descriptors(frames)? {
@@ -166,8 +168,10 @@ impl Controller {
                 }
             }
         }
+        // A condition's spread is taken from two windows of its frames at least: from one, it
+        // is too narrow, and the next scene of the same road looks like a shift.
         let settled =
-            self.recent.len() >= self.cfg.window && self.current.n >= self.cfg.window as f64;
+            self.recent.len() >= self.cfg.window && self.current.n >= 2.0 * self.cfg.window as f64;
         let first = self.granted == 0;
         // The first frames are the shift away from the source domain.
         let distance = match settled {
@@ -180,30 +184,43 @@ impl Controller {
         if shifted {
             let left = self.grant();
             if !first {
-                event = Event::Shifted {
-                    left: left.filter(|_| self.cfg.slots > 0),
-                };
+                let left = left.filter(|_| self.cfg.slots > 0);
+                self.held = left;
+                event = Event::Shifted { left };
             }
         } else if settled && self.pending {
             self.pending = false;
             let window = self.window_mean();
-            let start = match self.resume_if_transient(&window) {
-                Some(i) => Some(i),
-                None => self
-                    .rescale_if_known(&window)
-                    .or_else(|| self.nearest_kept(&window)),
+            let start = self
+                .resume_if_transient(&window)
+                .or_else(|| self.rescale_if_known(&window))
+                .filter(|&i| self.known[i].weights.is_some())
+                .or_else(|| self.nearest_kept(&window));
+            event = match start {
+                // The weights in place are the ones to go on from.
+                Some(i) if self.held == Some(i) => Event::Steady,
+                Some(i) => Event::Recalled(i),
+                None => Event::Steady,
             };
-            if let Some(i) = start.filter(|&i| self.known[i].weights.is_some()) {
+            if let Some(i) = start {
                 self.known[i].last = self.frames;
-                event = Event::Recalled(i);
             }
+            self.held = start;
         }
-        if self.left == 0 {
-            return Ok(Observation { scale: 0.0, event });
+        Ok(event)
+    }
+
+    /// Takes one step of the budget: the learning-rate scale for it, 0 when none is left. After
+    /// a shift that kept the weights, training waits until the new condition is told apart
+    /// from the kept ones: steps taken before would be thrown away when it starts from other
+    /// weights.
+    pub fn spend(&mut self) -> f64 {
+        if self.left == 0 || (self.pending && self.held.is_some()) {
+            return 0.0;
         }
         let scale = self.left as f64 / self.granted as f64;
         self.left -= 1;
-        Ok(Observation { scale, event })
+        scale
     }
 
     /// Keeps `weights` as those adapted to condition `i` (from [`Event::Shifted`]); when the
@@ -279,9 +296,12 @@ impl Controller {
         Some(i)
     }
 
-    /// A new condition within the shift threshold of one whose weights are kept starts from
-    /// those weights (similar conditions share what was learnt); a farther one from the source.
-    fn nearest_kept(&self, window: &[f64]) -> Option<usize> {
+    /// A new condition starts from the weights of the kept condition nearest to it: what was
+    /// learnt on another road or in other weather is a better start than the source model. As
+    /// in HAMLET, how hard it trains follows how far it is from them: at distance d it gets the
+    /// last d/threshold of a budget (the rate starts at that share of the full rate and decays
+    /// to zero), the whole budget at the threshold and beyond.
+    fn nearest_kept(&mut self, window: &[f64]) -> Option<usize> {
         let (i, d) = self
             .known
             .iter()
@@ -289,10 +309,13 @@ impl Controller {
             .filter(|(_, c)| c.weights.is_some())
             .map(|(i, c)| (i, c.stats.distance(window)))
             .min_by(|a, b| a.1.total_cmp(&b.1))?;
-        (d <= self.cfg.threshold).then(|| {
-            log::info!("training budget: a new condition close to condition {i} (distance {d:.1})");
-            i
-        })
+        let share = (d / self.cfg.threshold).min(1.0);
+        self.left = ((self.left as f64 * share).round() as u64).max(1);
+        log::info!(
+            "training budget: a new condition, nearest to condition {i} (distance {d:.1}); {} steps left",
+            self.left
+        );
+        Some(i)
     }
 
     /// A condition adapted to k times before keeps `revisit`^k of its budget. Being the same
@@ -396,6 +419,7 @@ impl Controller {
                         self.settling as f32,
                         f32::from(u8::from(self.pending)),
                         self.frames as f32,
+                        self.held.map_or(-1.0, |i| i as f32),
                     ],
                     dev,
                 )?,
@@ -450,6 +474,8 @@ impl Controller {
         (self.left, self.granted) = (b[0] as u64, b[1] as u64);
         (self.settling, self.pending) = (b[2] as usize, b[3] > 0.0);
         self.frames = b[4] as u64;
+        // Checkpoints from before the held condition was recorded have five values.
+        self.held = b.get(5).filter(|&&v| v >= 0.0).map(|&v| v as usize);
         Ok(())
     }
 }
@@ -515,10 +541,14 @@ mod tests {
         }
     }
 
-    /// The events of 60 frames of a condition.
+    /// The events of 60 frames of a condition, one step on each.
     fn events(c: &mut Controller, f: &dyn Fn(usize) -> Tensor) -> Vec<Event> {
         (0..60)
-            .map(|i| c.observe(&f(i)).unwrap().event)
+            .map(|i| {
+                let e = c.observe(&f(i)).unwrap();
+                c.spend();
+                e
+            })
             .filter(|e| *e != Event::Steady)
             .collect()
     }
@@ -562,7 +592,11 @@ mod tests {
         .unwrap();
         let w: Vec<f32> = d.weights(1).unwrap()["w"].to_vec1().unwrap();
         assert_eq!(w, vec![2.0]);
-        assert_eq!(events(&mut d, &fog), vec![Event::Shifted { left: Some(0) }]);
+        // Fog is new: it goes on from the nearest kept weights, night's.
+        assert_eq!(
+            events(&mut d, &fog),
+            vec![Event::Shifted { left: Some(0) }, Event::Recalled(1)]
+        );
         assert_eq!(
             events(&mut d, &night),
             vec![Event::Shifted { left: Some(2) }, Event::Recalled(1)]
@@ -570,7 +604,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_condition_like_a_kept_one_starts_from_its_weights_with_a_full_budget() {
+    fn a_new_condition_like_a_kept_one_starts_from_its_weights_with_part_of_a_budget() {
         let mut c = Controller::new(&config::Budget {
             slots: 2,
             ..cfg(100)
@@ -585,12 +619,23 @@ mod tests {
             vec![Event::Shifted { left: Some(0) }]
         );
         c.keep(0, TensorMap::new());
-        let seen = events(&mut c, &dusk);
+        let (mut seen, mut scales) = (Vec::new(), Vec::new());
+        for i in 0..60 {
+            let e = c.observe(&dusk(i)).unwrap();
+            if e != Event::Steady {
+                seen.push(e);
+            }
+            scales.push(c.spend());
+        }
         assert_eq!(
             seen,
             vec![Event::Shifted { left: Some(1) }, Event::Recalled(0)]
         );
-        assert_eq!(c.granted, 100, "a new condition: the whole budget");
+        // Past a quarter of the threshold and within it: the tail of a full budget, its rate
+        // starting below the full rate.
+        let first = scales.iter().copied().find(|&s| s > 0.0).unwrap();
+        assert!(first > 0.0 && first < 1.0, "{scales:?}");
+        assert_eq!(c.granted, 100);
         assert_eq!(c.known[0].visits, 1, "day itself was not revisited");
     }
 
@@ -610,7 +655,8 @@ mod tests {
                 true => frame(-1.5, 0.05),
                 false => day(i),
             };
-            let e = c.observe(&f).unwrap().event;
+            let e = c.observe(&f).unwrap();
+            c.spend();
             if let Event::Shifted { left: Some(j) } = e {
                 c.keep(j, TensorMap::new());
             }
@@ -618,10 +664,9 @@ mod tests {
                 seen.push(e);
             }
         }
-        assert_eq!(
-            seen,
-            vec![Event::Shifted { left: Some(0) }, Event::Recalled(0)]
-        );
+        // Day's weights never left the adapter: nothing to recall.
+        assert_eq!(seen, vec![Event::Shifted { left: Some(0) }]);
+        assert_eq!(c.held, Some(0));
         assert_eq!(
             c.known[0].visits, 0,
             "the day condition is not counted again"
@@ -631,6 +676,37 @@ mod tests {
             "the budget goes on from where it was ({} of {left_before})",
             c.left
         );
+    }
+
+    #[test]
+    fn after_a_shift_training_waits_until_the_new_condition_is_told() {
+        let mut c = Controller::new(&config::Budget {
+            slots: 2,
+            ..cfg(100)
+        });
+        events(&mut c, &|i| frame(0.5 + 0.01 * (i % 3) as f32, 0.3));
+        let mut scales = Vec::new();
+        let (mut shifted, mut told) = (false, None);
+        for i in 0..60 {
+            match c
+                .observe(&frame(-1.5 + 0.01 * (i % 3) as f32, 0.05))
+                .unwrap()
+            {
+                Event::Shifted { left: Some(j) } => {
+                    c.keep(j, TensorMap::new());
+                    shifted = true;
+                }
+                Event::Steady if shifted && told.is_none() && !c.pending => told = Some(i),
+                _ => {}
+            }
+            scales.push(c.spend());
+        }
+        let told = told.expect("night is told apart");
+        // Night is new and goes on from day's weights, the only kept ones: no recall, and no
+        // step before it is told, then its whole budget.
+        assert_eq!(c.held, Some(0));
+        assert!(scales[..told].iter().all(|&s| s == 0.0), "{scales:?}");
+        assert_eq!(scales[told], 1.0, "{scales:?}");
     }
 
     #[test]
@@ -646,9 +722,8 @@ mod tests {
         let mut c = Controller::new(&cfg(10));
         let scales: Vec<f64> = (0..15)
             .map(|i| {
-                c.observe(&frame(0.5 + 0.01 * (i % 3) as f32, 0.3))
-                    .unwrap()
-                    .scale
+                c.observe(&frame(0.5 + 0.01 * (i % 3) as f32, 0.3)).unwrap();
+                c.spend()
             })
             .collect();
         // Ten steps with the rate decaying linearly from 1, then nothing.
@@ -665,7 +740,10 @@ mod tests {
         // Steps trained over 60 frames of a condition.
         let phase = |c: &mut Controller, f: &dyn Fn(usize) -> Tensor| -> usize {
             (0..60)
-                .filter(|&i| c.observe(&f(i)).unwrap().scale > 0.0)
+                .filter(|&i| {
+                    c.observe(&f(i)).unwrap();
+                    c.spend() > 0.0
+                })
                 .count()
         };
         let first = phase(&mut c, &day);

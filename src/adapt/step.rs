@@ -50,6 +50,8 @@ pub struct Adapter {
     components: Vec<Box<dyn Component>>,
     /// When to train (None: every step at the configured rate).
     controller: Option<super::controller::Controller>,
+    /// What the shift test saw since the last training step (the last event), for its report.
+    event: Event,
     /// Labelled source frames (shared, never changed by a step).
     pub replay: Option<Arc<Replay>>,
     pub stats: SourceStats,
@@ -115,6 +117,7 @@ impl Adapter {
                 .budget
                 .on
                 .then(|| super::controller::Controller::new(&cfg.budget)),
+            event: Event::Steady,
             cfg,
             student,
             teacher,
@@ -134,30 +137,58 @@ impl Adapter {
         self.opt.step_count()
     }
 
+    /// Whether training runs on budgets granted by a shift test that watches the stream.
+    pub fn has_budgets(&self) -> bool {
+        self.controller.is_some()
+    }
+
     /// The names of the switched-on components, in pipeline order.
     pub fn component_names(&self) -> Vec<&'static str> {
         self.components.iter().map(|c| c.name()).collect()
     }
 
-    /// One step on `weak` / `strong` views of the same frames ([B, 3, H, W], same geometry).
+    /// One step on `weak` / `strong` views of the same frames ([B, 3, H, W], same geometry),
+    /// the frames standing for the stream: [`Adapter::observe`] on `weak`, then
+    /// [`Adapter::train`].
     pub fn step(
         &mut self,
         weak: &Tensor,
         strong: &Tensor,
         rng: &mut SeededRng,
     ) -> Result<StepReport> {
-        let (scale, event) = match self
-            .controller
-            .as_mut()
-            .map(|c| c.observe(weak))
-            .transpose()?
-        {
-            Some(obs) => {
-                self.follow(obs.event)?;
-                (obs.scale, obs.event)
+        self.observe(weak)?;
+        self.train(weak, strong, rng)
+    }
+
+    /// Shows the training budgets' shift test the frames that arrived ([B, 3, H, W],
+    /// normalised, in arrival order) and follows what it saw: on a shift the condition left
+    /// keeps its weights, a recalled one gets its own back. Without budgets, nothing.
+    pub fn observe(&mut self, frames: &Tensor) -> Result<()> {
+        for i in 0..frames.dim(0)? {
+            let Some(c) = self.controller.as_mut() else {
+                return Ok(());
+            };
+            // Frame by frame: a shift keeps the weights of the condition it left before the
+            // next frame can recall them.
+            let e = c.observe(&frames.narrow(0, i, 1)?)?;
+            if e != Event::Steady {
+                self.follow(e)?;
+                self.event = e;
             }
-            None => (1.0, Event::Steady),
-        };
+        }
+        Ok(())
+    }
+
+    /// One training step on `weak` / `strong` views of frames sampled from the stream, as
+    /// much as the training budget grants.
+    pub fn train(
+        &mut self,
+        weak: &Tensor,
+        strong: &Tensor,
+        rng: &mut SeededRng,
+    ) -> Result<StepReport> {
+        let event = std::mem::take(&mut self.event);
+        let scale = self.controller.as_mut().map_or(1.0, |c| c.spend());
         if scale == 0.0 {
             // The weights stay, but the teacher's normalisation statistics go on following the
             // frames: a running average of the last few frames cannot drift over a long drive,
@@ -179,21 +210,19 @@ impl Adapter {
         Ok(StepReport { event, ..report })
     }
 
-    /// Moves with the stream: on a shift the condition left keeps its weights (with slots) and
-    /// the student starts again from the source; a recalled condition's weights come back.
+    /// Moves with the stream: on a shift the condition left keeps its weights (with slots); the
+    /// new condition then goes on from them or from another kept condition's.
     fn follow(&mut self, event: Event) -> Result<()> {
         match event {
             Event::Steady => {}
             Event::Shifted { left: None } => self.components.iter_mut().for_each(|c| c.shift()),
             Event::Shifted { left: Some(i) } => {
                 let kept = self.adapted_weights()?;
-                let source = self.source.clone();
                 self.controller
                     .as_mut()
                     .expect("events come from the controller")
                     .keep(i, kept);
-                log::info!("new condition: adapting from the source weights");
-                self.start_again(&source)?;
+                log::info!("condition {i} left: training waits until the new one is told");
             }
             Event::Recalled(i) => {
                 let mut init = self.source.clone();

@@ -161,10 +161,40 @@ enum Trained {
     Step(StepReport),
 }
 
-/// One training step if the ring holds a batch and memory allows.
+/// The recent frames training samples from, and which of them the shift test has not seen.
+#[derive(Default)]
+struct Ring {
+    frames: VecDeque<RgbImage>,
+    entered: u64,
+    shown: u64,
+}
+
+impl Ring {
+    fn push(&mut self, img: &RgbImage, capacity: usize) {
+        if self.frames.len() == capacity.max(1) {
+            self.frames.pop_front();
+        }
+        self.frames.push_back(img.clone());
+        self.entered += 1;
+    }
+
+    /// The frames that entered since the last call, oldest first (as many as are still held).
+    fn unshown(&mut self) -> Vec<RgbImage> {
+        let new = (self.entered - self.shown).min(self.frames.len() as u64) as usize;
+        self.shown = self.entered;
+        self.frames
+            .iter()
+            .skip(self.frames.len() - new)
+            .cloned()
+            .collect()
+    }
+}
+
+/// One training step if the ring holds a batch and memory allows; the frames that entered the
+/// ring since the last step go to the adapter's shift test first.
 fn train_once(
     adapter: &mut Adapter,
-    ring: &Mutex<VecDeque<RgbImage>>,
+    ring: &Mutex<Ring>,
     cfg: &OnlineConfig,
     pre: &PreprocessConfig,
     rng: &mut SeededRng,
@@ -176,20 +206,28 @@ fn train_once(
             return Ok(Trained::Nothing);
         }
     }
-    let batch: Vec<RgbImage> = {
-        let r = ring.lock().expect("ring");
-        if r.len() < cfg.batch {
+    let (batch, fresh): (Vec<RgbImage>, Vec<RgbImage>) = {
+        let mut r = ring.lock().expect("ring");
+        if r.frames.len() < cfg.batch {
             return Ok(Trained::Nothing);
         }
-        (0..cfg.batch)
-            .map(|_| r[rng.random_range(0..r.len())].clone())
-            .collect()
+        let fresh = match adapter.has_budgets() {
+            true => r.unshown(),
+            false => Vec::new(),
+        };
+        let batch = (0..cfg.batch)
+            .map(|_| r.frames[rng.random_range(0..r.frames.len())].clone())
+            .collect();
+        (batch, fresh)
     };
-    let refs: Vec<&RgbImage> = batch.iter().collect();
     let dev = adapter.teacher.device().clone();
+    for f in &fresh {
+        adapter.observe(&crate::data::image_to_tensor(f, pre, &dev)?)?;
+    }
+    let refs: Vec<&RgbImage> = batch.iter().collect();
     let (weak, strong) = views(&refs, pre, cfg.crop, rng, &dev)?;
     let t0 = std::time::Instant::now();
-    let rep = adapter.step(&weak, &strong, rng)?;
+    let rep = adapter.train(&weak, &strong, rng)?;
     if rep.idle {
         return Ok(Trained::Statistics);
     }
@@ -283,7 +321,7 @@ pub fn run_online(
         &adapter,
         cfg.serve_dtype,
     )?)));
-    let ring = Arc::new(Mutex::new(VecDeque::with_capacity(cfg.ring)));
+    let ring = Arc::new(Mutex::new(Ring::default()));
     let counters = Counters {
         live: cfg.pipeline.metrics.clone().unwrap_or_default(),
         ..Default::default()
@@ -294,11 +332,7 @@ pub fn run_online(
         if !crate::data::has_content(img) {
             return false;
         }
-        let mut r = ring.lock().expect("ring");
-        if r.len() == cfg.ring.max(1) {
-            r.pop_front();
-        }
-        r.push_back(img.clone());
+        ring.lock().expect("ring").push(img, cfg.ring);
         true
     };
     // A served frame; the frames a resume refills the ring with were counted when served.
@@ -324,6 +358,11 @@ pub fn run_online(
         }
         _ => 0,
     };
+    {
+        // The frames a resume refilled the ring with were shown to the shift test before.
+        let mut r = ring.lock().expect("ring");
+        r.shown = r.entered;
+    }
     let fill = |mut s: Summary, steps: u64| {
         s.train_steps = steps;
         let live = &counters.live;
