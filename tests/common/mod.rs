@@ -82,7 +82,6 @@ pub fn write_model_dir(dir: &Path, cfg: &SegformerConfig, data: &Path, size: (us
     stats.save(dir).unwrap();
 }
 
-/// The largest absolute difference between two tensors of one shape, in f32.
 /// The largest absolute value of `t`.
 pub fn max_abs(t: &candle_core::Tensor) -> f32 {
     let t = t.to_dtype(candle_core::DType::F32).unwrap();
@@ -105,6 +104,7 @@ pub fn classes(logits: &candle_core::Tensor) -> Vec<u32> {
         .unwrap()
 }
 
+/// The largest absolute difference between two tensors of one shape, in f32.
 pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     let f32 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
