@@ -27,6 +27,8 @@ fn main() {
         ("inference batch 1", &r.infer),
         ("train step batch 2", &r.train_step),
         ("EMA update", &r.ema),
+        ("handover, weights", &r.handover),
+        ("handover, statistics", &r.handover_statistics),
     ] {
         println!(
             "{name:<20} {:>9.1} ms (min {:.1}, max {:.1})  heap peak {:.0} MB",

@@ -4,7 +4,7 @@
 use crate::budget;
 use crate::config::SegformerConfig;
 use crate::error::Result;
-use crate::model::ema::ema_update;
+use crate::model::ema::{detached_copy, ema_update};
 use crate::model::{init_tensors, Segformer};
 use crate::train::{TrainConfig, Trainer};
 use crate::SeededRng;
@@ -64,6 +64,10 @@ pub struct BenchReport {
     /// Every weight training, the encoder blocks recomputed in the backward pass.
     pub adapt_step_recompute: Timing,
     pub ema: Timing,
+    /// Handing serving a copy of the teacher after a training step, and after an idle step
+    /// that moved only the decode head's statistics (the served weights shared).
+    pub handover: Timing,
+    pub handover_statistics: Timing,
     /// Process peak RSS after the inference runs and after the training runs, MB.
     pub infer_peak_rss_mb: f64,
     pub train_peak_rss_mb: f64,
@@ -167,8 +171,17 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
     let ema = time(spec, || {
         Ok(ema_update(&trainer.teacher, &trainer.student.model, 0.999)?)
     })?;
+    let mut served = Segformer::new(&cfg, detached_copy(&trainer.teacher)?)?;
+    let handover = time(spec, || {
+        served = Segformer::new(&cfg, detached_copy(&trainer.teacher)?)?;
+        Ok(())
+    })?;
+    let handover_statistics = time(spec, || {
+        served = served.with_statistics_of(&trainer.teacher)?;
+        Ok(())
+    })?;
     // The adaptation step's peak is its own: models, optimizer, state and activations.
-    drop(trainer);
+    drop((trainer, served));
     // Source statistics from the random model on one random labelled frame.
     let img = image::RgbImage::from_fn(spec.width as u32, spec.height as u32, |x, y| {
         image::Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
@@ -238,6 +251,8 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         adapt_step_norm,
         adapt_step_recompute,
         ema,
+        handover,
+        handover_statistics,
         infer_peak_rss_mb,
         train_peak_rss_mb,
         ops,

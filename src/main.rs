@@ -898,6 +898,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 "infer_ms": r.infer.median_ms, "train_step_ms": r.train_step.median_ms, "adapt_step_ms": r.adapt_step.median_ms, "adapt_step_norm_ms": r.adapt_step_norm.median_ms,
                 "adapt_step_recompute_ms": r.adapt_step_recompute.median_ms, "adapt_recompute_peak_mb": r.adapt_step_recompute.peak_mb,
                 "adapt_peak_mb": r.adapt_step.peak_mb, "adapt_norm_peak_mb": r.adapt_step_norm.peak_mb, "ema_ms": r.ema.median_ms,
+                "handover_ms": r.handover.median_ms, "handover_statistics_ms": r.handover_statistics.median_ms,
                 "infer_peak_mb": r.infer.peak_mb, "train_peak_mb": r.train_step.peak_mb,
                 "peak_mb": r.infer.peak_mb.max(r.train_step.peak_mb),
                 "infer_peak_rss_mb": r.infer_peak_rss_mb, "train_peak_rss_mb": r.train_peak_rss_mb,
@@ -923,6 +924,8 @@ fn bench(a: BenchArgs) -> Result<()> {
                 &r.adapt_step_recompute,
             ),
             ("EMA update", &r.ema),
+            ("serving handover (weights)", &r.handover),
+            ("serving handover (statistics)", &r.handover_statistics),
         ] {
             println!(
                 "{name:<28} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",

@@ -777,3 +777,60 @@ fn the_shift_test_watches_the_arriving_frames_not_the_ring_samples() {
         "shifts at steps {shifts:?}"
     );
 }
+
+#[test]
+fn with_the_budget_spent_serving_gets_the_teachers_statistics_on_every_frame() {
+    use segadapt::runtime::online::OnlineConfig;
+    use std::sync::{Arc, Mutex};
+    let fx = fixture(8, false);
+    let mut ac = AdaptConfig::plain();
+    ac.guard.collapse = false;
+    ac.budget.on = true;
+    ac.budget.steps = 2;
+    let oc = OnlineConfig {
+        steps_per_frame: Some(1),
+        ..online_config(false)
+    };
+    let probe = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
+    let logits = |m: &Segformer| m.forward(&probe, None).unwrap().logits;
+    // Drives of 8 and of 7 frames: the 8th frame is served with what the 7th left.
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let drive = |frames: usize| {
+        let opts = segadapt::source::SourceOptions {
+            fps: 30.0,
+            limit: Some(frames),
+            ..Default::default()
+        };
+        let spec = format!("folder:{}", fx.data.path().display());
+        let adapter = Adapter::new(ac.clone(), &fx.cfg, &fx.tensors, fx.stats()).unwrap();
+        let seen = served.clone();
+        segadapt::runtime::online::run_online(
+            segadapt::source::open(&spec, &opts).unwrap(),
+            adapter,
+            &fx.pre,
+            &oc,
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            move |_, _, m| {
+                seen.lock().unwrap().push(logits(m));
+                Ok(())
+            },
+            |_, _, _| Ok(()),
+        )
+        .unwrap()
+    };
+    let seven = drive(7);
+    assert_eq!(seven.summary.train_steps, 2, "the budget was spent early");
+    served.lock().unwrap().clear();
+    drive(8);
+    let served = served.lock().unwrap();
+    let whole = Segformer::new(
+        &fx.cfg,
+        segadapt::model::ema::detached_copy(&seven.adapter.teacher).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(common::max_diff(&served[7], &logits(&whole)), 0.0);
+    assert!(
+        common::max_diff(&served[7], &served[4]) > 0.0,
+        "the statistics moved between idle frames"
+    );
+}

@@ -339,3 +339,35 @@ fn recomputed_blocks_give_the_gradients_of_the_kept_graph() {
         assert!(d <= 1e-5 * scale.max(1e-3), "{name}: {d} (largest {scale})");
     }
 }
+
+#[test]
+fn a_served_model_takes_the_teachers_statistics_without_its_weights_moving() {
+    let cfg = common::tiny_config(5);
+    let dev = Device::Cpu;
+    let teacher = Segformer::new(&cfg, init_tensors(&cfg, &dev, 1).unwrap()).unwrap();
+    let copy = || segadapt::model::ema::detached_copy(&teacher).unwrap();
+    let served = Segformer::new(&cfg, copy()).unwrap();
+    let dark =
+        ((Tensor::randn(0f32, 1.0, (1, 3, 64, 96), &dev).unwrap() * 0.2).unwrap() - 1.5).unwrap();
+    teacher.forward_tracking(&dark).unwrap();
+    let next = served.with_statistics_of(&teacher).unwrap();
+    let whole = Segformer::new(&cfg, copy()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 64, 96), &dev).unwrap();
+    let logits = |m: &Segformer| m.forward(&x, None).unwrap().logits;
+    assert_eq!(
+        common::max_diff(&logits(&next), &logits(&whole)),
+        0.0,
+        "serves as a whole copy of the teacher would"
+    );
+    assert!(common::max_diff(&logits(&next), &logits(&served)) > 0.0);
+    let counter = "decode_head.batch_norm.num_batches_tracked";
+    let n = |m: &Segformer| m.tensors().unwrap()[counter].to_scalar::<i64>().unwrap();
+    assert_eq!(n(&next), n(&teacher));
+    // The teacher goes on tracking in place; what serving was given must not move with it.
+    let before = logits(&next);
+    teacher.forward_tracking(&x).unwrap();
+    assert_eq!(common::max_diff(&logits(&next), &before), 0.0);
+    // Shared, not copied: the served weights are the tensors it already had.
+    let w = "decode_head.classifier.weight";
+    assert_eq!(next.raw_tensors()[w].id(), served.raw_tensors()[w].id());
+}

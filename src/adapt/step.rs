@@ -17,10 +17,10 @@ use crate::SeededRng;
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
 
-/// The decode head's BatchNorm statistics, which the teacher tracks itself.
+/// The decode head's BatchNorm statistics, which the teacher tracks itself (not the counter).
 const RUNNING_STATS: [&str; 2] = [
-    "decode_head.batch_norm.running_mean",
-    "decode_head.batch_norm.running_var",
+    crate::model::TRACKED_STATISTICS[0],
+    crate::model::TRACKED_STATISTICS[1],
 ];
 
 /// Loss terms of the last step, for logs and tests.
@@ -162,11 +162,13 @@ impl Adapter {
 
     /// Shows the training budgets' shift test the frames that arrived ([B, 3, H, W],
     /// normalised, in arrival order) and follows what it saw: on a shift the condition left
-    /// keeps its weights, a recalled one gets its own back. Without budgets, nothing.
-    pub fn observe(&mut self, frames: &Tensor) -> Result<()> {
+    /// keeps its weights, a recalled one gets its own back. Without budgets, nothing. Returns
+    /// whether the teacher's weights were replaced (a recalled condition's).
+    pub fn observe(&mut self, frames: &Tensor) -> Result<bool> {
+        let mut replaced = false;
         for i in 0..frames.dim(0)? {
             let Some(c) = self.controller.as_mut() else {
-                return Ok(());
+                return Ok(false);
             };
             // Frame by frame: a shift keeps the weights of the condition it left before the
             // next frame can recall them.
@@ -174,9 +176,10 @@ impl Adapter {
             if e != Event::Steady {
                 self.follow(e)?;
                 self.event = e;
+                replaced |= matches!(e, Event::Recalled(_));
             }
         }
-        Ok(())
+        Ok(replaced)
     }
 
     /// One training step on `weak` / `strong` views of frames sampled from the stream, as

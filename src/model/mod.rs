@@ -11,6 +11,6 @@ pub mod weights;
 pub use recompute::Recompute;
 pub use segformer::{
     init_tensors, param_specs, prefixed, with_prefix, Init, ParamSpec, SegOutput, Segformer,
-    TensorMap,
+    TensorMap, TRACKED_STATISTICS,
 };
 pub use student::Student;

@@ -318,6 +318,14 @@ impl Lookup<'_> {
     }
 }
 
+/// The decode head's BatchNorm statistics, which an inference forward may track
+/// ([`Segformer::forward_tracking`]); the counter is a fresh tensor on every read.
+pub const TRACKED_STATISTICS: [&str; 3] = [
+    "decode_head.batch_norm.running_mean",
+    "decode_head.batch_norm.running_var",
+    "decode_head.batch_norm.num_batches_tracked",
+];
+
 /// HF's block norms are `nn.LayerNorm` defaults; `layer_norm_eps` is not what they use.
 const LN_EPS: f64 = 1e-5;
 
@@ -451,6 +459,22 @@ impl Segformer {
                 Ok((k, t))
             })
             .collect::<Result<TensorMap>>()?;
+        Self::new(&self.cfg, tensors)
+    }
+
+    /// This model's weights (shared, not copied) with copies of `other`'s decode-head
+    /// BatchNorm statistics and counter, in this model's dtype: the served model after a step
+    /// that moved only the teacher's statistics, without copying every weight again.
+    pub fn with_statistics_of(&self, other: &Segformer) -> Result<Self> {
+        let mut tensors = self.tensors()?;
+        let theirs = other.tensors()?;
+        for n in TRACKED_STATISTICS {
+            let t = match theirs[n].dtype().is_float() {
+                true => theirs[n].detach().to_dtype(self.dtype())?.copy()?,
+                false => theirs[n].clone(),
+            };
+            tensors.insert(n.to_string(), t);
+        }
         Self::new(&self.cfg, tensors)
     }
 

@@ -112,6 +112,30 @@ fn publish(slot: &Published, adapter: &Adapter, dtype: candle_core::DType) -> cr
     Ok(())
 }
 
+/// Hands serving the teacher's tracked statistics on the weights it already serves: an idle
+/// step moved nothing else, and copying every weight on every idle frame of a long drive
+/// would cost the training thread more than the statistics' forward.
+fn publish_statistics(slot: &Published, adapter: &Adapter) -> crate::Result<()> {
+    let served = slot.read().expect("model slot").clone();
+    let next = served.with_statistics_of(&adapter.teacher)?;
+    *slot.write().expect("model slot") = Arc::new(next);
+    Ok(())
+}
+
+/// Publishes what `trained` changed.
+fn hand_over(
+    slot: &Published,
+    adapter: &Adapter,
+    dtype: candle_core::DType,
+    trained: &Trained,
+) -> crate::Result<()> {
+    match trained {
+        Trained::Nothing => Ok(()),
+        Trained::Statistics => publish_statistics(slot, adapter),
+        Trained::Recalled | Trained::Step(_) => publish(slot, adapter, dtype),
+    }
+}
+
 /// A copy of the teacher to serve from, in `dtype`.
 fn served_copy(adapter: &Adapter, dtype: candle_core::DType) -> crate::Result<Segformer> {
     let m = match dtype {
@@ -157,6 +181,8 @@ enum Trained {
     Nothing,
     /// No training budget left: only the teacher's BatchNorm statistics followed the frames.
     Statistics,
+    /// No training budget left, but a recalled condition's weights replaced the teacher's.
+    Recalled,
     /// A step ran, or was rolled back.
     Step(StepReport),
 }
@@ -221,15 +247,19 @@ fn train_once(
         (batch, fresh)
     };
     let dev = adapter.teacher.device().clone();
+    let mut recalled = false;
     for f in &fresh {
-        adapter.observe(&crate::data::image_to_tensor(f, pre, &dev)?)?;
+        recalled |= adapter.observe(&crate::data::image_to_tensor(f, pre, &dev)?)?;
     }
     let refs: Vec<&RgbImage> = batch.iter().collect();
     let (weak, strong) = views(&refs, pre, cfg.crop, rng, &dev)?;
     let t0 = std::time::Instant::now();
     let rep = adapter.train(&weak, &strong, rng)?;
     if rep.idle {
-        return Ok(Trained::Statistics);
+        return Ok(match recalled {
+            true => Trained::Recalled,
+            false => Trained::Statistics,
+        });
     }
     // Steps that trained only: an idle one (no budget left) costs one forward.
     counters
@@ -390,13 +420,10 @@ pub fn run_online(
                 return Ok(());
             }
             for _ in 0..k {
-                match train_once(&mut adapter, &ring, cfg, pre, &mut rng, &counters)? {
-                    Trained::Nothing => {}
-                    Trained::Statistics => publish(&slot, &adapter, cfg.serve_dtype)?,
-                    Trained::Step(rep) => {
-                        publish(&slot, &adapter, cfg.serve_dtype)?;
-                        after_step(adapter.step, &rep, &slot.read().expect("model slot"))?;
-                    }
+                let trained = train_once(&mut adapter, &ring, cfg, pre, &mut rng, &counters)?;
+                hand_over(&slot, &adapter, cfg.serve_dtype, &trained)?;
+                if let Trained::Step(rep) = trained {
+                    after_step(adapter.step, &rep, &slot.read().expect("model slot"))?;
                 }
             }
             // At a frame's end, so a resumed run continues with the next frame.
@@ -440,14 +467,14 @@ pub fn run_online(
                     let moved = pool.install(|| {
                         train_once(&mut adapter, &ring, &cfg, pre, &mut rng, counters)
                     })?;
+                    hand_over(&slot, &adapter, cfg.serve_dtype, &moved)?;
                     match moved {
                         Trained::Nothing => {
                             std::thread::sleep(std::time::Duration::from_millis(5));
                             continue;
                         }
-                        Trained::Statistics => publish(&slot, &adapter, cfg.serve_dtype)?,
+                        Trained::Statistics | Trained::Recalled => {}
                         Trained::Step(rep) => {
-                            publish(&slot, &adapter, cfg.serve_dtype)?;
                             steps.store(adapter.step, Ordering::Relaxed);
                             after_step(adapter.step, &rep, &slot.read().expect("model slot"))?;
                             let at = || Position::new(served.load(Ordering::Relaxed), &rng);
