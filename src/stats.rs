@@ -1,6 +1,7 @@
 //! What adaptation needs from the source domain, computed once after source training and stored
 //! beside the weights (`source_stats.safetensors`), so the vehicle carries no source images.
 
+use crate::adapt::controller::FrameStats;
 use crate::config::PreprocessConfig;
 use crate::data::{image_to_tensor, Example};
 use crate::error::{Error, Result};
@@ -42,6 +43,9 @@ pub struct SourceStats {
     pub prototypes: Tensor,
     /// None in statistics written before the bank existed (`segadapt stats` adds it).
     pub bank: Option<Instances>,
+    /// How the source frames look to the training budgets' shift test. None in statistics
+    /// written before it existed (`segadapt stats` adds it).
+    pub frames: Option<FrameStats>,
 }
 
 impl SourceStats {
@@ -60,6 +64,7 @@ impl SourceStats {
                 }),
                 None => None,
             },
+            frames: self.frames.clone(),
         })
     }
 
@@ -146,6 +151,11 @@ impl SourceStats {
             )?,
             prototypes: Tensor::from_vec(protos, (c, d), &dev)?,
             bank: Some(instance_bank(instances, &pixels, d)?),
+            frames: Some(FrameStats::of_frames(
+                examples
+                    .iter()
+                    .map(|ex| image_to_tensor(&ex.image, pre, &Device::Cpu)),
+            )?),
         })
     }
 
@@ -161,6 +171,12 @@ impl SourceStats {
             m.insert(
                 "bank_labels".into(),
                 Tensor::new(b.labels.as_slice(), &Device::Cpu)?,
+            );
+        }
+        if let Some(f) = &self.frames {
+            m.insert(
+                "frame_stats".into(),
+                Tensor::new(f.to_vec().as_slice(), &Device::Cpu)?,
             );
         }
         let bytes = crate::model::weights::safetensors_bytes(&m, None)?;
@@ -190,6 +206,16 @@ impl SourceStats {
                     labels: l.to_vec1()?,
                 }),
                 _ => None,
+            },
+            frames: match m.get("frame_stats") {
+                Some(t) => {
+                    let v: Vec<f32> = t.to_vec1()?;
+                    let v: Vec<f64> = v.into_iter().map(f64::from).collect();
+                    Some(FrameStats::from_slice(&v).ok_or_else(|| {
+                        Error::data(&path, format!("frame_stats: {} values", v.len()))
+                    })?)
+                }
+                None => None,
             },
         })
     }

@@ -467,7 +467,7 @@ fn the_teacher_tracks_the_batchnorm_statistics_of_the_frames_it_labels() {
     let copy = segadapt::model::ema::detached_copy(&fx.model).unwrap();
     let reference = Segformer::new(&fx.cfg, copy).unwrap();
     let source = stats(&reference);
-    reference.forward_tracking(&x).unwrap();
+    reference.forward_tracking(&x, 1.0).unwrap();
     let mut ac = AdaptConfig::plain();
     ac.guard.collapse = false;
     let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
@@ -534,7 +534,7 @@ fn with_the_budget_spent_the_teacher_still_follows_the_frames_statistics() {
     // Its own copy: a model tracks in place, in the tensors it was built from.
     let copy = segadapt::model::ema::detached_copy(&a.teacher).unwrap();
     let reference = Segformer::new(&fx.cfg, copy).unwrap();
-    reference.forward_tracking(&dark).unwrap();
+    reference.forward_tracking(&dark, 1.0).unwrap();
     assert!(a.step(&dark, &dark, &mut rng).unwrap().idle);
     let after = segadapt::model::ema::detached_copy(&a.teacher).unwrap();
     for k in ["running_mean", "running_var"] {

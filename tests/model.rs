@@ -349,7 +349,7 @@ fn a_served_model_takes_the_teachers_statistics_without_its_weights_moving() {
     let served = Segformer::new(&cfg, copy()).unwrap();
     let dark =
         ((Tensor::randn(0f32, 1.0, (1, 3, 64, 96), &dev).unwrap() * 0.2).unwrap() - 1.5).unwrap();
-    teacher.forward_tracking(&dark).unwrap();
+    teacher.forward_tracking(&dark, 1.0).unwrap();
     let next = served.with_statistics_of(&teacher).unwrap();
     let whole = Segformer::new(&cfg, copy()).unwrap();
     let x = Tensor::randn(0f32, 1.0, (1, 3, 64, 96), &dev).unwrap();
@@ -365,7 +365,7 @@ fn a_served_model_takes_the_teachers_statistics_without_its_weights_moving() {
     assert_eq!(n(&next), n(&teacher));
     // The teacher goes on tracking in place; what serving was given must not move with it.
     let before = logits(&next);
-    teacher.forward_tracking(&x).unwrap();
+    teacher.forward_tracking(&x, 1.0).unwrap();
     assert_eq!(common::max_diff(&logits(&next), &before), 0.0);
     // Shared, not copied: the served weights are the tensors it already had.
     let w = "decode_head.classifier.weight";

@@ -408,6 +408,7 @@ mod tests {
             prior: Tensor::new(&[0.5f32, 0.5], &Device::Cpu).unwrap(),
             prototypes: t(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], (2, 3)),
             bank: None,
+            frames: None,
         };
         let cfg = config::AdaptConfig {
             sepico: config::Sepico {

@@ -242,6 +242,7 @@ mod tests {
             prior: Tensor::new(prior, &Device::Cpu).unwrap(),
             prototypes: protos,
             bank: None,
+            frames: None,
         }
     }
 

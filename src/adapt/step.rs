@@ -113,10 +113,13 @@ impl Adapter {
             },
         )?;
         Ok(Self {
-            controller: cfg
-                .budget
-                .on
-                .then(|| super::controller::Controller::new(&cfg.budget)),
+            controller: cfg.budget.on.then(|| {
+                let c = super::controller::Controller::new(&cfg.budget);
+                match &stats.frames {
+                    Some(f) => c.with_source(f.clone()),
+                    None => c,
+                }
+            }),
             event: Event::Steady,
             cfg,
             student,
@@ -289,11 +292,12 @@ impl Adapter {
     /// towards the view's.
     fn teacher_forward(&self, weak: &Tensor) -> Result<crate::model::SegOutput> {
         let _phase = crate::profile::scope("adapt: teacher");
+        let share = self.controller.as_ref().map_or(1.0, |c| c.source_share());
         Ok(match self.label_dtype {
-            DType::F32 => self.teacher.forward_tracking(weak)?,
+            DType::F32 => self.teacher.forward_tracking(weak, share)?,
             half => {
                 let copy = self.teacher.to_dtype(half)?;
-                let out = copy.forward_tracking(weak)?;
+                let out = copy.forward_tracking(weak, share)?;
                 for n in RUNNING_STATS {
                     let moved = copy.raw_tensors()[n].to_dtype(DType::F32)?;
                     self.teacher.raw_tensors()[n].slice_set(&moved, 0, 0)?;

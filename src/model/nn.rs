@@ -134,14 +134,17 @@ impl BatchNormRelu {
     }
 
     /// Moves the running statistics towards the batch statistics of `x` ([P, C]) without
-    /// normalising it.
-    pub fn track(&self, x: &Tensor) -> Result<()> {
+    /// normalising it, at `share` of the momentum.
+    pub fn track(&self, x: &Tensor, share: f64) -> Result<()> {
         let (mean, var) = batch_stats(&x.detach().to_dtype(self.running_mean.dtype())?)?;
-        self.update_running(&mean, &var, x.dim(0)?)
+        self.blend_running(&mean, &var, x.dim(0)?, self.momentum * share)
     }
 
     fn update_running(&self, mean: &Tensor, var: &Tensor, p: usize) -> Result<()> {
-        let m = self.momentum;
+        self.blend_running(mean, var, p, self.momentum)
+    }
+
+    fn blend_running(&self, mean: &Tensor, var: &Tensor, p: usize, m: f64) -> Result<()> {
         let unbiased = (var.squeeze(0)? * (p as f64 / (p.max(2) - 1) as f64))?;
         let rm = ((&self.running_mean * (1.0 - m))? + (mean.squeeze(0)? * m)?)?;
         let rv = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;

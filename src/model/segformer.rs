@@ -520,21 +520,22 @@ impl Segformer {
     /// `x`: [B, 3, H, W] normalised pixels. `train` carries the RNG for dropout and drop path and
     /// switches BatchNorm to batch statistics.
     pub fn forward(&self, x: &Tensor, train: Option<&mut SeededRng>) -> Result<SegOutput> {
-        ops::on_pool(|| self.forward_on_pool(x, train, false))
+        ops::on_pool(|| self.forward_on_pool(x, train, None))
     }
 
     /// An inference forward whose BatchNorm first moves its running statistics towards this
     /// batch's (at its momentum), then normalises with them: a teacher labelling target frames
     /// follows the statistics of the frames it serves, not those of the student's augmented views.
-    pub fn forward_tracking(&self, x: &Tensor) -> Result<SegOutput> {
-        ops::on_pool(|| self.forward_on_pool(x, None, true))
+    /// `share`: of BatchNorm's momentum (1: its own).
+    pub fn forward_tracking(&self, x: &Tensor, share: f64) -> Result<SegOutput> {
+        ops::on_pool(|| self.forward_on_pool(x, None, Some(share)))
     }
 
     fn forward_on_pool(
         &self,
         x: &Tensor,
         mut train: Option<&mut SeededRng>,
-        track: bool,
+        track: Option<f64>,
     ) -> Result<SegOutput> {
         let cfg = &self.cfg;
         let training = train.is_some();
@@ -576,8 +577,8 @@ impl Segformer {
             true => d.fuse.recomputed(&feats, &self.stash)?,
             false => d.fuse.forward(&feats)?,
         }; // [B*h1*w1, D]
-        if track {
-            d.bn.track(&y)?;
+        if let Some(share) = track {
+            d.bn.track(&y, share)?;
         }
         let y = d.bn.forward(&y, training)?;
         let embed = y.reshape((b, h1, w1, dd))?;
