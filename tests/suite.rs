@@ -33,6 +33,14 @@ fn the_committed_suites_parse() {
     assert_eq!((c.segments.len(), c.passes), (5, 3));
     let long = SuiteFile::load(Path::new("benches/suites/long-drive.toml")).unwrap();
     assert_eq!(long.targets[0].passes, 10);
+    let held = SuiteFile::load(Path::new("benches/suites/holdout.toml")).unwrap();
+    let names: Vec<&str> = held.targets.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["clean", "noise", "defocus", "frost", "brightness", "spatter", "jpeg", "continual"]
+    );
+    let c = held.targets.last().unwrap();
+    assert_eq!((c.segments.len(), c.passes), (6, 3));
 }
 
 #[test]
