@@ -37,7 +37,16 @@ fn the_committed_suites_parse() {
     let names: Vec<&str> = held.targets.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(
         names,
-        ["clean", "noise", "defocus", "frost", "brightness", "spatter", "jpeg", "continual"]
+        [
+            "clean",
+            "noise",
+            "defocus",
+            "frost",
+            "brightness",
+            "spatter",
+            "jpeg",
+            "continual"
+        ]
     );
     let c = held.targets.last().unwrap();
     assert_eq!((c.segments.len(), c.passes), (6, 3));
