@@ -82,13 +82,15 @@ impl SourceStats {
         let mut n = vec![0f64; c];
         let mut pixels = vec![0f64; c];
         let mut instances: Vec<Vec<Vec<f32>>> = vec![Vec::new(); c];
+        let mut frames = FrameStats::default();
         for ex in examples {
+            let x = image_to_tensor(&ex.image, pre, model.device())?;
+            frames.add_frames(&x)?;
             let Some(label) = &ex.label else { continue };
             label
                 .iter()
                 .filter(|&&v| (v as usize) < c)
                 .for_each(|&v| pixels[v as usize] += 1.0);
-            let x = image_to_tensor(&ex.image, pre, model.device())?;
             let emb = model.forward(&x, None)?.embed; // [1, h, w, D]
             let (_, h, w, _) = emb.dims4()?;
             let emb: Vec<f32> = emb.flatten_all()?.to_vec1()?;
@@ -151,11 +153,7 @@ impl SourceStats {
             )?,
             prototypes: Tensor::from_vec(protos, (c, d), &dev)?,
             bank: Some(instance_bank(instances, &pixels, d)?),
-            frames: Some(FrameStats::of_frames(
-                examples
-                    .iter()
-                    .map(|ex| image_to_tensor(&ex.image, pre, &Device::Cpu)),
-            )?),
+            frames: Some(frames),
         })
     }
 

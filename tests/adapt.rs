@@ -203,6 +203,15 @@ fn every_variant_steps_with_finite_bounded_state() {
     }
 }
 
+/// Plain self-training on training budgets of `steps`, the collapse guard off.
+fn budgeted(steps: u64) -> AdaptConfig {
+    let mut ac = AdaptConfig::plain();
+    ac.guard.collapse = false;
+    ac.budget.on = true;
+    ac.budget.steps = steps;
+    ac
+}
+
 /// Serving for the runner tests: every frame predicted.
 fn predict_each(
     pre: &PreprocessConfig,
@@ -497,11 +506,8 @@ fn tent_adapts_on_the_frame_not_the_strong_view() {
 #[test]
 fn a_spent_training_budget_leaves_the_model_alone() {
     let fx = fixture(3, false);
-    let mut ac = AdaptConfig::plain();
+    let mut ac = budgeted(2);
     ac.threshold = 0.0;
-    ac.guard.collapse = false;
-    ac.budget.on = true;
-    ac.budget.steps = 2;
     let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
     let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
     let mut rng = segadapt::SeededRng::seed_from_u64(3);
@@ -521,10 +527,7 @@ fn with_the_budget_spent_the_teacher_still_follows_the_frames_statistics() {
     // A condition the shift test misses gets no budget of its own: its frames must still be
     // labelled and served with their own normalisation statistics, and nothing else may move.
     let fx = fixture(3, false);
-    let mut ac = AdaptConfig::plain();
-    ac.guard.collapse = false;
-    ac.budget.on = true;
-    ac.budget.steps = 1;
+    let ac = budgeted(1);
     let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
     let x = Tensor::randn(0f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
     let dark = ((&x * 0.2).unwrap() - 1.5).unwrap();
@@ -568,11 +571,9 @@ fn with_condition_slots_a_new_condition_goes_on_from_the_nearest_kept_weights_a_
 ) {
     use segadapt::adapt::controller::Event;
     let fx = fixture(3, false);
-    let mut ac = AdaptConfig::plain();
+    let mut ac = budgeted(500);
     (ac.threshold, ac.lr, ac.ema) = (0.0, 1e-3, 0.9);
-    ac.guard.collapse = false;
-    ac.budget.on = true;
-    (ac.budget.steps, ac.budget.window, ac.budget.slots) = (500, 2, 4);
+    (ac.budget.window, ac.budget.slots) = (2, 4);
     let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
     let mut rng = segadapt::SeededRng::seed_from_u64(3);
     // Seeded frames whose level and contrast vary from frame to frame, so the condition's
@@ -743,10 +744,8 @@ fn the_shift_test_watches_the_arriving_frames_not_the_ring_samples() {
         }
         img.save(&path).unwrap();
     }
-    let mut ac = AdaptConfig::plain();
-    ac.guard.collapse = false;
-    ac.budget.on = true;
-    (ac.budget.steps, ac.budget.window, ac.budget.slots) = (500, 2, 0);
+    let mut ac = budgeted(500);
+    (ac.budget.window, ac.budget.slots) = (2, 0);
     let adapter = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
     let oc = OnlineConfig {
         steps_per_frame: Some(1),
@@ -783,10 +782,7 @@ fn with_the_budget_spent_serving_gets_the_teachers_statistics_on_every_frame() {
     use segadapt::runtime::online::OnlineConfig;
     use std::sync::{Arc, Mutex};
     let fx = fixture(8, false);
-    let mut ac = AdaptConfig::plain();
-    ac.guard.collapse = false;
-    ac.budget.on = true;
-    ac.budget.steps = 2;
+    let ac = budgeted(2);
     let oc = OnlineConfig {
         steps_per_frame: Some(1),
         ..online_config(false)

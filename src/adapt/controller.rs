@@ -41,6 +41,12 @@ pub struct FrameStats {
     m2: Vec<f64>,
 }
 
+impl Default for FrameStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl FrameStats {
     fn new() -> Self {
         Self {
@@ -54,9 +60,15 @@ impl FrameStats {
     pub fn of_frames(frames: impl IntoIterator<Item = Result<Tensor>>) -> Result<Self> {
         let mut s = Self::new();
         for f in frames {
-            descriptors(&f?)?.iter().for_each(|d| s.add(d));
+            s.add_frames(&f?)?;
         }
         Ok(s)
+    }
+
+    /// Folds in `frames` ([B, 3, H, W], normalised as the runtime feeds them).
+    pub fn add_frames(&mut self, frames: &Tensor) -> Result<()> {
+        descriptors(frames)?.iter().for_each(|d| self.add(d));
+        Ok(())
     }
 
     /// Frames, means and squared deviations in one vector, as checkpoints and source
@@ -309,7 +321,7 @@ impl Controller {
             self.settling = 2 * self.cfg.window;
         }
         let left = (self.current.n > 0.0).then(|| {
-            let done = std::mem::replace(&mut self.current, FrameStats::new());
+            let done = std::mem::take(&mut self.current);
             let i = self.remember(done.clone());
             self.interrupted = Some(Interrupted {
                 condition: i,
@@ -481,8 +493,16 @@ impl Controller {
             let v: Vec<f32> = need(get, "budget", k)?.to_vec1()?;
             Ok(v.into_iter().map(f64::from).collect())
         };
-        let stats = |v: &[f64]| FrameStats::from_slice(v).unwrap_or_else(FrameStats::new);
-        self.current = stats(&read("current")?);
+        let stats = |v: &[f64]| {
+            FrameStats::from_slice(v).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "budget state: {} values where frame statistics need {}",
+                    v.len(),
+                    1 + 2 * DIMS
+                ))
+            })
+        };
+        self.current = stats(&read("current")?)?;
         let per = 4 + 2 * DIMS;
         self.known = Vec::new();
         for (i, c) in read("known")?.chunks(per).enumerate() {
@@ -496,7 +516,7 @@ impl Controller {
                 false => None,
             };
             self.known.push(Condition {
-                stats: stats(c),
+                stats: stats(c)?,
                 visits: c[per - 3] as u32,
                 last: c[per - 2] as u64,
                 weights,
@@ -504,13 +524,16 @@ impl Controller {
         }
         self.recent = read("recent")?.chunks(DIMS).map(|c| c.to_vec()).collect();
         let int = read("interrupted")?;
-        self.interrupted = (!int.is_empty()).then(|| Interrupted {
-            condition: int[0] as usize,
-            left: int[1] as u64,
-            granted: int[2] as u64,
-            visits: int[3] as u32,
-            stats: stats(&int[4..]),
-        });
+        self.interrupted = match int.is_empty() {
+            true => None,
+            false => Some(Interrupted {
+                condition: int[0] as usize,
+                left: int[1] as u64,
+                granted: int[2] as u64,
+                visits: int[3] as u32,
+                stats: stats(&int[4..])?,
+            }),
+        };
         let b = read("budget")?;
         (self.left, self.granted) = (b[0] as u64, b[1] as u64);
         (self.settling, self.pending) = (b[2] as usize, b[3] > 0.0);
@@ -597,6 +620,17 @@ mod tests {
         let back = FrameStats::from_slice(&v).unwrap();
         assert_eq!(back.to_vec(), source.to_vec());
         assert!(FrameStats::from_slice(&v[..5]).is_none());
+        // A checkpoint whose statistics are cut short is refused, not read as empty.
+        let mut state = c.state().unwrap();
+        let cur = state.iter_mut().find(|(n, _)| n == "current").unwrap();
+        cur.1 = Tensor::new(&[1f32, 2.0, 3.0, 4.0, 5.0], &Device::Cpu).unwrap();
+        let err = Controller::new(&cfg(40))
+            .load(
+                &|k| state.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone()),
+                &[],
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("5 values"), "{err}");
     }
 
     fn cfg(steps: u64) -> config::Budget {
