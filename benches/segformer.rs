@@ -29,6 +29,8 @@ fn main() {
         ("EMA update", &r.ema),
         ("handover, weights", &r.handover),
         ("handover, statistics", &r.handover_statistics),
+        ("tracking forward", &r.track),
+        ("tracking by class", &r.track_by_class),
     ] {
         println!(
             "{name:<20} {:>9.1} ms (min {:.1}, max {:.1})  heap peak {:.0} MB",

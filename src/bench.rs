@@ -68,6 +68,10 @@ pub struct BenchReport {
     /// that moved only the decode head's statistics (the served weights shared).
     pub handover: Timing,
     pub handover_statistics: Timing,
+    /// The teacher's labelling forward (batch 1), its decode-head statistics following the
+    /// batch's as they are, and under the source's class shares (`adapt.statistics`).
+    pub track: Timing,
+    pub track_by_class: Timing,
     /// Process peak RSS after the inference runs and after the training runs, MB.
     pub infer_peak_rss_mb: f64,
     pub train_peak_rss_mb: f64,
@@ -194,13 +198,25 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         image: img,
         label: Some(label),
     };
-    let stats = crate::stats::SourceStats::compute(
-        &Segformer::new(&cfg, tensors.clone())?,
-        &tc.preprocess,
-        &[ex],
-        255,
-    )?
-    .to_device(&dev)?;
+    let source = Segformer::new(&cfg, tensors.clone())?;
+    let stats =
+        crate::stats::SourceStats::compute(&source, &tc.preprocess, &[ex], 255)?.to_device(&dev)?;
+    let (track, track_by_class) = {
+        use crate::model::Tracking;
+        // Its own copy: tracking moves the statistics in place.
+        let teacher = Segformer::new(&cfg, detached_copy(&source)?)?;
+        let x1 = x.narrow(0, 0, 1)?;
+        let timed = |by_class| {
+            time(spec, || {
+                let track = Tracking {
+                    share: 1.0,
+                    by_class,
+                };
+                Ok(teacher.forward_tracking(&x1, track).map(|_| ())?)
+            })
+        };
+        (timed(None)?, timed(stats.norm.as_ref())?)
+    };
     use crate::adapt::config::TrainScope;
     use crate::model::Recompute;
     let adapter =
@@ -253,6 +269,8 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         ema,
         handover,
         handover_statistics,
+        track,
+        track_by_class,
         infer_peak_rss_mb,
         train_peak_rss_mb,
         ops,

@@ -220,9 +220,10 @@ struct BenchArgs {
     #[arg(long)]
     ops: bool,
     /// Time the adaptation steps with this profile's `[adapt]` settings (its components and
-    /// training scope) instead of every component on.
+    /// training scope) instead of every component on: a built-in one by name (`segadapt
+    /// inspect --list`) or a TOML file.
     #[arg(long)]
-    profile: Option<PathBuf>,
+    profile: Option<String>,
     /// cpu or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -884,7 +885,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         reps: a.reps,
         ops: a.ops,
         adapt: match &a.profile {
-            Some(p) => Some(segadapt::config::Profile::load(p)?.adapt),
+            Some(p) => Some(segadapt::config::Profile::resolve(p)?.adapt),
             None => None,
         },
         device: segadapt::config::open_device("--device", &a.device)?,
@@ -899,6 +900,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 "adapt_step_recompute_ms": r.adapt_step_recompute.median_ms, "adapt_recompute_peak_mb": r.adapt_step_recompute.peak_mb,
                 "adapt_peak_mb": r.adapt_step.peak_mb, "adapt_norm_peak_mb": r.adapt_step_norm.peak_mb, "ema_ms": r.ema.median_ms,
                 "handover_ms": r.handover.median_ms, "handover_statistics_ms": r.handover_statistics.median_ms,
+                "track_ms": r.track.median_ms, "track_by_class_ms": r.track_by_class.median_ms,
                 "infer_peak_mb": r.infer.peak_mb, "train_peak_mb": r.train_step.peak_mb,
                 "peak_mb": r.infer.peak_mb.max(r.train_step.peak_mb),
                 "infer_peak_rss_mb": r.infer_peak_rss_mb, "train_peak_rss_mb": r.train_peak_rss_mb,
@@ -926,6 +928,8 @@ fn bench(a: BenchArgs) -> Result<()> {
             ("EMA update", &r.ema),
             ("serving handover (weights)", &r.handover),
             ("serving handover (statistics)", &r.handover_statistics),
+            ("teacher forward, tracking", &r.track),
+            ("teacher forward, tracking by class", &r.track_by_class),
         ] {
             println!(
                 "{name:<28} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",

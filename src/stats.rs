@@ -5,7 +5,7 @@ use crate::adapt::controller::FrameStats;
 use crate::config::PreprocessConfig;
 use crate::data::{image_to_tensor, Example};
 use crate::error::{Error, Result};
-use crate::model::{Segformer, TensorMap};
+use crate::model::{ClassMoments, ClassNorm, Segformer, TensorMap};
 use candle_core::{Device, Tensor};
 use image::{imageops, GrayImage};
 use std::path::Path;
@@ -46,6 +46,10 @@ pub struct SourceStats {
     /// How the source frames look to the training budgets' shift test. None in statistics
     /// written before it existed (`segadapt stats` adds it).
     pub frames: Option<FrameStats>,
+    /// The decode head's BatchNorm input by class, for a teacher that tracks its statistics
+    /// under the source's class shares. None in statistics written before it existed
+    /// (`segadapt stats` adds it).
+    pub norm: Option<ClassNorm>,
 }
 
 impl SourceStats {
@@ -65,6 +69,7 @@ impl SourceStats {
                 None => None,
             },
             frames: self.frames.clone(),
+            norm: self.norm.as_ref().map(|n| n.to_device(dev)).transpose()?,
         })
     }
 
@@ -83,6 +88,7 @@ impl SourceStats {
         let mut pixels = vec![0f64; c];
         let mut instances: Vec<Vec<Vec<f32>>> = vec![Vec::new(); c];
         let mut frames = FrameStats::default();
+        let mut norm: Option<ClassMoments> = None;
         for ex in examples {
             let x = image_to_tensor(&ex.image, pre, model.device())?;
             frames.add_frames(&x)?;
@@ -91,12 +97,24 @@ impl SourceStats {
                 .iter()
                 .filter(|&&v| (v as usize) < c)
                 .for_each(|&v| pixels[v as usize] += 1.0);
-            let emb = model.forward(&x, None)?.embed; // [1, h, w, D]
+            let (out, fused) = model.forward_fused(&x)?;
+            let emb = out.embed; // [1, h, w, D]
             let (_, h, w, _) = emb.dims4()?;
             let emb: Vec<f32> = emb.flatten_all()?.to_vec1()?;
             let (iw, ih) = ex.image.dimensions();
             let lab = GrayImage::from_raw(iw, ih, label.clone()).expect("label matches image");
             let lab = imageops::resize(&lab, w as u32, h as u32, imageops::FilterType::Nearest);
+            let ids: Vec<u32> = lab
+                .as_raw()
+                .iter()
+                .map(|&v| if v == ignore { c as u32 } else { v as u32 })
+                .collect();
+            let ids = Tensor::from_vec(ids, h * w, model.device())?;
+            let m = ClassMoments::of(&fused, &ids, c)?;
+            norm = Some(match norm {
+                Some(acc) => m.add(&acc)?,
+                None => m,
+            });
             let mut own = vec![(0usize, vec![0f64; d]); c];
             for (i, px) in lab.as_raw().iter().enumerate() {
                 let k = *px as usize;
@@ -154,6 +172,7 @@ impl SourceStats {
             prototypes: Tensor::from_vec(protos, (c, d), &dev)?,
             bank: Some(instance_bank(instances, &pixels, d)?),
             frames: Some(frames),
+            norm: norm.map(|m| ClassNorm::from_moments(&m)).transpose()?,
         })
     }
 
@@ -176,6 +195,11 @@ impl SourceStats {
                 "frame_stats".into(),
                 Tensor::new(f.to_vec().as_slice(), &Device::Cpu)?,
             );
+        }
+        if let Some(n) = &self.norm {
+            m.insert("norm_class_mean".into(), n.mean.clone());
+            m.insert("norm_class_var".into(), n.var.clone());
+            m.insert("norm_class_count".into(), n.count.flatten_all()?);
         }
         let bytes = crate::model::weights::safetensors_bytes(&m, None)?;
         crate::checkpoint::write_atomic(&dir.join(FILE), &bytes)
@@ -215,8 +239,53 @@ impl SourceStats {
                 }
                 None => None,
             },
+            norm: load_class_norm(&path, &m, &get("class_mean")?)?,
         })
     }
+}
+
+/// The decode head's class statistics, if the file has them: all three tensors or none, the
+/// mean and variance shaped as the class embeddings' mean ([C, D]: the head's input is as wide as
+/// its output), one count per class.
+fn load_class_norm(
+    path: &Path,
+    m: &crate::model::TensorMap,
+    class_mean: &Tensor,
+) -> Result<Option<ClassNorm>> {
+    let names = ["norm_class_mean", "norm_class_var", "norm_class_count"];
+    let [mean, var, count] = names.map(|k| m.get(k));
+    let (mean, var, count) = match (mean, var, count) {
+        (None, None, None) => return Ok(None),
+        (Some(mean), Some(var), Some(count)) => (mean, var, count),
+        _ => {
+            let missing: Vec<&str> = names.into_iter().filter(|k| !m.contains_key(*k)).collect();
+            return Err(Error::data(
+                path,
+                format!("class statistics cut short: missing {}", missing.join(", ")),
+            ));
+        }
+    };
+    let shape_ok = mean.dims() == class_mean.dims()
+        && var.dims() == mean.dims()
+        && count.elem_count() == mean.dims()[0];
+    if !shape_ok {
+        return Err(Error::data(
+            path,
+            format!(
+                "class statistics disagree with class_mean {:?}: norm_class_mean {:?}, \
+                 norm_class_var {:?}, norm_class_count {:?}",
+                class_mean.dims(),
+                mean.dims(),
+                var.dims(),
+                count.dims()
+            ),
+        ));
+    }
+    Ok(Some(ClassNorm::new(
+        mean.clone(),
+        var.clone(),
+        count.clone(),
+    )?))
 }
 
 /// Per-class instance lists (image order) as a bank of at most [`BANK_MAX`]: round-robin over

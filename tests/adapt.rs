@@ -5,13 +5,14 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
+use segadapt::adapt::config::Statistics;
 use segadapt::adapt::replay::Replay;
 use segadapt::adapt::step::Adapter;
 use segadapt::adapt::AdaptConfig;
 use segadapt::adapt::Method;
 use segadapt::config::PreprocessConfig;
 use segadapt::data::Dataset;
-use segadapt::model::{init_tensors, Segformer};
+use segadapt::model::{init_tensors, Segformer, Tracking};
 use segadapt::stats::SourceStats;
 
 /// Every component on, sized for the tiny model.
@@ -32,6 +33,7 @@ fn full() -> AdaptConfig {
     c.hpla.hard = 2;
     // Random weights give erratic predictions: the monitor has its own test.
     c.guard.collapse = false;
+    c.statistics = Statistics::Class;
     c
 }
 
@@ -476,7 +478,7 @@ fn the_teacher_tracks_the_batchnorm_statistics_of_the_frames_it_labels() {
     let copy = segadapt::model::ema::detached_copy(&fx.model).unwrap();
     let reference = Segformer::new(&fx.cfg, copy).unwrap();
     let source = stats(&reference);
-    reference.forward_tracking(&x, 1.0).unwrap();
+    reference.forward_tracking(&x, Tracking::FULL).unwrap();
     let mut ac = AdaptConfig::plain();
     ac.guard.collapse = false;
     let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
@@ -537,7 +539,7 @@ fn with_the_budget_spent_the_teacher_still_follows_the_frames_statistics() {
     // Its own copy: a model tracks in place, in the tensors it was built from.
     let copy = segadapt::model::ema::detached_copy(&a.teacher).unwrap();
     let reference = Segformer::new(&fx.cfg, copy).unwrap();
-    reference.forward_tracking(&dark, 1.0).unwrap();
+    reference.forward_tracking(&dark, Tracking::FULL).unwrap();
     assert!(a.step(&dark, &dark, &mut rng).unwrap().idle);
     let after = segadapt::model::ema::detached_copy(&a.teacher).unwrap();
     for k in ["running_mean", "running_var"] {
@@ -829,4 +831,119 @@ fn with_the_budget_spent_serving_gets_the_teachers_statistics_on_every_frame() {
         common::max_diff(&served[7], &served[4]) > 0.0,
         "the statistics moved between idle frames"
     );
+}
+
+#[test]
+fn class_statistics_without_them_in_the_source_statistics_is_refused_with_the_fix() {
+    let fx = fixture(2, true);
+    let mut stats = fx.stats();
+    assert!(stats.norm.is_some(), "segadapt stats writes them");
+    stats.norm = None;
+    let err = Adapter::new(full(), &fx.cfg, &fx.tensors, stats)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("adapt.statistics") && err.contains("segadapt stats"),
+        "{err}"
+    );
+}
+
+#[test]
+fn source_statistics_keep_the_class_statistics_through_their_file() {
+    let fx = fixture(2, true);
+    let stats = fx.stats();
+    let dir = tempfile::tempdir().unwrap();
+    stats.save(dir.path()).unwrap();
+    let back = SourceStats::load(dir.path(), &Device::Cpu).unwrap();
+    let (a, b) = (stats.norm.unwrap(), back.norm.unwrap());
+    for (x, y) in [(&a.mean, &b.mean), (&a.var, &b.var), (&a.count, &b.count)] {
+        assert_eq!(common::max_diff(x, y), 0.0);
+    }
+}
+
+#[test]
+fn class_statistics_cut_short_or_misshaped_are_refused_naming_the_file() {
+    let fx = fixture(2, true);
+    let dir = tempfile::tempdir().unwrap();
+    fx.stats().save(dir.path()).unwrap();
+    let file = dir.path().join("source_stats.safetensors");
+    let whole = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let rewrite = |edit: &dyn Fn(&mut std::collections::HashMap<String, Tensor>)| {
+        let mut m = whole.clone();
+        edit(&mut m);
+        candle_core::safetensors::save(&m, &file).unwrap();
+        SourceStats::load(dir.path(), &Device::Cpu)
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    let err = rewrite(&|m| {
+        m.remove("norm_class_var");
+    });
+    assert!(
+        err.contains("source_stats.safetensors") && err.contains("missing norm_class_var"),
+        "{err}"
+    );
+    let err = rewrite(&|m| {
+        let v = m["norm_class_var"].narrow(1, 0, 1).unwrap();
+        m.insert("norm_class_var".into(), v);
+    });
+    assert!(err.contains("norm_class_var [3, 1]"), "{err}");
+    // Without any of the three the file still loads, as one written before they existed.
+    let mut m = whole.clone();
+    for k in ["norm_class_mean", "norm_class_var", "norm_class_count"] {
+        m.remove(k);
+    }
+    candle_core::safetensors::save(&m, &file).unwrap();
+    assert!(SourceStats::load(dir.path(), &Device::Cpu)
+        .unwrap()
+        .norm
+        .is_none());
+}
+
+#[test]
+fn the_teacher_tracks_by_class_only_while_the_stream_looks_like_the_source() {
+    let fx = fixture(4, false);
+    let frame = |i: usize| {
+        segadapt::data::image_to_tensor(&fx.examples[i].image, &fx.pre, &Device::Cpu).unwrap()
+    };
+    let source_like = Tensor::cat(&[frame(0), frame(1)], 0).unwrap();
+    let dark = ((&source_like * 0.2).unwrap() - 1.5).unwrap();
+    let mean = "decode_head.batch_norm.running_mean";
+    // A shift threshold 5x the frames' distance from the source: they are near it (within a
+    // quarter), and the statistics move at a fifth of their momentum.
+    let stats = fx.stats();
+    let mut probe =
+        segadapt::adapt::controller::Controller::new(&segadapt::adapt::config::Budget {
+            threshold: 1e6,
+            ..budgeted(50).budget
+        })
+        .with_source(stats.frames.clone().unwrap());
+    probe.observe(&source_like).unwrap();
+    let distance = probe.source_share() * 1e6;
+    assert!(distance > 0.0);
+    // The teacher's running mean after steps on `x`, tracking by class or as the batch has it.
+    let tracked = |statistics, x: &Tensor| {
+        let mut ac = budgeted(50);
+        ac.budget.threshold = 5.0 * distance;
+        ac.statistics = statistics;
+        let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, stats.clone()).unwrap();
+        let mut rng = segadapt::SeededRng::seed_from_u64(2);
+        for _ in 0..3 {
+            a.step(x, x, &mut rng).unwrap();
+        }
+        a.teacher.raw_tensors()[mean].copy().unwrap()
+    };
+    let (batch, class) = (Statistics::Batch, Statistics::Class);
+    // Near the source the statistics move at a small share of their momentum: what tells the
+    // two apart is where they go, against how far they go.
+    let moved = common::max_diff(&tracked(batch, &source_like), &fx.tensors[mean]);
+    let near = common::max_diff(&tracked(batch, &source_like), &tracked(class, &source_like));
+    assert!(
+        near > 0.1 * moved,
+        "near the source, by class: {near} against {moved}"
+    );
+    let far = common::max_diff(&tracked(batch, &dark), &tracked(class, &dark));
+    assert_eq!(far, 0.0, "far from it, as the batch has them");
 }

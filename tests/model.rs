@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use segadapt::loss::{cross_entropy, flatten_pixels};
 use segadapt::model::ema::{ema_momentum, ema_update};
 use segadapt::model::weights::{load_model_dir, save_model_dir, ModelFiles};
-use segadapt::model::{init_tensors, ops, param_specs, Segformer, Student};
+use segadapt::model::{init_tensors, ops, param_specs, Segformer, Student, Tracking};
 use segadapt::optim::{AdamW, AdamWConfig, ParamGroup};
 
 /// 64x96 input: at 32x48 the last stages reduce keys to a single position, where softmax is
@@ -349,7 +349,7 @@ fn a_served_model_takes_the_teachers_statistics_without_its_weights_moving() {
     let served = Segformer::new(&cfg, copy()).unwrap();
     let dark =
         ((Tensor::randn(0f32, 1.0, (1, 3, 64, 96), &dev).unwrap() * 0.2).unwrap() - 1.5).unwrap();
-    teacher.forward_tracking(&dark, 1.0).unwrap();
+    teacher.forward_tracking(&dark, Tracking::FULL).unwrap();
     let next = served.with_statistics_of(&teacher).unwrap();
     let whole = Segformer::new(&cfg, copy()).unwrap();
     let x = Tensor::randn(0f32, 1.0, (1, 3, 64, 96), &dev).unwrap();
@@ -365,9 +365,66 @@ fn a_served_model_takes_the_teachers_statistics_without_its_weights_moving() {
     assert_eq!(n(&next), n(&teacher));
     // The teacher goes on tracking in place; what serving was given must not move with it.
     let before = logits(&next);
-    teacher.forward_tracking(&x, 1.0).unwrap();
+    teacher.forward_tracking(&x, Tracking::FULL).unwrap();
     assert_eq!(common::max_diff(&logits(&next), &before), 0.0);
     // Shared, not copied: the served weights are the tensors it already had.
     let w = "decode_head.classifier.weight";
     assert_eq!(next.raw_tensors()[w].id(), served.raw_tensors()[w].id());
+}
+
+#[test]
+fn tracking_by_class_on_the_frames_the_class_statistics_came_from_is_plain_tracking() {
+    use segadapt::model::{ClassMoments, ClassNorm};
+    let cfg = common::tiny_config(5);
+    let dev = Device::Cpu;
+    let tensors = init_tensors(&cfg, &dev, 3).unwrap();
+    let copy = || {
+        tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.copy().unwrap()))
+            .collect::<segadapt::model::TensorMap>()
+    };
+    let (by_batch, by_class) = (
+        Segformer::new(&cfg, copy()).unwrap(),
+        Segformer::new(&cfg, copy()).unwrap(),
+    );
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 96), &dev).unwrap();
+    // The frames' own class statistics, under the labels the model gives them: their
+    // mixture at the frames' own class shares is the frames' statistics.
+    let (out, fused) = by_class.forward_fused(&x).unwrap();
+    let labels = out.logits.flatten_to(2).unwrap().argmax(1).unwrap();
+    let moments = ClassMoments::of(&fused, &labels, 5).unwrap();
+    let norm = ClassNorm::from_moments(&moments).unwrap();
+    let share = 0.5;
+    by_batch
+        .forward_tracking(
+            &x,
+            Tracking {
+                share,
+                by_class: None,
+            },
+        )
+        .unwrap();
+    by_class
+        .forward_tracking(
+            &x,
+            Tracking {
+                share,
+                by_class: Some(&norm),
+            },
+        )
+        .unwrap();
+    for n in [
+        "decode_head.batch_norm.running_mean",
+        "decode_head.batch_norm.running_var",
+    ] {
+        let (a, b) = (&by_batch.raw_tensors()[n], &by_class.raw_tensors()[n]);
+        let source = &tensors[n];
+        assert!(common::max_diff(a, source) > 1e-3, "{n} moved");
+        assert!(
+            common::max_diff(a, b) < 1e-4,
+            "{n}: {}",
+            common::max_diff(a, b)
+        );
+    }
 }

@@ -392,6 +392,7 @@ mod tests {
             prototypes: t(&[1.0, 0.0, 0.0, 1.0], (2, 2)),
             bank: None,
             frames: None,
+            norm: None,
         };
         let cfg = config::Bida {
             momentum: 0.0,

@@ -30,6 +30,21 @@ pub struct AdaptConfig {
     pub guard: Guard,
     pub tent: Tent,
     pub budget: Budget,
+    /// What the teacher's decode-head BatchNorm statistics follow on the frames it labels.
+    pub statistics: Statistics,
+}
+
+/// What the teacher's decode-head BatchNorm statistics follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Statistics {
+    /// Each batch's statistics as they are.
+    #[default]
+    Batch,
+    /// Each batch's statistics under the source's class shares, class by class from the
+    /// teacher's labels (`model::class_norm`): the shift without the content. Needs the class
+    /// statistics stored with the source statistics (`segadapt stats`).
+    Class,
 }
 
 /// When to train: HAMLET's budgets (see `adapt::controller`). Off: every step trains at `lr`.
@@ -260,6 +275,7 @@ impl Default for AdaptConfig {
             guard: Guard::default(),
             tent: Tent::default(),
             budget: Budget::default(),
+            statistics: Statistics::default(),
         }
     }
 }
@@ -600,6 +616,7 @@ impl Method {
         // The baselines and the components' rows train on every frame, as their papers do;
         // training budgets belong to the deployed profile.
         c.budget.on = false;
+        c.statistics = Statistics::Batch;
         c
     }
 }

@@ -409,6 +409,7 @@ mod tests {
             prototypes: t(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], (2, 3)),
             bank: None,
             frames: None,
+            norm: None,
         };
         let cfg = config::AdaptConfig {
             sepico: config::Sepico {

@@ -205,12 +205,27 @@ impl Controller {
     /// statistics follow the frames at this share of their momentum: a frame's statistics mix
     /// what it shows with how it looks, and where it looks like the source, following them
     /// moves the model by the content alone (on CamVid's unseen day sequence, tracking at full
-    /// momentum cost car 6.5 IoU and the mean 0.46, with no shift to follow).
+    /// momentum cost car 6.5 IoU and the mean 0.46, with no shift to follow). Where they follow
+    /// by class ([`Controller::near_source`]), the class shares take the content out instead.
     pub fn source_share(&self) -> f64 {
-        match (&self.source, self.recent.is_empty()) {
-            (Some(src), false) => (src.distance(&self.window_mean()) / self.cfg.threshold).min(1.0),
-            _ => 1.0,
-        }
+        self.source_distance()
+            .map_or(1.0, |d| (d / self.cfg.threshold).min(1.0))
+    }
+
+    /// Whether the recent frames are in the source domain's condition: within a quarter of the
+    /// shift threshold of its frames, as a condition is the same one as a known condition
+    /// (false without the source's frame statistics). There, what moves the frames' feature
+    /// statistics is what they show; beyond, it is how they look.
+    pub fn near_source(&self) -> bool {
+        self.source_distance()
+            .is_some_and(|d| d <= self.cfg.threshold / 4.0)
+    }
+
+    /// The recent window's distance from the source frames (None without their statistics or
+    /// before the first frame).
+    fn source_distance(&self) -> Option<f64> {
+        let src = self.source.as_ref()?;
+        (!self.recent.is_empty()).then(|| src.distance(&self.window_mean()))
     }
 
     /// Folds in frames as they arrive ([B, 3, H, W], normalised) and says whether the stream
@@ -610,11 +625,17 @@ mod tests {
         };
         let like_source = share(&mut c, &|i| day(i + 1));
         assert!(like_source < 0.1, "{like_source}");
+        assert!(
+            c.near_source(),
+            "in the source's condition: tracked by class"
+        );
         let night = share(&mut c, &|i| frame(-1.5 + 0.01 * (i % 3) as f32, 0.05));
         assert_eq!(night, 1.0);
-        // Without the source's frames, full momentum.
+        assert!(!c.near_source());
+        // Without the source's frames, full momentum, and never near it.
         let mut plain = Controller::new(&cfg(40));
         assert_eq!(share(&mut plain, &|i| day(i + 1)), 1.0);
+        assert!(!plain.near_source());
         // They round-trip through the source statistics' vector.
         let v: Vec<f64> = source.to_vec().into_iter().map(f64::from).collect();
         let back = FrameStats::from_slice(&v).unwrap();

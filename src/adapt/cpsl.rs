@@ -243,6 +243,7 @@ mod tests {
             prototypes: protos,
             bank: None,
             frames: None,
+            norm: None,
         }
     }
 

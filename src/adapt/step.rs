@@ -4,13 +4,14 @@
 //! state and the teacher move on. Target labels never enter here.
 
 use super::component::{Component, Flow, Labels, Step, StudentOut, View, IGNORE};
+use super::config::Statistics;
 use super::controller::Event;
 use super::region;
 use super::replay::Replay;
 use super::AdaptConfig;
 use crate::loss::cross_entropy;
 use crate::model::ema::{detached_copy, ema_update, ema_update_where};
-use crate::model::{Segformer, Student, TensorMap};
+use crate::model::{ClassNorm, Segformer, Student, TensorMap, Tracking};
 use crate::optim::{AdamW, AdamWConfig, ParamGroup, StepOutcome};
 use crate::stats::SourceStats;
 use crate::SeededRng;
@@ -83,6 +84,13 @@ impl Adapter {
         source: &TensorMap,
         stats: SourceStats,
     ) -> Result<Self> {
+        if cfg.statistics == Statistics::Class && stats.norm.is_none() {
+            candle_core::bail!(
+                "adapt.statistics = \"class\" needs the decode head's class statistics, and this \
+                 model's source_stats.safetensors has none: recompute them with \
+                 `segadapt stats --model DIR --data SOURCE_DIR`"
+            );
+        }
         let mut student = Student::with_trainable(model_cfg, init, |n| cfg.trains(n))?;
         student.model.set_recompute(cfg.recompute);
         let teacher = Segformer::new(model_cfg, detached_copy(&student.model)?)?;
@@ -288,16 +296,36 @@ impl Adapter {
         Labels::from_scores(probs.clone(), feats, (b, h, w), probs)
     }
 
+    /// The source's class statistics when the teacher tracks by class: near the source
+    /// domain, where the stream's statistics move with what it shows. Without training
+    /// budgets there is no shift test to tell, and the teacher always tracks by class.
+    fn class_norm(&self) -> Option<&ClassNorm> {
+        let near = self.controller.as_ref().is_none_or(|c| c.near_source());
+        match self.cfg.statistics {
+            Statistics::Class if near => self.stats.norm.as_ref(),
+            _ => None,
+        }
+    }
+
     /// The teacher's forward on the weak view (f32 outputs), moving its BatchNorm statistics
-    /// towards the view's.
+    /// towards the view's. By class, at their full momentum: the class shares take out the
+    /// content that the source share otherwise slows them against, and a stream that comes
+    /// back near the source from another condition needs its statistics back there.
     fn teacher_forward(&self, weak: &Tensor) -> Result<crate::model::SegOutput> {
         let _phase = crate::profile::scope("adapt: teacher");
-        let share = self.controller.as_ref().map_or(1.0, |c| c.source_share());
+        let by_class = self.class_norm();
+        let track = Tracking {
+            share: match by_class {
+                Some(_) => 1.0,
+                None => self.controller.as_ref().map_or(1.0, |c| c.source_share()),
+            },
+            by_class,
+        };
         Ok(match self.label_dtype {
-            DType::F32 => self.teacher.forward_tracking(weak, share)?,
+            DType::F32 => self.teacher.forward_tracking(weak, track)?,
             half => {
                 let copy = self.teacher.to_dtype(half)?;
-                let out = copy.forward_tracking(weak, share)?;
+                let out = copy.forward_tracking(weak, track)?;
                 for n in RUNNING_STATS {
                     let moved = copy.raw_tensors()[n].to_dtype(DType::F32)?;
                     self.teacher.raw_tensors()[n].slice_set(&moved, 0, 0)?;

@@ -1,6 +1,7 @@
 //! The layers SegFormer is made of, as plain structs over named tensors: linear, layer norm,
 //! strided patch convolution, batch norm + ReLU with running statistics, dropout and drop path.
 
+use super::class_norm::ClassNorm;
 use super::ops;
 use crate::SeededRng;
 use candle_core::{Result, Storage, Tensor};
@@ -137,6 +138,21 @@ impl BatchNormRelu {
     /// normalising it, at `share` of the momentum.
     pub fn track(&self, x: &Tensor, share: f64) -> Result<()> {
         let (mean, var) = batch_stats(&x.detach().to_dtype(self.running_mean.dtype())?)?;
+        self.blend_running(&mean, &var, x.dim(0)?, self.momentum * share)
+    }
+
+    /// The same towards the statistics `x` would have with the source's class shares
+    /// ([`ClassNorm::batch_stats`]); `labels`: [P] the classes of `x`'s rows.
+    pub fn track_by_class(
+        &self,
+        x: &Tensor,
+        labels: &Tensor,
+        norm: &ClassNorm,
+        share: f64,
+    ) -> Result<()> {
+        let (mean, var) = norm.batch_stats(&x.detach(), labels)?;
+        let dt = self.running_mean.dtype();
+        let (mean, var) = (mean.to_dtype(dt)?, var.to_dtype(dt)?);
         self.blend_running(&mean, &var, x.dim(0)?, self.momentum * share)
     }
 

@@ -1,6 +1,7 @@
 //! SegFormer (Mix Transformer encoder + all-MLP decode head) over HF-named tensors, trainable:
 //! every parameter reaches the loss, BatchNorm trains, and the fused decoder embedding is exposed.
 
+use super::class_norm::ClassNorm;
 use super::nn::{drop_path, dropout, BatchNormRelu, LayerNorm, Linear, PatchConv};
 use super::ops;
 use super::recompute::{recomputed, GradStash, Recompute};
@@ -520,23 +521,28 @@ impl Segformer {
     /// `x`: [B, 3, H, W] normalised pixels. `train` carries the RNG for dropout and drop path and
     /// switches BatchNorm to batch statistics.
     pub fn forward(&self, x: &Tensor, train: Option<&mut SeededRng>) -> Result<SegOutput> {
-        ops::on_pool(|| self.forward_on_pool(x, train, None))
+        ops::on_pool(|| self.forward_on_pool(x, train, None)).map(|(out, _)| out)
     }
 
     /// An inference forward whose BatchNorm first moves its running statistics towards this
-    /// batch's (at its momentum), then normalises with them: a teacher labelling target frames
-    /// follows the statistics of the frames it serves, not those of the student's augmented views.
-    /// `share`: of BatchNorm's momentum (1: its own).
-    pub fn forward_tracking(&self, x: &Tensor, share: f64) -> Result<SegOutput> {
-        ops::on_pool(|| self.forward_on_pool(x, None, Some(share)))
+    /// batch's, then normalises with them: a teacher labelling target frames follows the
+    /// statistics of the frames it serves, not those of the student's augmented views.
+    pub fn forward_tracking(&self, x: &Tensor, track: Tracking<'_>) -> Result<SegOutput> {
+        ops::on_pool(|| self.forward_on_pool(x, None, Some(track))).map(|(out, _)| out)
+    }
+
+    /// An inference forward that also returns the decode head's BatchNorm input
+    /// ([B*H/4*W/4, D]), as the source statistics measure it.
+    pub fn forward_fused(&self, x: &Tensor) -> Result<(SegOutput, Tensor)> {
+        ops::on_pool(|| self.forward_on_pool(x, None, None))
     }
 
     fn forward_on_pool(
         &self,
         x: &Tensor,
         mut train: Option<&mut SeededRng>,
-        track: Option<f64>,
-    ) -> Result<SegOutput> {
+        track: Option<Tracking<'_>>,
+    ) -> Result<(SegOutput, Tensor)> {
         let cfg = &self.cfg;
         let training = train.is_some();
         let rerun = (training && self.recompute == Recompute::Blocks).then(|| {
@@ -577,19 +583,49 @@ impl Segformer {
             true => d.fuse.recomputed(&feats, &self.stash)?,
             false => d.fuse.forward(&feats)?,
         }; // [B*h1*w1, D]
-        if let Some(share) = track {
-            d.bn.track(&y, share)?;
-        }
-        let y = d.bn.forward(&y, training)?;
-        let embed = y.reshape((b, h1, w1, dd))?;
-        let y = dropout(&y, cfg.classifier_dropout_prob, train)?;
         let cls = Linear {
             w: d.classifier.w.reshape((cfg.num_labels(), dd))?,
             b: d.classifier.b.clone(),
         };
-        let logits = cls.forward(&y)?.reshape((b, h1, w1, cfg.num_labels()))?;
-        Ok(SegOutput { logits, embed })
+        match track {
+            Some(Tracking {
+                share,
+                by_class: None,
+            }) => d.bn.track(&y, share)?,
+            Some(Tracking {
+                share,
+                by_class: Some(norm),
+            }) => {
+                // The classes come from the statistics as they were before this batch.
+                let labels = cls.forward(&d.bn.forward(&y, false)?)?.argmax(1)?;
+                d.bn.track_by_class(&y, &labels, norm, share)?;
+            }
+            None => {}
+        }
+        let z = d.bn.forward(&y, training)?;
+        let embed = z.reshape((b, h1, w1, dd))?;
+        let z = dropout(&z, cfg.classifier_dropout_prob, train)?;
+        let logits = cls.forward(&z)?.reshape((b, h1, w1, cfg.num_labels()))?;
+        Ok((SegOutput { logits, embed }, y))
     }
+}
+
+/// How an inference forward moves the decode head's BatchNorm statistics
+/// ([`Segformer::forward_tracking`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Tracking<'a> {
+    /// Of BatchNorm's momentum (1: its own).
+    pub share: f64,
+    /// Follow the batch's statistics under the source's class shares instead of as they are.
+    pub by_class: Option<&'a ClassNorm>,
+}
+
+impl Tracking<'_> {
+    /// The batch's own statistics at the full momentum.
+    pub const FULL: Tracking<'static> = Tracking {
+        share: 1.0,
+        by_class: None,
+    };
 }
 
 impl StageFuse {
