@@ -206,16 +206,16 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         // Its own copy: tracking moves the statistics in place.
         let teacher = Segformer::new(&cfg, detached_copy(&source)?)?;
         let x1 = x.narrow(0, 0, 1)?;
-        let timed = |by_class| {
+        let timed = |track| {
             time(spec, || {
-                let track = Tracking {
-                    share: 1.0,
-                    by_class,
-                };
                 Ok(teacher.forward_tracking(&x1, track).map(|_| ())?)
             })
         };
-        (timed(None)?, timed(stats.norm.as_ref())?)
+        let norm = stats
+            .norm
+            .as_ref()
+            .expect("computed with the class statistics");
+        (timed(Tracking::Batch)?, timed(Tracking::ByClass(norm))?)
     };
     use crate::adapt::config::TrainScope;
     use crate::model::Recompute;

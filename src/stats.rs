@@ -89,6 +89,7 @@ impl SourceStats {
         let mut instances: Vec<Vec<Vec<f32>>> = vec![Vec::new(); c];
         let mut frames = FrameStats::default();
         let mut norm: Option<ClassMoments> = None;
+        let mut frame_means = Vec::with_capacity(examples.len());
         for ex in examples {
             let x = image_to_tensor(&ex.image, pre, model.device())?;
             frames.add_frames(&x)?;
@@ -111,6 +112,7 @@ impl SourceStats {
                 .collect();
             let ids = Tensor::from_vec(ids, h * w, model.device())?;
             let m = ClassMoments::of(&fused, &ids, c)?;
+            frame_means.push(fused.mean_keepdim(0)?);
             norm = Some(match norm {
                 Some(acc) => m.add(&acc)?,
                 None => m,
@@ -172,7 +174,10 @@ impl SourceStats {
             prototypes: Tensor::from_vec(protos, (c, d), &dev)?,
             bank: Some(instance_bank(instances, &pixels, d)?),
             frames: Some(frames),
-            norm: norm.map(|m| ClassNorm::from_moments(&m)).transpose()?,
+            norm: match norm {
+                Some(m) => Some(ClassNorm::from_moments(&m, &Tensor::cat(&frame_means, 0)?)?),
+                None => None,
+            },
         })
     }
 
@@ -200,6 +205,10 @@ impl SourceStats {
             m.insert("norm_class_mean".into(), n.mean.clone());
             m.insert("norm_class_var".into(), n.var.clone());
             m.insert("norm_class_count".into(), n.count.flatten_all()?);
+            m.insert(
+                "norm_frame_spread".into(),
+                Tensor::new(&[n.spread as f32], &Device::Cpu)?,
+            );
         }
         let bytes = crate::model::weights::safetensors_bytes(&m, None)?;
         crate::checkpoint::write_atomic(&dir.join(FILE), &bytes)
@@ -252,11 +261,16 @@ fn load_class_norm(
     m: &crate::model::TensorMap,
     class_mean: &Tensor,
 ) -> Result<Option<ClassNorm>> {
-    let names = ["norm_class_mean", "norm_class_var", "norm_class_count"];
-    let [mean, var, count] = names.map(|k| m.get(k));
-    let (mean, var, count) = match (mean, var, count) {
-        (None, None, None) => return Ok(None),
-        (Some(mean), Some(var), Some(count)) => (mean, var, count),
+    let names = [
+        "norm_class_mean",
+        "norm_class_var",
+        "norm_class_count",
+        "norm_frame_spread",
+    ];
+    let [mean, var, count, spread] = names.map(|k| m.get(k));
+    let (mean, var, count, spread) = match (mean, var, count, spread) {
+        (None, None, None, None) => return Ok(None),
+        (Some(mean), Some(var), Some(count), Some(spread)) => (mean, var, count, spread),
         _ => {
             let missing: Vec<&str> = names.into_iter().filter(|k| !m.contains_key(*k)).collect();
             return Err(Error::data(
@@ -267,24 +281,28 @@ fn load_class_norm(
     };
     let shape_ok = mean.dims() == class_mean.dims()
         && var.dims() == mean.dims()
-        && count.elem_count() == mean.dims()[0];
+        && count.elem_count() == mean.dims()[0]
+        && spread.elem_count() == 1;
     if !shape_ok {
         return Err(Error::data(
             path,
             format!(
                 "class statistics disagree with class_mean {:?}: norm_class_mean {:?}, \
-                 norm_class_var {:?}, norm_class_count {:?}",
+                 norm_class_var {:?}, norm_class_count {:?}, norm_frame_spread {:?}",
                 class_mean.dims(),
                 mean.dims(),
                 var.dims(),
-                count.dims()
+                count.dims(),
+                spread.dims()
             ),
         ));
     }
+    let spread = spread.flatten_all()?.to_vec1::<f32>()?[0] as f64;
     Ok(Some(ClassNorm::new(
         mean.clone(),
         var.clone(),
         count.clone(),
+        spread,
     )?))
 }
 

@@ -478,7 +478,7 @@ fn the_teacher_tracks_the_batchnorm_statistics_of_the_frames_it_labels() {
     let copy = segadapt::model::ema::detached_copy(&fx.model).unwrap();
     let reference = Segformer::new(&fx.cfg, copy).unwrap();
     let source = stats(&reference);
-    reference.forward_tracking(&x, Tracking::FULL).unwrap();
+    reference.forward_tracking(&x, Tracking::Batch).unwrap();
     let mut ac = AdaptConfig::plain();
     ac.guard.collapse = false;
     let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, fx.stats()).unwrap();
@@ -539,7 +539,7 @@ fn with_the_budget_spent_the_teacher_still_follows_the_frames_statistics() {
     // Its own copy: a model tracks in place, in the tensors it was built from.
     let copy = segadapt::model::ema::detached_copy(&a.teacher).unwrap();
     let reference = Segformer::new(&fx.cfg, copy).unwrap();
-    reference.forward_tracking(&dark, Tracking::FULL).unwrap();
+    reference.forward_tracking(&dark, Tracking::Batch).unwrap();
     assert!(a.step(&dark, &dark, &mut rng).unwrap().idle);
     let after = segadapt::model::ema::detached_copy(&a.teacher).unwrap();
     for k in ["running_mean", "running_var"] {
@@ -890,9 +890,14 @@ fn class_statistics_cut_short_or_misshaped_are_refused_naming_the_file() {
         m.insert("norm_class_var".into(), v);
     });
     assert!(err.contains("norm_class_var [3, 1]"), "{err}");
-    // Without any of the three the file still loads, as one written before they existed.
+    // Without any of them the file still loads, as one written before they existed.
     let mut m = whole.clone();
-    for k in ["norm_class_mean", "norm_class_var", "norm_class_count"] {
+    for k in [
+        "norm_class_mean",
+        "norm_class_var",
+        "norm_class_count",
+        "norm_frame_spread",
+    ] {
         m.remove(k);
     }
     candle_core::safetensors::save(&m, &file).unwrap();

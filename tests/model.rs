@@ -349,7 +349,7 @@ fn a_served_model_takes_the_teachers_statistics_without_its_weights_moving() {
     let served = Segformer::new(&cfg, copy()).unwrap();
     let dark =
         ((Tensor::randn(0f32, 1.0, (1, 3, 64, 96), &dev).unwrap() * 0.2).unwrap() - 1.5).unwrap();
-    teacher.forward_tracking(&dark, Tracking::FULL).unwrap();
+    teacher.forward_tracking(&dark, Tracking::Batch).unwrap();
     let next = served.with_statistics_of(&teacher).unwrap();
     let whole = Segformer::new(&cfg, copy()).unwrap();
     let x = Tensor::randn(0f32, 1.0, (1, 3, 64, 96), &dev).unwrap();
@@ -365,7 +365,7 @@ fn a_served_model_takes_the_teachers_statistics_without_its_weights_moving() {
     assert_eq!(n(&next), n(&teacher));
     // The teacher goes on tracking in place; what serving was given must not move with it.
     let before = logits(&next);
-    teacher.forward_tracking(&x, Tracking::FULL).unwrap();
+    teacher.forward_tracking(&x, Tracking::Batch).unwrap();
     assert_eq!(common::max_diff(&logits(&next), &before), 0.0);
     // Shared, not copied: the served weights are the tensors it already had.
     let w = "decode_head.classifier.weight";
@@ -394,25 +394,10 @@ fn tracking_by_class_on_the_frames_the_class_statistics_came_from_is_plain_track
     let (out, fused) = by_class.forward_fused(&x).unwrap();
     let labels = out.logits.flatten_to(2).unwrap().argmax(1).unwrap();
     let moments = ClassMoments::of(&fused, &labels, 5).unwrap();
-    let norm = ClassNorm::from_moments(&moments).unwrap();
-    let share = 0.5;
-    by_batch
-        .forward_tracking(
-            &x,
-            Tracking {
-                share,
-                by_class: None,
-            },
-        )
-        .unwrap();
+    let norm = ClassNorm::from_moments(&moments, &fused.mean_keepdim(0).unwrap()).unwrap();
+    by_batch.forward_tracking(&x, Tracking::Batch).unwrap();
     by_class
-        .forward_tracking(
-            &x,
-            Tracking {
-                share,
-                by_class: Some(&norm),
-            },
-        )
+        .forward_tracking(&x, Tracking::ByClass(&norm))
         .unwrap();
     for n in [
         "decode_head.batch_norm.running_mean",
@@ -427,4 +412,75 @@ fn tracking_by_class_on_the_frames_the_class_statistics_came_from_is_plain_track
             common::max_diff(a, b)
         );
     }
+}
+
+#[test]
+fn anchored_tracking_goes_back_to_the_source_statistics_unless_the_features_have_moved() {
+    use segadapt::model::{ClassMoments, ClassNorm};
+    let cfg = common::tiny_config(5);
+    let dev = Device::Cpu;
+    let tensors = init_tensors(&cfg, &dev, 3).unwrap();
+    let model = || {
+        let copy = tensors.iter().map(|(n, t)| (n.clone(), t.copy().unwrap()));
+        Segformer::new(&cfg, copy.collect()).unwrap()
+    };
+    let (mean, var) = (
+        "decode_head.batch_norm.running_mean",
+        "decode_head.batch_norm.running_var",
+    );
+    let source = (&tensors[mean], &tensors[var]);
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 96), &dev).unwrap();
+    let dark = ((&x * 0.2).unwrap() - 1.5).unwrap();
+    // The source's class statistics on `x` itself, with a spread set by the test.
+    let (out, fused) = model().forward_fused(&x).unwrap();
+    let labels = out.logits.flatten_to(2).unwrap().argmax(1).unwrap();
+    let moments = ClassMoments::of(&fused, &labels, 5).unwrap();
+    let with_spread = |spread| {
+        let mut n = ClassNorm::from_moments(&moments, &fused.mean_keepdim(0).unwrap()).unwrap();
+        n.spread = spread;
+        n
+    };
+    let (wide, narrow) = (with_spread(1e9), with_spread(1e-9));
+    let from_source = |t: &Segformer| common::max_diff(&t.raw_tensors()[mean], &tensors[mean]);
+    let anchored = |share, norm| Tracking::Anchored {
+        share,
+        source,
+        norm: Some(norm),
+    };
+
+    // Taken away by dark frames, then shown frames whose features sit within the source's own
+    // spread, at no share: the statistics go back at the momentum's pace (0.1 a step).
+    let teacher = model();
+    for _ in 0..5 {
+        teacher.forward_tracking(&dark, Tracking::Batch).unwrap();
+    }
+    let away = from_source(&teacher);
+    assert!(away > 1e-2, "{away}");
+    for _ in 0..10 {
+        teacher
+            .forward_tracking(&dark, anchored(0.0, &wide))
+            .unwrap();
+    }
+    let back = from_source(&teacher);
+    assert!(
+        (back / away - 0.9f32.powi(10)).abs() < 1e-3,
+        "{back} of {away}"
+    );
+
+    // At a full share, or with the features past twice the spread, it is plain tracking.
+    let plain = model();
+    plain.forward_tracking(&dark, Tracking::Batch).unwrap();
+    for track in [anchored(1.0, &wide), anchored(0.0, &narrow)] {
+        let t = model();
+        t.forward_tracking(&dark, track).unwrap();
+        for n in [mean, var] {
+            let d = common::max_diff(&t.raw_tensors()[n], &plain.raw_tensors()[n]);
+            assert!(d < 1e-5, "{n}: {d}");
+        }
+    }
+    // Half way: the mean goes half as far.
+    let half = model();
+    half.forward_tracking(&dark, anchored(0.5, &wide)).unwrap();
+    let ratio = from_source(&half) / from_source(&plain);
+    assert!((ratio - 0.5).abs() < 1e-3, "{ratio}");
 }

@@ -202,7 +202,8 @@ impl Controller {
 
     /// How far the recent frames are from the source domain's, as a share of the shift
     /// threshold (at most 1; 1 without the source's frame statistics). The teacher's BatchNorm
-    /// statistics follow the frames at this share of their momentum: a frame's statistics mix
+    /// statistics follow the frames' at least this share of the way from the source's
+    /// (`model::Tracking::Anchored`): a frame's statistics mix
     /// what it shows with how it looks, and where it looks like the source, following them
     /// moves the model by the content alone (on CamVid's unseen day sequence, tracking at full
     /// momentum cost car 6.5 IoU and the mean 0.46, with no shift to follow). Where they follow

@@ -308,18 +308,25 @@ impl Adapter {
     }
 
     /// The teacher's forward on the weak view (f32 outputs), moving its BatchNorm statistics
-    /// towards the view's. By class, at their full momentum: the class shares take out the
-    /// content that the source share otherwise slows them against, and a stream that comes
-    /// back near the source from another condition needs its statistics back there.
+    /// towards the view's. Near the source, by class. Elsewhere, with the shift test's view of
+    /// the source frames, only part of the way from the source's statistics: as far as the
+    /// frames look shifted (their pixel statistics) or the network sees them shifted (the
+    /// decode head's features against the source frames' spread), whichever is further. So a
+    /// blur that leaves the features where the source's were keeps the source's statistics,
+    /// and a stream that comes back from another condition takes them back.
     fn teacher_forward(&self, weak: &Tensor) -> Result<crate::model::SegOutput> {
         let _phase = crate::profile::scope("adapt: teacher");
-        let by_class = self.class_norm();
-        let track = Tracking {
-            share: match by_class {
-                Some(_) => 1.0,
-                None => self.controller.as_ref().map_or(1.0, |c| c.source_share()),
+        let track = match (self.class_norm(), &self.controller) {
+            (Some(norm), _) => Tracking::ByClass(norm),
+            (None, Some(c)) => Tracking::Anchored {
+                share: c.source_share(),
+                source: (
+                    &self.source[RUNNING_STATS[0]],
+                    &self.source[RUNNING_STATS[1]],
+                ),
+                norm: self.stats.norm.as_ref(),
             },
-            by_class,
+            (None, None) => Tracking::Batch,
         };
         Ok(match self.label_dtype {
             DType::F32 => self.teacher.forward_tracking(weak, track)?,

@@ -76,10 +76,13 @@ pub struct ClassNorm {
     pub count: Tensor,
     /// [C, 1] the counts' shares.
     prior: Tensor,
+    /// The source frames' mean [`ClassNorm::frame_distance`]: how far a frame of the source
+    /// domain sits from the source's statistics by what it shows alone.
+    pub spread: f64,
 }
 
 impl ClassNorm {
-    pub fn new(mean: Tensor, var: Tensor, count: Tensor) -> Result<Self> {
+    pub fn new(mean: Tensor, var: Tensor, count: Tensor, spread: f64) -> Result<Self> {
         let count = count.reshape(((), 1))?;
         let prior = count.broadcast_div(&count.sum_all()?.clamp(1.0, f64::MAX)?)?;
         Ok(Self {
@@ -87,6 +90,7 @@ impl ClassNorm {
             var,
             count,
             prior,
+            spread,
         })
     }
 
@@ -96,12 +100,55 @@ impl ClassNorm {
             var: self.var.to_device(dev)?,
             count: self.count.to_device(dev)?,
             prior: self.prior.to_device(dev)?,
+            spread: self.spread,
         })
     }
 
-    pub fn from_moments(m: &ClassMoments) -> Result<Self> {
+    /// From the source's class moments and the mean per-frame feature means of its frames
+    /// (`frame_means`: [N, D], one row a frame), whose distances give the spread.
+    pub fn from_moments(m: &ClassMoments, frame_means: &Tensor) -> Result<Self> {
         let (mean, var) = m.mean_var()?;
-        Self::new(mean, var, m.count.clone())
+        let mut norm = Self::new(mean, var, m.count.clone(), 0.0)?;
+        norm.spread = norm
+            .distance_of_means(frame_means)?
+            .mean_all()?
+            .to_scalar::<f32>()? as f64;
+        Ok(norm)
+    }
+
+    /// The source's statistics ([1, D] mean and biased variance) under its class shares.
+    pub fn mixture(&self) -> Result<(Tensor, Tensor)> {
+        let mean = self.mean.broadcast_mul(&self.prior)?.sum_keepdim(0)?;
+        let spread = (&self.var + self.mean.broadcast_sub(&mean)?.sqr()?)?;
+        Ok((mean, spread.broadcast_mul(&self.prior)?.sum_keepdim(0)?))
+    }
+
+    /// How far a batch's feature mean (`mean`: [1, D]) sits from the source's: the squared
+    /// difference in source variances, averaged over the channels. What it shows counts too.
+    pub fn frame_distance(&self, mean: &Tensor) -> Result<f64> {
+        Ok(self.distance_of_means(mean)?.to_vec1::<f32>()?[0] as f64)
+    }
+
+    /// The share of the way from the source's statistics towards a batch's that the batch's
+    /// feature shift calls for: none within the source frames' own spread, all of it at twice
+    /// that spread, linear between.
+    pub fn feature_share(&self, mean: &Tensor) -> Result<f64> {
+        if self.spread <= 0.0 {
+            return Ok(1.0);
+        }
+        Ok((self.frame_distance(mean)? / self.spread - 1.0).clamp(0.0, 1.0))
+    }
+
+    /// [N] distances of [N, D] means.
+    fn distance_of_means(&self, means: &Tensor) -> Result<Tensor> {
+        let (mix, var) = self.mixture()?;
+        let var = var.clamp(VAR_FLOOR, f64::MAX)?;
+        means
+            .to_dtype(DType::F32)?
+            .broadcast_sub(&mix)?
+            .sqr()?
+            .broadcast_div(&var)?
+            .mean(1)
     }
 
     pub fn classes(&self) -> Result<usize> {
@@ -132,12 +179,14 @@ impl ClassNorm {
             .broadcast_mul(n)?
             .broadcast_add(&(pooled_ratio * SHRINK_PIXELS)?)?
             .broadcast_div(&weight)?;
-        let class_mean = (&self.mean + shift)?;
-        let class_var = (&self.var * ratio)?;
-        let mix = class_mean.broadcast_mul(&self.prior)?.sum_keepdim(0)?; // [1, D]
-        let spread = (class_var + class_mean.broadcast_sub(&mix)?.sqr()?)?;
-        let mix_var = spread.broadcast_mul(&self.prior)?.sum_keepdim(0)?;
-        Ok((mix, mix_var))
+        let shifted = Self {
+            mean: (&self.mean + shift)?,
+            var: (&self.var * ratio)?,
+            count: self.count.clone(),
+            prior: self.prior.clone(),
+            spread: self.spread,
+        };
+        shifted.mixture()
     }
 }
 
@@ -157,6 +206,7 @@ mod tests {
             Tensor::new(&[[0f32], [10.0]], dev).unwrap(),
             Tensor::new(&[[1f32], [1.0]], dev).unwrap(),
             Tensor::new(&[500f32, 500.0], dev).unwrap(),
+            0.5,
         )
         .unwrap()
     }
@@ -225,9 +275,26 @@ mod tests {
         let l = Tensor::new(&[0u32, 0, 255], dev).unwrap();
         let m = ClassMoments::of(&x, &l, 2).unwrap();
         let both = m.add(&m).unwrap();
-        let norm = ClassNorm::from_moments(&both).unwrap();
+        let frames = Tensor::new(&[[2f32]], dev).unwrap();
+        let norm = ClassNorm::from_moments(&both, &frames).unwrap();
         assert_eq!(vec2(&both.count), vec![4.0, 0.0]);
+        assert_eq!(norm.spread, 0.0, "the one frame is at the mixture's mean");
         assert_eq!(vec2(&norm.mean), vec![2.0, 0.0]);
         assert_eq!(vec2(&norm.var), vec![1.0, 0.0]);
+    }
+
+    #[test]
+    fn the_feature_share_grows_from_the_source_frames_spread_to_twice_it() {
+        // Mixture: mean 5, variance 26; spread 0.5 source variances.
+        let norm = source();
+        let at = |shift: f64| {
+            let m = Tensor::new(&[[(5.0 + shift) as f32]], &Device::Cpu).unwrap();
+            norm.feature_share(&m).unwrap()
+        };
+        let sd = 26f64.sqrt();
+        assert_eq!(at(0.0), 0.0);
+        assert!(at(sd * 0.5f64.sqrt()) < 1e-5, "at the spread itself");
+        assert!((at(sd * 0.75f64.sqrt()) - 0.5).abs() < 1e-4);
+        assert_eq!(at(-sd), 1.0);
     }
 }

@@ -135,25 +135,50 @@ impl BatchNormRelu {
     }
 
     /// Moves the running statistics towards the batch statistics of `x` ([P, C]) without
-    /// normalising it, at `share` of the momentum.
-    pub fn track(&self, x: &Tensor, share: f64) -> Result<()> {
+    /// normalising it.
+    pub fn track(&self, x: &Tensor) -> Result<()> {
         let (mean, var) = batch_stats(&x.detach().to_dtype(self.running_mean.dtype())?)?;
-        self.blend_running(&mean, &var, x.dim(0)?, self.momentum * share)
+        self.update_running(&mean, &var, x.dim(0)?)
     }
 
     /// The same towards the statistics `x` would have with the source's class shares
     /// ([`ClassNorm::batch_stats`]); `labels`: [P] the classes of `x`'s rows.
-    pub fn track_by_class(
-        &self,
-        x: &Tensor,
-        labels: &Tensor,
-        norm: &ClassNorm,
-        share: f64,
-    ) -> Result<()> {
+    pub fn track_by_class(&self, x: &Tensor, labels: &Tensor, norm: &ClassNorm) -> Result<()> {
         let (mean, var) = norm.batch_stats(&x.detach(), labels)?;
         let dt = self.running_mean.dtype();
         let (mean, var) = (mean.to_dtype(dt)?, var.to_dtype(dt)?);
-        self.blend_running(&mean, &var, x.dim(0)?, self.momentum * share)
+        self.update_running(&mean, &var, x.dim(0)?)
+    }
+
+    /// The same towards `x`'s statistics taken a share of the way from `source`'s ([C] running
+    /// mean and variance): `share`, or more where `norm` finds the batch's features further
+    /// from the source's than its own frames' spread ([`ClassNorm::feature_share`]).
+    pub fn track_anchored(
+        &self,
+        x: &Tensor,
+        share: f64,
+        source: (&Tensor, &Tensor),
+        norm: Option<&ClassNorm>,
+    ) -> Result<()> {
+        let dt = self.running_mean.dtype();
+        let x = x.detach().to_dtype(dt)?;
+        let (mean, var) = batch_stats(&x)?;
+        let share = match norm {
+            Some(n) => share.max(n.feature_share(&mean)?),
+            None => share,
+        }
+        .clamp(0.0, 1.0);
+        let p = x.dim(0)?;
+        // The source's variance is a running (unbiased) one: biased like the batch's here, as
+        // the blend corrects it back.
+        let bias = (p.max(2) - 1) as f64 / p as f64;
+        let (src_mean, src_var) = (
+            source.0.to_dtype(dt)?.unsqueeze(0)?,
+            (source.1.to_dtype(dt)?.unsqueeze(0)? * bias)?,
+        );
+        let towards = |src: &Tensor, batch: Tensor| src + ((batch - src)? * share)?;
+        let (mean, var) = (towards(&src_mean, mean)?, towards(&src_var, var)?);
+        self.update_running(&mean, &var, p)
     }
 
     fn update_running(&self, mean: &Tensor, var: &Tensor, p: usize) -> Result<()> {

@@ -588,18 +588,17 @@ impl Segformer {
             b: d.classifier.b.clone(),
         };
         match track {
-            Some(Tracking {
-                share,
-                by_class: None,
-            }) => d.bn.track(&y, share)?,
-            Some(Tracking {
-                share,
-                by_class: Some(norm),
-            }) => {
+            Some(Tracking::Batch) => d.bn.track(&y)?,
+            Some(Tracking::ByClass(norm)) => {
                 // The classes come from the statistics as they were before this batch.
                 let labels = cls.forward(&d.bn.forward(&y, false)?)?.argmax(1)?;
-                d.bn.track_by_class(&y, &labels, norm, share)?;
+                d.bn.track_by_class(&y, &labels, norm)?;
             }
+            Some(Tracking::Anchored {
+                share,
+                source,
+                norm,
+            }) => d.bn.track_anchored(&y, share, source, norm)?,
             None => {}
         }
         let z = d.bn.forward(&y, training)?;
@@ -611,21 +610,23 @@ impl Segformer {
 }
 
 /// How an inference forward moves the decode head's BatchNorm statistics
-/// ([`Segformer::forward_tracking`]).
+/// ([`Segformer::forward_tracking`]), always at BatchNorm's own momentum.
 #[derive(Debug, Clone, Copy)]
-pub struct Tracking<'a> {
-    /// Of BatchNorm's momentum (1: its own).
-    pub share: f64,
-    /// Follow the batch's statistics under the source's class shares instead of as they are.
-    pub by_class: Option<&'a ClassNorm>,
-}
-
-impl Tracking<'_> {
-    /// The batch's own statistics at the full momentum.
-    pub const FULL: Tracking<'static> = Tracking {
-        share: 1.0,
-        by_class: None,
-    };
+pub enum Tracking<'a> {
+    /// Towards the batch's statistics as they are.
+    Batch,
+    /// Towards the statistics the batch would have with the source's class shares
+    /// ([`ClassNorm::batch_stats`]): the shift without the content.
+    ByClass(&'a ClassNorm),
+    /// Towards the batch's statistics moved only part of the way from `source` (the running
+    /// mean and variance adaptation began from): `share` of it, or the batch's
+    /// [`ClassNorm::feature_share`] where that is larger. As the share falls, the statistics
+    /// go back to the source's at the momentum's pace.
+    Anchored {
+        share: f64,
+        source: (&'a Tensor, &'a Tensor),
+        norm: Option<&'a ClassNorm>,
+    },
 }
 
 impl StageFuse {
