@@ -31,6 +31,7 @@ fn main() {
         ("handover, statistics", &r.handover_statistics),
         ("tracking forward", &r.track),
         ("tracking by class", &r.track_by_class),
+        ("tracking anchored", &r.track_anchored),
     ] {
         println!(
             "{name:<20} {:>9.1} ms (min {:.1}, max {:.1})  heap peak {:.0} MB",

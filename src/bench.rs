@@ -72,6 +72,8 @@ pub struct BenchReport {
     /// batch's as they are, and under the source's class shares (`adapt.statistics`).
     pub track: Timing,
     pub track_by_class: Timing,
+    /// The same led part of the way from the source's statistics (away from the source).
+    pub track_anchored: Timing,
     /// Process peak RSS after the inference runs and after the training runs, MB.
     pub infer_peak_rss_mb: f64,
     pub train_peak_rss_mb: f64,
@@ -201,7 +203,7 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
     let source = Segformer::new(&cfg, tensors.clone())?;
     let stats =
         crate::stats::SourceStats::compute(&source, &tc.preprocess, &[ex], 255)?.to_device(&dev)?;
-    let (track, track_by_class) = {
+    let (track, track_by_class, track_anchored) = {
         use crate::model::Tracking;
         // Its own copy: tracking moves the statistics in place.
         let teacher = Segformer::new(&cfg, detached_copy(&source)?)?;
@@ -215,7 +217,17 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
             .norm
             .as_ref()
             .expect("computed with the class statistics");
-        (timed(Tracking::Batch)?, timed(Tracking::ByClass(norm))?)
+        let [mean, var, _] = crate::model::TRACKED_STATISTICS;
+        let anchored = Tracking::Anchored {
+            share: 0.5,
+            source: (&tensors[mean], &tensors[var]),
+            norm: Some(norm),
+        };
+        (
+            timed(Tracking::Batch)?,
+            timed(Tracking::ByClass(norm))?,
+            timed(anchored)?,
+        )
     };
     use crate::adapt::config::TrainScope;
     use crate::model::Recompute;
@@ -271,6 +283,7 @@ pub fn run(spec: &BenchSpec) -> Result<BenchReport> {
         handover_statistics,
         track,
         track_by_class,
+        track_anchored,
         infer_peak_rss_mb,
         train_peak_rss_mb,
         ops,

@@ -901,6 +901,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 "adapt_peak_mb": r.adapt_step.peak_mb, "adapt_norm_peak_mb": r.adapt_step_norm.peak_mb, "ema_ms": r.ema.median_ms,
                 "handover_ms": r.handover.median_ms, "handover_statistics_ms": r.handover_statistics.median_ms,
                 "track_ms": r.track.median_ms, "track_by_class_ms": r.track_by_class.median_ms,
+                "track_anchored_ms": r.track_anchored.median_ms,
                 "infer_peak_mb": r.infer.peak_mb, "train_peak_mb": r.train_step.peak_mb,
                 "peak_mb": r.infer.peak_mb.max(r.train_step.peak_mb),
                 "infer_peak_rss_mb": r.infer_peak_rss_mb, "train_peak_rss_mb": r.train_peak_rss_mb,
@@ -930,6 +931,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             ("serving handover (statistics)", &r.handover_statistics),
             ("teacher forward, tracking", &r.track),
             ("teacher forward, tracking by class", &r.track_by_class),
+            ("teacher forward, anchored", &r.track_anchored),
         ] {
             println!(
                 "{name:<28} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
