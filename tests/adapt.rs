@@ -952,3 +952,49 @@ fn the_teacher_tracks_by_class_only_while_the_stream_looks_like_the_source() {
     let far = common::max_diff(&tracked(batch, &dark), &tracked(class, &dark));
     assert_eq!(far, 0.0, "far from it, as the batch has them");
 }
+
+#[test]
+fn away_from_the_source_the_teachers_statistics_go_the_share_of_the_way() {
+    let fx = fixture(4, false);
+    let frame = |i: usize| {
+        segadapt::data::image_to_tensor(&fx.examples[i].image, &fx.pre, &Device::Cpu).unwrap()
+    };
+    let source_like = Tensor::cat(&[frame(0), frame(1)], 0).unwrap();
+    let dark = ((&source_like * 0.2).unwrap() - 1.5).unwrap();
+    let mean = "decode_head.batch_norm.running_mean";
+    let stats = fx.stats();
+    let mut probe =
+        segadapt::adapt::controller::Controller::new(&segadapt::adapt::config::Budget {
+            threshold: 1e6,
+            ..budgeted(50).budget
+        })
+        .with_source(stats.frames.clone().unwrap());
+    probe.observe(&source_like).unwrap();
+    let distance = probe.source_share() * 1e6;
+    // How far the teacher's running mean moves in five steps that leave the weights (lr 0):
+    // with budgets at a threshold twice the frames' distance from the source (half the way,
+    // and beyond the radius where it would track by class), and without.
+    let moved = |budget: bool, x: &Tensor| {
+        let mut ac = budgeted(50);
+        ac.lr = 0.0;
+        ac.budget.on = budget;
+        ac.budget.threshold = 2.0 * distance;
+        let mut a = Adapter::new(ac, &fx.cfg, &fx.tensors, stats.clone()).unwrap();
+        let mut rng = segadapt::SeededRng::seed_from_u64(2);
+        for _ in 0..5 {
+            a.step(x, x, &mut rng).unwrap();
+        }
+        (a.teacher.raw_tensors()[mean].clone() - &fx.tensors[mean]).unwrap()
+    };
+    // The source's own frames lie within its frames' spread: the pixel share alone leads,
+    // and the statistics head for half the way at the momentum's pace, as plain tracking heads
+    // for all of it (at half the momentum they would have gone 55% as far).
+    let (half, all) = (moved(true, &source_like), moved(false, &source_like));
+    let size = common::max_diff(&all, &all.zeros_like().unwrap());
+    assert!(size > 1e-4);
+    let off = common::max_diff(&half, &(&all * 0.5).unwrap()) / size;
+    assert!(off < 1e-3, "{off}");
+    // Far from the source it is plain tracking.
+    let (far, plain) = (moved(true, &dark), moved(false, &dark));
+    assert!(common::max_diff(&far, &plain) < 1e-5);
+}
