@@ -34,11 +34,13 @@ pub struct AdaptConfig {
     pub statistics: Statistics,
 }
 
-/// What the teacher's decode-head BatchNorm statistics follow.
+/// What the teacher's decode-head BatchNorm statistics follow near the source domain. Away
+/// from it, with training budgets, both lead them only part of the way from the source's
+/// statistics to each batch's (`model::Tracking::Anchored`); without budgets, to each batch's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Statistics {
-    /// Each batch's statistics as they are.
+    /// Each batch's statistics as they are (led part of the way, with budgets).
     #[default]
     Batch,
     /// Each batch's statistics under the source's class shares, class by class from the
