@@ -546,11 +546,10 @@ fn with_the_budget_spent_the_teacher_still_follows_the_frames_statistics() {
         let n = format!("decode_head.batch_norm.{k}");
         let v = |m: &segadapt::model::TensorMap| m[&n].to_vec1::<f32>().unwrap();
         assert_ne!(v(&after), v(&trained), "{n} followed the dark frame");
-        assert_eq!(
-            v(&after),
-            v(reference.raw_tensors()),
-            "{n}: one tracking forward"
-        );
+        // To rounding: so far from the source the teacher is led all of the way from the
+        // source's statistics to the frame's, which is the frame's up to the last bit.
+        let off = common::max_diff(&after[&n], &reference.raw_tensors()[&n]);
+        assert!(off < 1e-6, "{n}: one tracking forward, {off} off");
     }
     assert_eq!(distance(&after, &trained), 0.0, "no weight moved");
     assert_eq!(a.optimizer_steps(), 1);
