@@ -133,6 +133,7 @@ impl ClassNorm {
     /// feature shift calls for: none within the source frames' own spread, all of it at twice
     /// that spread, linear between.
     pub fn feature_share(&self, mean: &Tensor) -> Result<f64> {
+        // Source frames that all sit at their mean leave no spread to measure a shift against.
         if self.spread <= 0.0 {
             return Ok(1.0);
         }
