@@ -906,17 +906,15 @@ fn class_statistics_cut_short_or_misshaped_are_refused_naming_the_file() {
         .is_none());
 }
 
-#[test]
-fn the_teacher_tracks_by_class_only_while_the_stream_looks_like_the_source() {
-    let fx = fixture(4, false);
+/// Two of the fixture's own (source) frames as one batch, the same frames darkened far from the
+/// source, the source statistics, and the batch's distance from the source frames as the shift
+/// test measures it (> 0).
+fn source_like_frames(fx: &Fixture) -> (Tensor, Tensor, SourceStats, f64) {
     let frame = |i: usize| {
         segadapt::data::image_to_tensor(&fx.examples[i].image, &fx.pre, &Device::Cpu).unwrap()
     };
     let source_like = Tensor::cat(&[frame(0), frame(1)], 0).unwrap();
     let dark = ((&source_like * 0.2).unwrap() - 1.5).unwrap();
-    let mean = "decode_head.batch_norm.running_mean";
-    // A shift threshold 5x the frames' distance from the source: they are near it (within a
-    // quarter), and the statistics move at a fifth of their momentum.
     let stats = fx.stats();
     let mut probe =
         segadapt::adapt::controller::Controller::new(&segadapt::adapt::config::Budget {
@@ -927,6 +925,16 @@ fn the_teacher_tracks_by_class_only_while_the_stream_looks_like_the_source() {
     probe.observe(&source_like).unwrap();
     let distance = probe.source_share() * 1e6;
     assert!(distance > 0.0);
+    (source_like, dark, stats, distance)
+}
+
+#[test]
+fn the_teacher_tracks_by_class_only_while_the_stream_looks_like_the_source() {
+    let fx = fixture(4, false);
+    let (source_like, dark, stats, distance) = source_like_frames(&fx);
+    let mean = "decode_head.batch_norm.running_mean";
+    // A shift threshold 5x the frames' distance from the source: they are near it (within a
+    // quarter), and the statistics move at a fifth of their momentum.
     // The teacher's running mean after steps on `x`, tracking by class or as the batch has it.
     let tracked = |statistics, x: &Tensor| {
         let mut ac = budgeted(50);
@@ -955,21 +963,8 @@ fn the_teacher_tracks_by_class_only_while_the_stream_looks_like_the_source() {
 #[test]
 fn away_from_the_source_the_teachers_statistics_go_the_share_of_the_way() {
     let fx = fixture(4, false);
-    let frame = |i: usize| {
-        segadapt::data::image_to_tensor(&fx.examples[i].image, &fx.pre, &Device::Cpu).unwrap()
-    };
-    let source_like = Tensor::cat(&[frame(0), frame(1)], 0).unwrap();
-    let dark = ((&source_like * 0.2).unwrap() - 1.5).unwrap();
+    let (source_like, dark, stats, distance) = source_like_frames(&fx);
     let mean = "decode_head.batch_norm.running_mean";
-    let stats = fx.stats();
-    let mut probe =
-        segadapt::adapt::controller::Controller::new(&segadapt::adapt::config::Budget {
-            threshold: 1e6,
-            ..budgeted(50).budget
-        })
-        .with_source(stats.frames.clone().unwrap());
-    probe.observe(&source_like).unwrap();
-    let distance = probe.source_share() * 1e6;
     // How far the teacher's running mean moves in five steps that leave the weights (lr 0):
     // with budgets at a threshold twice the frames' distance from the source (half the way,
     // and beyond the radius where it would track by class), and without.

@@ -372,29 +372,35 @@ fn a_served_model_takes_the_teachers_statistics_without_its_weights_moving() {
     assert_eq!(next.raw_tensors()[w].id(), served.raw_tensors()[w].id());
 }
 
+/// A tiny 5-class model and its weights, for the tracking tests.
+fn tiny_source() -> (Segformer, segadapt::model::TensorMap) {
+    let cfg = common::tiny_config(5);
+    let tensors = init_tensors(&cfg, &Device::Cpu, 3).unwrap();
+    (Segformer::new(&cfg, tensors.clone()).unwrap(), tensors)
+}
+
+/// A model on its own copy of `m`'s weights: tracking moves statistics in place.
+fn fresh(m: &Segformer) -> Segformer {
+    Segformer::new(&m.cfg, segadapt::model::ema::detached_copy(m).unwrap()).unwrap()
+}
+
+/// `x`'s class statistics under the labels `m` gives it, its mean the frames' spread is measured from.
+fn own_class_norm(m: &Segformer, x: &Tensor) -> segadapt::model::ClassNorm {
+    let (out, fused) = m.forward_fused(x).unwrap();
+    let labels = out.logits.flatten_to(2).unwrap().argmax(1).unwrap();
+    let classes = m.cfg.num_labels();
+    let moments = segadapt::model::ClassMoments::of(&fused, &labels, classes).unwrap();
+    segadapt::model::ClassNorm::from_moments(&moments, &fused.mean_keepdim(0).unwrap()).unwrap()
+}
+
 #[test]
 fn tracking_by_class_on_the_frames_the_class_statistics_came_from_is_plain_tracking() {
-    use segadapt::model::{ClassMoments, ClassNorm};
-    let cfg = common::tiny_config(5);
-    let dev = Device::Cpu;
-    let tensors = init_tensors(&cfg, &dev, 3).unwrap();
-    let copy = || {
-        tensors
-            .iter()
-            .map(|(n, t)| (n.clone(), t.copy().unwrap()))
-            .collect::<segadapt::model::TensorMap>()
-    };
-    let (by_batch, by_class) = (
-        Segformer::new(&cfg, copy()).unwrap(),
-        Segformer::new(&cfg, copy()).unwrap(),
-    );
-    let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 96), &dev).unwrap();
+    let (model, tensors) = tiny_source();
+    let (by_batch, by_class) = (fresh(&model), fresh(&model));
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 96), &Device::Cpu).unwrap();
     // The frames' own class statistics, under the labels the model gives them: their
     // mixture at the frames' own class shares is the frames' statistics.
-    let (out, fused) = by_class.forward_fused(&x).unwrap();
-    let labels = out.logits.flatten_to(2).unwrap().argmax(1).unwrap();
-    let moments = ClassMoments::of(&fused, &labels, 5).unwrap();
-    let norm = ClassNorm::from_moments(&moments, &fused.mean_keepdim(0).unwrap()).unwrap();
+    let norm = own_class_norm(&model, &x);
     by_batch.forward_tracking(&x, Tracking::Batch).unwrap();
     by_class
         .forward_tracking(&x, Tracking::ByClass(&norm))
@@ -416,27 +422,18 @@ fn tracking_by_class_on_the_frames_the_class_statistics_came_from_is_plain_track
 
 #[test]
 fn anchored_tracking_goes_back_to_the_source_statistics_unless_the_features_have_moved() {
-    use segadapt::model::{ClassMoments, ClassNorm};
-    let cfg = common::tiny_config(5);
-    let dev = Device::Cpu;
-    let tensors = init_tensors(&cfg, &dev, 3).unwrap();
-    let model = || {
-        let copy = tensors.iter().map(|(n, t)| (n.clone(), t.copy().unwrap()));
-        Segformer::new(&cfg, copy.collect()).unwrap()
-    };
+    let (source_model, tensors) = tiny_source();
+    let model = || fresh(&source_model);
     let (mean, var) = (
         "decode_head.batch_norm.running_mean",
         "decode_head.batch_norm.running_var",
     );
     let source = (&tensors[mean], &tensors[var]);
-    let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 96), &dev).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 96), &Device::Cpu).unwrap();
     let dark = ((&x * 0.2).unwrap() - 1.5).unwrap();
     // The source's class statistics on `x` itself, with a spread set by the test.
-    let (out, fused) = model().forward_fused(&x).unwrap();
-    let labels = out.logits.flatten_to(2).unwrap().argmax(1).unwrap();
-    let moments = ClassMoments::of(&fused, &labels, 5).unwrap();
     let with_spread = |spread| {
-        let mut n = ClassNorm::from_moments(&moments, &fused.mean_keepdim(0).unwrap()).unwrap();
+        let mut n = own_class_norm(&source_model, &x);
         n.spread = spread;
         n
     };

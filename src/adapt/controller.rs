@@ -203,10 +203,10 @@ impl Controller {
     /// How far the recent frames are from the source domain's, as a share of the shift
     /// threshold (at most 1; 1 without the source's frame statistics). The teacher's BatchNorm
     /// statistics follow the frames' at least this share of the way from the source's
-    /// (`model::Tracking::Anchored`): a frame's statistics mix
-    /// what it shows with how it looks, and where it looks like the source, following them
-    /// moves the model by the content alone (on CamVid's unseen day sequence, tracking at full
-    /// momentum cost car 6.5 IoU and the mean 0.46, with no shift to follow). Where they follow
+    /// (`model::Tracking::Anchored`): a frame's statistics mix what it shows with how it looks,
+    /// and where it looks like the source, following them moves the model by the content alone
+    /// (on CamVid's unseen day sequence, tracking at full momentum cost car 6.5 IoU and the
+    /// mean 0.46, with no shift to follow). Where they follow
     /// by class ([`Controller::near_source`]), the class shares take the content out instead.
     pub fn source_share(&self) -> f64 {
         self.source_distance()
@@ -633,7 +633,7 @@ mod tests {
         let night = share(&mut c, &|i| frame(-1.5 + 0.01 * (i % 3) as f32, 0.05));
         assert_eq!(night, 1.0);
         assert!(!c.near_source());
-        // Without the source's frames, full momentum, and never near it.
+        // Without the source's frames, all of the way, and never near it.
         let mut plain = Controller::new(&cfg(40));
         assert_eq!(share(&mut plain, &|i| day(i + 1)), 1.0);
         assert!(!plain.near_source());
