@@ -142,7 +142,7 @@ impl Ablation {
         let (classes, ignore) = (cfg.num_labels(), cfg.ignore_label());
         let ds = Dataset::open(&self.data, &self.filter)?;
         let frames = ds.samples.len() as u64;
-        let eval = Arc::new(ds.load_all(classes, ignore, true));
+        let eval = Arc::new(ds.load_for(&cfg.class_names(), ignore, true)?);
         if eval.is_empty() {
             return Err(Error::data(
                 &self.data,

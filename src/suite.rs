@@ -120,7 +120,7 @@ impl Target {
         spec: &TargetSpec,
         fps: f64,
         limit: Option<usize>,
-        (classes, ignore): (usize, u8),
+        (classes, ignore): (&[String], u8),
     ) -> Result<Self> {
         let filters: Vec<Vec<String>> = match spec.segments.is_empty() {
             true => vec![spec.filter.clone()],
@@ -130,7 +130,7 @@ impl Target {
             let mut ds = Dataset::open(data, f)?;
             ds.samples.truncate(limit.unwrap_or(usize::MAX));
             let n = ds.samples.len() as u64;
-            let ex = ds.load_all(classes, ignore, true);
+            let ex = ds.load_for(classes, ignore, true)?;
             if ex.is_empty() {
                 return Err(Error::data(data, "no labelled frames to score"));
             }
@@ -143,7 +143,7 @@ impl Target {
             let opts = SourceOptions {
                 filter,
                 fps,
-                num_classes: classes,
+                num_classes: classes.len(),
                 ignore,
                 camera_size: None,
                 limit,

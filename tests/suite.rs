@@ -72,7 +72,7 @@ fn a_continual_target_is_scored_after_each_condition_of_each_round() {
         passes: 2,
         score: None,
     };
-    let target = Target::open(&spec, 1.0, None, (3, 255)).unwrap();
+    let target = Target::open(&spec, 1.0, None, (&cfg.class_names(), 255)).unwrap();
     assert_eq!(target.frames, vec![2, 2]);
     assert_eq!(target.schedule().at, vec![(2, 0), (4, 1), (6, 0), (8, 1)]);
     let runner = Runner {

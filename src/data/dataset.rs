@@ -1,5 +1,7 @@
-//! A dataset folder: `images/`, optional `labels/` (8-bit PNG class indices, same stem) and an
-//! optional `manifest.csv` whose `name` column orders the frames and whose columns `--where` filters.
+//! A dataset folder in one of two layouts, told apart by what `root` holds: `images/`, optional
+//! `labels/` (8-bit PNG class indices, same stem) and an optional `manifest.csv` whose `name`
+//! column orders the frames and whose columns `--where` filters; or Cityscapes' own layout
+//! ([`super::cityscapes`]), filtered by `name`, `split`, `city` and `dir`.
 
 use crate::error::{Error, Result};
 use image::RgbImage;
@@ -10,6 +12,40 @@ pub struct Sample {
     pub name: String,
     pub image: PathBuf,
     pub label: Option<PathBuf>,
+    pub encoding: LabelEncoding,
+}
+
+/// What a label file's pixel values are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelEncoding {
+    /// The dataset's class indices.
+    ClassIndex,
+    /// Cityscapes label ids, read as train ids through the official table.
+    CityscapesIds,
+}
+
+impl Sample {
+    /// The label plane, as class indices, where the sample has one; checked as [`load_label`]
+    /// checks it.
+    pub fn read_label(
+        &self,
+        size: (u32, u32),
+        num_classes: usize,
+        ignore: u8,
+    ) -> Result<Option<Vec<u8>>> {
+        let Some(path) = &self.label else {
+            return Ok(None);
+        };
+        match self.encoding {
+            LabelEncoding::ClassIndex => load_label(path, size, num_classes, ignore).map(Some),
+            LabelEncoding::CityscapesIds => {
+                let ids = load_label(path, size, 256, ignore)?;
+                let train: Vec<u8> = ids.into_iter().map(super::cityscapes::train_id).collect();
+                check_classes(path, &train, size.0, num_classes, ignore)?;
+                Ok(Some(train))
+            }
+        }
+    }
 }
 
 /// A decoded frame and, when present, its label plane (row-major, one byte per pixel).
@@ -22,6 +58,9 @@ pub struct Example {
 pub struct Dataset {
     pub root: PathBuf,
     pub samples: Vec<Sample>,
+    /// The class set the layout fixes (Cityscapes' 19), or None where the labels are the
+    /// model's class indices unless a label map says otherwise.
+    pub classes: Option<&'static [&'static str]>,
 }
 
 const EXTS: [&str; 4] = ["jpg", "jpeg", "png", "bmp"];
@@ -37,9 +76,19 @@ impl Dataset {
     /// keeping the rows that pass every `(column, value)` filter. A value `LO..HI` keeps the
     /// range LO to HI inclusive (compared as text, so zero-padded frame numbers work).
     pub fn open(root: &Path, filters: &[(String, String)]) -> Result<Self> {
+        if super::cityscapes::detect(root) {
+            return Ok(Self {
+                root: root.to_path_buf(),
+                samples: super::cityscapes::samples(root, filters, matches)?,
+                classes: Some(&super::cityscapes::CLASSES),
+            });
+        }
         let images = root.join("images");
         if !images.is_dir() {
-            return Err(Error::data(root, "no images/ folder"));
+            return Err(Error::data(
+                root,
+                "no images/ folder (nor Cityscapes' leftImg8bit/)",
+            ));
         }
         let labels = root.join("labels");
         let manifest = root.join("manifest.csv");
@@ -76,12 +125,42 @@ impl Dataset {
                 continue;
             };
             let label = Some(labels.join(format!("{name}.png"))).filter(|p| p.exists());
-            samples.push(Sample { name, image, label });
+            samples.push(Sample {
+                name,
+                image,
+                label,
+                encoding: LabelEncoding::ClassIndex,
+            });
         }
         Ok(Self {
             root: root.to_path_buf(),
             samples,
+            classes: None,
         })
+    }
+
+    /// Decodes every frame with its label in `model_classes`' indices: as the folder layout
+    /// stores them, or through the class names where the layout fixes its own classes (a
+    /// dataset class the model lacks becomes `ignore`). Bad files are reported and skipped.
+    pub fn load_for(
+        &self,
+        model_classes: &[String],
+        ignore: u8,
+        need_labels: bool,
+    ) -> Result<Vec<Example>> {
+        let Some(set) = self.classes else {
+            return Ok(self.load_all(model_classes.len(), ignore, need_labels));
+        };
+        let map = super::LabelMap::by_name(model_classes, set, super::cityscapes::IGNORE)?;
+        let mut to_model = [ignore; 256];
+        for (m, &e) in map.model_to_eval.iter().enumerate() {
+            to_model[e] = m as u8;
+        }
+        let mut examples = self.load_all(set.len(), super::cityscapes::IGNORE, need_labels);
+        for l in examples.iter_mut().filter_map(|e| e.label.as_mut()) {
+            l.iter_mut().for_each(|v| *v = to_model[*v as usize]);
+        }
+        Ok(examples)
     }
 
     /// Decodes every frame, reporting and skipping bad files (`num_classes` and `ignore` check
@@ -184,30 +263,42 @@ pub fn load_label(
             ),
         ));
     }
-    if let Some((i, &v)) = l
-        .as_raw()
+    check_classes(path, l.as_raw(), size.0, num_classes, ignore)?;
+    Ok(l.into_raw())
+}
+
+/// Every value is a class (below `num_classes`) or `ignore`; the first that is not is named
+/// with its pixel.
+fn check_classes(
+    path: &Path,
+    label: &[u8],
+    width: u32,
+    num_classes: usize,
+    ignore: u8,
+) -> Result<()> {
+    match label
         .iter()
         .enumerate()
         .find(|(_, &v)| v as usize >= num_classes && v != ignore)
     {
-        return Err(Error::data(
+        Some((i, &v)) => Err(Error::data(
             path,
             format!(
                 "class index {v} at pixel ({}, {}) is out of range (classes 0..{}, ignore {ignore})",
-                i as u32 % size.0,
-                i as u32 / size.0,
+                i as u32 % width,
+                i as u32 / width,
                 num_classes - 1
             ),
-        ));
+        )),
+        None => Ok(()),
     }
-    Ok(l.into_raw())
 }
 
 fn load_example(s: &Sample, num_classes: usize, ignore: u8, need_labels: bool) -> Result<Example> {
     let image = load_rgb(&s.image)?;
-    let label = match &s.label {
-        Some(p) => Some(load_label(p, image.dimensions(), num_classes, ignore)?),
-        None if need_labels => return Err(Error::data(&s.image, "no label in labels/")),
+    let label = match s.read_label(image.dimensions(), num_classes, ignore)? {
+        Some(l) => Some(l),
+        None if need_labels => return Err(Error::data(&s.image, "no label for this frame")),
         None => None,
     };
     Ok(Example {

@@ -1,7 +1,7 @@
 //! `folder:DIR`: a dataset folder replayed as a drive, frames spaced at the given rate.
 
 use super::{Frame, FrameSource, SourceError, SourceOptions};
-use crate::data::{load_label, load_rgb, Dataset, Sample};
+use crate::data::{load_rgb, Dataset, Sample};
 use std::path::Path;
 
 pub struct FolderSource {
@@ -63,12 +63,12 @@ impl FrameSource for FolderSource {
             Ok(img) => img,
             Err(e) => return Some(Err(bad(e.to_string()))),
         };
-        let label = match (&s.label, self.num_classes) {
-            (Some(p), n) if n > 0 => match load_label(p, image.dimensions(), n, self.ignore) {
-                Ok(l) => Some(l),
+        let label = match self.num_classes {
+            0 => None,
+            n => match s.read_label(image.dimensions(), n, self.ignore) {
+                Ok(l) => l,
                 Err(e) => return Some(Err(bad(e.to_string()))),
             },
-            _ => None,
         };
         Some(Ok(Frame {
             seq: i as u64,
