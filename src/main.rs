@@ -73,8 +73,9 @@ enum Cmd {
     /// Methods x seeds x targets from a suite file (benches/suites/dev.toml): one table of
     /// scores, gains and margins over the baselines; writes OUT/suite.md and OUT/suite.json.
     Suite(SuiteArgs),
-    /// Recompute a model's source statistics (class statistics, prior, prototypes and DIDA's
-    /// instance bank) from its labelled source frames, as `train` writes them.
+    /// Compute a model's source statistics (class statistics, prior, prototypes and DIDA's
+    /// instance bank) from frames of its source domain: labelled, or labelled by the model's
+    /// confident predictions where a frame has no label.
     Stats(StatsArgs),
 }
 
@@ -117,11 +118,17 @@ struct SuiteArgs {
 struct StatsArgs {
     #[arg(long)]
     model: PathBuf,
-    /// The labelled source frames the model was trained on.
+    /// A folder of source-domain frames (labels optional; the folder or Cityscapes layout).
+    #[arg(long, required_unless_present = "source", conflicts_with = "source")]
+    data: Option<PathBuf>,
+    /// Any frame source recorded in the source domain (mcap:FILE, folder:DIR, ...).
     #[arg(long)]
-    data: PathBuf,
+    source: Option<String>,
     #[arg(long = "where", value_parser = parse_where)]
     filter: Vec<(String, String)>,
+    /// With --source: at most this many frames.
+    #[arg(long, default_value_t = 1000)]
+    max_frames: usize,
 }
 
 /// `COL=VAL` (or `COL=LO..HI`) for filtering a manifest; repeatable, all must hold.
@@ -345,17 +352,49 @@ struct AdaptArgs {
 
 #[derive(clap::Args)]
 struct ProfileArgs {
-    /// Device profile: a built-in one by name (`segadapt inspect --list`) or a TOML file.
-    #[arg(long, default_value = "x86-64-cpu")]
-    profile: String,
+    /// Device profile: a built-in one by name (`segadapt inspect --list`) or a TOML file
+    /// [default: x86-64-cpu, served at the model's own size]
+    #[arg(long)]
+    profile: Option<String>,
+    /// Serve and train at this size (WxH) instead of the profile's or the model's.
+    #[arg(long, value_parser = parse_size)]
+    input: Option<(u32, u32)>,
     /// Run the profile on another device than it names (e.g. a Jetson profile's plan on cpu).
     #[arg(long)]
     device: Option<String>,
 }
 
 impl ProfileArgs {
+    /// The profile for running `model`, at the size `--input`, a named profile or the model's
+    /// `preprocessor_config.json` gives (in that order), said on one line.
+    fn load_for(&self, model: &std::path::Path) -> Result<segadapt::config::Profile> {
+        use segadapt::config::SizeFrom;
+        let mut p = self.load()?;
+        let pre = PreprocessConfig::load_or_default(&model.join("preprocessor_config.json"))?;
+        let flag = self.input.map(|(w, h)| (w as usize, h as usize));
+        let (from, warning) = p.fit_input(flag, self.profile.is_some(), pre.size)?;
+        let from = match from {
+            SizeFrom::Flag => "--input".to_string(),
+            SizeFrom::Profile => format!("profile {}", p.device.name),
+            SizeFrom::Model => format!("{}/preprocessor_config.json", model.display()),
+            SizeFrom::Default => format!("profile {}", p.device.name),
+        };
+        log::info!(
+            "serving at {}x{} (from {from}), training on {}x{} crops",
+            p.input.width,
+            p.input.height,
+            p.train.crop_width,
+            p.train.crop_height
+        );
+        if let Some(w) = warning {
+            log::warn!("{w}");
+        }
+        Ok(p)
+    }
+
     fn load(&self) -> Result<segadapt::config::Profile> {
-        let mut p = segadapt::config::Profile::resolve(&self.profile)?;
+        let name = self.profile.as_deref().unwrap_or("x86-64-cpu");
+        let mut p = segadapt::config::Profile::resolve(name)?;
         if let Some(d) = &self.device {
             p.device.device = d.clone();
             if d == "cpu" {
@@ -507,7 +546,7 @@ fn suite(a: SuiteArgs, quiet: bool) -> Result<()> {
         return write_suite(&a.out, &segadapt::suite::join(parts));
     }
     let file = SuiteFile::load(&a.suite)?;
-    let profile = a.profile.load()?;
+    let profile = a.profile.load_for(&a.model)?;
     let methods: Vec<Method> = match a.methods {
         Some(m) => m,
         None => file
@@ -559,7 +598,7 @@ fn suite(a: SuiteArgs, quiet: bool) -> Result<()> {
             spec,
             file.fps,
             limit,
-            (cfg.num_labels(), cfg.ignore_label()),
+            (&cfg.class_names(), cfg.ignore_label()),
         )?;
         let mut progress = |line: &str| {
             bar.inc(1);
@@ -600,24 +639,77 @@ fn stats(a: StatsArgs) -> Result<()> {
     let dev = Device::Cpu;
     let (model, pre) = load_model(&a.model, &dev)?;
     let ignore = model.cfg.ignore_label();
-    let examples =
-        Dataset::open(&a.data, &a.filter)?.load_all(model.cfg.num_labels(), ignore, true);
+    let (examples, from) = match (&a.data, &a.source) {
+        (Some(d), _) => {
+            let ex =
+                Dataset::open(d, &a.filter)?.load_for(&model.cfg.class_names(), ignore, false)?;
+            (ex, d.display().to_string())
+        }
+        (None, Some(spec)) => (source_frames(spec, &a, &model, &pre)?, spec.clone()),
+        (None, None) => bail!("--data DIR or --source SPEC"),
+    };
     if examples.is_empty() {
-        bail!(
-            "{}: no labelled frames to compute statistics from",
-            a.data.display()
-        );
+        bail!("{from}: no frames to compute statistics from");
     }
     let stats = segadapt::stats::SourceStats::compute(&model, &pre, &examples, ignore)?;
     stats.save(&a.model)?;
+    let labelled = examples.iter().filter(|e| e.label.is_some()).count();
     let bank = stats.bank.as_ref().map_or(0, |b| b.labels.len());
     println!(
-        "{}: statistics of {} labelled frames, {bank} instances, written to {}",
+        "{}: statistics of {} frames of {from} ({labelled} labelled, {} by the model's confident \
+         predictions; origin {}), {bank} instances, written to {}",
         a.model.display(),
         examples.len(),
+        examples.len() - labelled,
+        stats.origin.name(),
         a.model.join(segadapt::stats::FILE).display()
     );
     Ok(())
+}
+
+/// Up to `--max-frames` frames of `spec`; unlabelled ones shrunk to the model's input size as
+/// they arrive, so a long recording at camera size fits in memory.
+fn source_frames(
+    spec: &str,
+    a: &StatsArgs,
+    model: &Segformer,
+    pre: &PreprocessConfig,
+) -> Result<Vec<segadapt::data::Example>> {
+    let opts = segadapt::source::SourceOptions {
+        filter: a.filter.clone(),
+        fps: 15.0,
+        num_classes: model.cfg.num_labels(),
+        ignore: model.cfg.ignore_label(),
+        camera_size: None,
+        limit: None,
+    };
+    let mut source = segadapt::source::open(spec, &opts)?;
+    let mut out = Vec::new();
+    while out.len() < a.max_frames {
+        let frame = match source.next_frame() {
+            None => break,
+            Some(Ok(f)) => f,
+            Some(Err(e @ segadapt::source::SourceError::Fatal { .. })) => return Err(e.into()),
+            Some(Err(e)) => {
+                log::error!("{e}");
+                continue;
+            }
+        };
+        let image = match &frame.label {
+            Some(_) => frame.image,
+            None => {
+                let (w, h) =
+                    pre.input_size(frame.image.width() as usize, frame.image.height() as usize);
+                segadapt::data::resize_rgb(&frame.image, w as u32, h as u32)
+            }
+        };
+        out.push(segadapt::data::Example {
+            name: frame.name,
+            image,
+            label: frame.label,
+        });
+    }
+    Ok(out)
 }
 
 fn model_config(a: &TrainArgs) -> Result<SegformerConfig> {
@@ -655,7 +747,7 @@ fn train(a: TrainArgs, quiet: bool) -> Result<()> {
         );
     }
     let ds = Dataset::open(&a.data, &a.filter)?;
-    let examples = ds.load_all(cfg.num_labels(), a.ignore, true);
+    let examples = ds.load_for(&cfg.class_names(), a.ignore, true)?;
     log::info!(
         "{} training frames of {} listed",
         examples.len(),
@@ -728,11 +820,8 @@ fn eval(a: EvalArgs, quiet: bool) -> Result<()> {
     let (model, pre) = load_model(&a.model, &dev)?;
     let classes = model.cfg.class_names();
     let ignore = model.cfg.ignore_label();
-    let map = match &a.label_map {
-        Some(p) => LabelMap::load(p, &classes)?,
-        None => LabelMap::identity(&classes, ignore),
-    };
     let ds = Dataset::open(&a.data, &a.filter)?;
+    let map = LabelMap::for_dataset(a.label_map.as_deref(), &ds, &classes, ignore)?;
     // Label values are checked against the dataset's classes, not the model's.
     let max_ignore = map.ignore.iter().copied().max().unwrap_or(255);
     let examples = ds.load_all(map.classes.len(), max_ignore, true);
@@ -813,7 +902,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     let eval = load_eval(&Some(a.data.clone()), &[], &a.model)?.map(Arc::new);
     let session = segadapt::runtime::session::Session {
         model: a.model.clone(),
-        profile: a.profile.load()?,
+        profile: a.profile.load_for(&a.model)?,
         method: Method::Profile,
         out: model_out.clone(),
         eval,
@@ -1088,7 +1177,7 @@ fn load_eval(
 ) -> Result<Option<Vec<segadapt::data::Example>>> {
     let Some(d) = data else { return Ok(None) };
     let cfg = SegformerConfig::load(&model.join("config.json"))?;
-    let ex = Dataset::open(d, filter)?.load_all(cfg.num_labels(), cfg.ignore_label(), true);
+    let ex = Dataset::open(d, filter)?.load_for(&cfg.class_names(), cfg.ignore_label(), true)?;
     if ex.is_empty() {
         bail!("{}: no labelled frames to score", d.display());
     }
@@ -1108,7 +1197,7 @@ fn load_replay(
 }
 
 fn adapt(a: AdaptArgs) -> Result<()> {
-    let profile = a.profile.load()?;
+    let profile = a.profile.load_for(&a.model)?;
     let (metrics, _exporter) = a.metrics.start()?;
     let cfg = SegformerConfig::load(&a.model.join("config.json"))?;
     let session = segadapt::runtime::session::Session {
@@ -1187,11 +1276,26 @@ fn inspect(a: InspectArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let profile = a.profile.load()?;
+    let profile = a.profile.load_for(&a.model)?;
     let dev = Device::Cpu;
-    let files = weights::load_model_dir(&a.model, &dev)?;
-    let stats = segadapt::stats::SourceStats::load(&a.model, &dev)?;
-    let cfg = a.method.config(&profile.adapt);
+    let mut files = weights::load_model_dir(&a.model, &dev)?;
+    files.preprocess.size = Some(segadapt::config::Size {
+        width: profile.input.width,
+        height: profile.input.height,
+    });
+    let stats = match segadapt::stats::SourceStats::load_if_present(&a.model, &dev)? {
+        Some(s) => s,
+        None => {
+            log::warn!(
+                "{}: no source statistics; the plan counts none of what a run builds from the stream",
+                a.model.display()
+            );
+            let model = Segformer::new(&files.config, files.tensors.clone())?;
+            segadapt::stats::SourceStats::of_stream(&model, &files.preprocess, &[])?
+        }
+    };
+    let mut cfg = a.method.config(&profile.adapt);
+    segadapt::runtime::bootstrap::fit(&mut cfg, &stats, &a.model);
     let plan =
         segadapt::budget::measured_plan(&profile, &files.config, &files.tensors, &stats, &cfg)?;
     if a.json {
@@ -1207,7 +1311,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn ablate(a: AblateArgs, quiet: bool) -> Result<()> {
-    let profile = a.profile.load()?;
+    let profile = a.profile.load_for(&a.model)?;
     let ab = segadapt::ablation::Ablation {
         model: a.model.clone(),
         profile: profile.clone(),

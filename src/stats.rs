@@ -50,6 +50,61 @@ pub struct SourceStats {
     /// under the source's class shares. None in statistics written before it existed
     /// (`segadapt stats` adds it).
     pub norm: Option<ClassNorm>,
+    /// What the statistics were made from.
+    pub origin: Origin,
+}
+
+/// What a statistics file was made from, recorded in its metadata (`origin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Labelled source frames (files written before the origin was recorded are read as this).
+    Labels,
+    /// Source frames, some labelled and the rest labelled by the model's confident predictions.
+    Mixed,
+    /// Unlabelled source frames, labelled by the model's confident predictions.
+    Predictions,
+    /// The first frames of the stream being adapted to, by the model's confident predictions:
+    /// no source frame statistics and no class statistics.
+    Stream,
+}
+
+impl Origin {
+    pub fn name(self) -> &'static str {
+        match self {
+            Origin::Labels => "labels",
+            Origin::Mixed => "labels+predictions",
+            Origin::Predictions => "predictions",
+            Origin::Stream => "stream",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::Labels, Self::Mixed, Self::Predictions, Self::Stream]
+            .into_iter()
+            .find(|o| o.name() == s)
+    }
+}
+
+/// A pixel the model labels counts for the class statistics at this confidence or above, or at
+/// its class's median confidence where that is lower: the classes a source model is least sure
+/// of are the rare ones, and a fixed bar would leave them without prototypes or instances.
+pub const CONFIDENT: f32 = 0.9;
+
+/// Frames labelled by hand and by the model.
+#[derive(Default)]
+struct Made {
+    labelled: usize,
+    predicted: usize,
+}
+
+impl Made {
+    fn origin(&self) -> Origin {
+        match (self.labelled, self.predicted) {
+            (_, 0) => Origin::Labels,
+            (0, _) => Origin::Predictions,
+            _ => Origin::Mixed,
+        }
+    }
 }
 
 impl SourceStats {
@@ -70,10 +125,13 @@ impl SourceStats {
             },
             frames: self.frames.clone(),
             norm: self.norm.as_ref().map(|n| n.to_device(dev)).transpose()?,
+            origin: self.origin,
         })
     }
 
-    /// Runs `model` (eval mode) over `examples`; labels are downsampled (nearest) to the embedding.
+    /// Runs `model` (eval mode) over `examples`. A labelled frame's label is downsampled
+    /// (nearest) to the embedding; an unlabelled frame is labelled by the model's confident
+    /// predictions ([`confidence_thresholds`]).
     pub fn compute(
         model: &Segformer,
         pre: &PreprocessConfig,
@@ -81,104 +139,57 @@ impl SourceStats {
         ignore: u8,
     ) -> Result<Self> {
         let c = model.cfg.num_labels();
-        let d = model.cfg.decoder_hidden_size;
-        let mut sum = vec![0f64; c * d];
-        let mut sq = vec![0f64; c * d];
-        let mut n = vec![0f64; c];
-        let mut pixels = vec![0f64; c];
-        let mut instances: Vec<Vec<Vec<f32>>> = vec![Vec::new(); c];
+        let thresholds = match examples.iter().any(|e| e.label.is_none()) {
+            true => confidence_thresholds(model, pre, examples)?,
+            false => vec![CONFIDENT; c],
+        };
+        let mut acc = Moments::new(c, model.cfg.decoder_hidden_size);
         let mut frames = FrameStats::default();
-        let mut norm: Option<ClassMoments> = None;
-        let mut frame_means = Vec::with_capacity(examples.len());
+        let mut made = Made::default();
         for ex in examples {
             let x = image_to_tensor(&ex.image, pre, model.device())?;
             frames.add_frames(&x)?;
-            let Some(label) = &ex.label else { continue };
-            label
-                .iter()
-                .filter(|&&v| (v as usize) < c)
-                .for_each(|&v| pixels[v as usize] += 1.0);
             let (out, fused) = model.forward_fused(&x)?;
-            let emb = out.embed; // [1, h, w, D]
-            let (_, h, w, _) = emb.dims4()?;
-            let emb: Vec<f32> = emb.flatten_all()?.to_vec1()?;
-            let (iw, ih) = ex.image.dimensions();
-            let lab = GrayImage::from_raw(iw, ih, label.clone()).expect("label matches image");
-            let lab = imageops::resize(&lab, w as u32, h as u32, imageops::FilterType::Nearest);
-            let ids: Vec<u32> = lab
-                .as_raw()
-                .iter()
-                .map(|&v| if v == ignore { c as u32 } else { v as u32 })
-                .collect();
-            let ids = Tensor::from_vec(ids, h * w, model.device())?;
-            let m = ClassMoments::of(&fused, &ids, c)?;
-            frame_means.push(fused.mean_keepdim(0)?);
-            norm = Some(match norm {
-                Some(acc) => m.add(&acc)?,
-                None => m,
-            });
-            let mut own = vec![(0usize, vec![0f64; d]); c];
-            for (i, px) in lab.as_raw().iter().enumerate() {
-                let k = *px as usize;
-                if k >= c || *px == ignore {
-                    continue;
+            let (_, h, w, _) = out.embed.dims4()?;
+            let (ids, pixels) = match &ex.label {
+                Some(label) => {
+                    made.labelled += 1;
+                    label_ids(label, ex.image.dimensions(), (w, h), c, ignore)
                 }
-                n[k] += 1.0;
-                own[k].0 += 1;
-                let f = &emb[i * d..(i + 1) * d];
-                for j in 0..d {
-                    sum[k * d + j] += f[j] as f64;
-                    sq[k * d + j] += (f[j] as f64) * (f[j] as f64);
-                    own[k].1[j] += f[j] as f64;
+                None => {
+                    made.predicted += 1;
+                    let (iw, ih) = ex.image.dimensions();
+                    let scale = (iw * ih) as f64 / (w * h) as f64;
+                    predicted_ids(&out.logits, &thresholds, scale)?
                 }
-            }
-            for (k, (cnt, s)) in own.into_iter().enumerate() {
-                if cnt >= MIN_INSTANCE_PIXELS {
-                    instances[k].push(s.iter().map(|v| (v / cnt as f64) as f32).collect());
-                }
-            }
+            };
+            acc.add(&out.embed, &fused, ids, &pixels)?;
         }
-        let mut mean = vec![0f32; c * d];
-        let mut var = vec![0f32; c * d];
-        let mut protos = vec![0f32; c * d];
-        for k in 0..c {
-            if n[k] == 0.0 {
-                continue;
-            }
-            let mut norm = 0f64;
-            for j in 0..d {
-                let m = sum[k * d + j] / n[k];
-                mean[k * d + j] = m as f32;
-                var[k * d + j] = (sq[k * d + j] / n[k] - m * m).max(0.0) as f32;
-                norm += m * m;
-            }
-            let norm = norm.sqrt().max(1e-12);
-            for j in 0..d {
-                protos[k * d + j] = (mean[k * d + j] as f64 / norm) as f32;
-            }
-        }
-        let total: f64 = pixels.iter().sum::<f64>().max(1.0);
-        let dev = Device::Cpu;
-        Ok(Self {
-            mean: Tensor::from_vec(mean, (c, d), &dev)?,
-            var: Tensor::from_vec(var, (c, d), &dev)?,
-            count: Tensor::from_vec(n.iter().map(|&v| v as f32).collect::<Vec<_>>(), c, &dev)?,
-            prior: Tensor::from_vec(
-                pixels
-                    .iter()
-                    .map(|&v| (v / total) as f32)
-                    .collect::<Vec<_>>(),
-                c,
-                &dev,
-            )?,
-            prototypes: Tensor::from_vec(protos, (c, d), &dev)?,
-            bank: Some(instance_bank(instances, &pixels, d)?),
-            frames: Some(frames),
-            norm: match norm {
-                Some(m) => Some(ClassNorm::from_moments(&m, &Tensor::cat(&frame_means, 0)?)?),
-                None => None,
-            },
-        })
+        acc.finish(frames, made.origin())
+    }
+
+    /// Statistics of the first frames of the stream being adapted to, by the model's confident
+    /// predictions: prototypes, prior and instances, for a model that came without source
+    /// statistics. The frames are not the source's, so the shift test's source frames and the
+    /// decode head's class statistics are left out.
+    pub fn of_stream(
+        model: &Segformer,
+        pre: &PreprocessConfig,
+        frames: &[Example],
+    ) -> Result<Self> {
+        let unlabelled: Vec<Example> = frames
+            .iter()
+            .map(|e| Example {
+                name: e.name.clone(),
+                image: e.image.clone(),
+                label: None,
+            })
+            .collect();
+        let mut s = Self::compute(model, pre, &unlabelled, u8::MAX)?;
+        s.frames = None;
+        s.norm = None;
+        s.origin = Origin::Stream;
+        Ok(s)
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -210,14 +221,17 @@ impl SourceStats {
                 Tensor::new(&[n.spread as f32], &Device::Cpu)?,
             );
         }
-        let bytes = crate::model::weights::safetensors_bytes(&m, None)?;
+        let meta = [("origin".to_string(), self.origin.name().to_string())];
+        let bytes = crate::model::weights::safetensors_bytes(&m, Some(meta.into()))?;
         crate::checkpoint::write_atomic(&dir.join(FILE), &bytes)
     }
 
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let path = dir.join(FILE);
-        let m = candle_core::safetensors::load(&path, device)
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let m = candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| Error::data(&path, e.to_string()))?;
+        let origin = read_origin(&path, &bytes)?;
         let m: crate::model::TensorMap = m.into_iter().collect();
         crate::model::weights::check_finite(&path, &m)?;
         let get = |k: &str| {
@@ -249,6 +263,224 @@ impl SourceStats {
                 None => None,
             },
             norm: load_class_norm(&path, &m, &get("class_mean")?)?,
+            origin,
+        })
+    }
+
+    /// The statistics in `dir`, or None where it has no statistics file.
+    pub fn load_if_present(dir: &Path, device: &Device) -> Result<Option<Self>> {
+        match dir.join(FILE).exists() {
+            true => Self::load(dir, device).map(Some),
+            false => Ok(None),
+        }
+    }
+}
+
+fn read_origin(path: &Path, bytes: &[u8]) -> Result<Origin> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::data(path, e.to_string()))?;
+    match meta.metadata().as_ref().and_then(|m| m.get("origin")) {
+        None => Ok(Origin::Labels),
+        Some(o) => Origin::parse(o)
+            .ok_or_else(|| Error::data(path, format!("metadata origin {o:?}: not an origin"))),
+    }
+}
+
+/// Per-class thresholds on the model's confidence for labelling unlabelled frames: the lower of
+/// [`CONFIDENT`] and the class's median confidence over the pixels it wins (from a 100-bin
+/// histogram).
+fn confidence_thresholds(
+    model: &Segformer,
+    pre: &PreprocessConfig,
+    examples: &[Example],
+) -> Result<Vec<f32>> {
+    const BINS: usize = 100;
+    let c = model.cfg.num_labels();
+    let mut hist = vec![[0u64; BINS]; c];
+    for ex in examples.iter().filter(|e| e.label.is_none()) {
+        let x = image_to_tensor(&ex.image, pre, model.device())?;
+        let (conf, ids) = confidence(&model.forward(&x, None)?.logits)?;
+        for (p, k) in conf.into_iter().zip(ids) {
+            hist[k as usize][((p * BINS as f32) as usize).min(BINS - 1)] += 1;
+        }
+    }
+    Ok(hist
+        .iter()
+        .map(|h| {
+            let n: u64 = h.iter().sum();
+            let mut seen = 0;
+            let median = h.iter().position(|&v| {
+                seen += v;
+                2 * seen >= n
+            });
+            match (n, median) {
+                (0, _) | (_, None) => CONFIDENT,
+                (_, Some(b)) => CONFIDENT.min(b as f32 / BINS as f32),
+            }
+        })
+        .collect())
+}
+
+/// Each pixel's top probability and class, from [1, h, w, C] logits.
+fn confidence(logits: &Tensor) -> Result<(Vec<f32>, Vec<u32>)> {
+    let probs = candle_nn::ops::softmax_last_dim(&logits.flatten_to(2)?.squeeze(0)?)?;
+    Ok((probs.max(1)?.to_vec1()?, probs.argmax(1)?.to_vec1()?))
+}
+
+/// A labelled frame's classes at the embedding's `(w, h)` (the class count `c` for unlabelled
+/// pixels) and its labelled pixels per class at full size.
+fn label_ids(
+    label: &[u8],
+    (iw, ih): (u32, u32),
+    (w, h): (usize, usize),
+    c: usize,
+    ignore: u8,
+) -> (Vec<u32>, Vec<f64>) {
+    let mut pixels = vec![0f64; c];
+    label
+        .iter()
+        .filter(|&&v| (v as usize) < c)
+        .for_each(|&v| pixels[v as usize] += 1.0);
+    let lab = GrayImage::from_raw(iw, ih, label.to_vec()).expect("label matches image");
+    let lab = imageops::resize(&lab, w as u32, h as u32, imageops::FilterType::Nearest);
+    let ids = lab
+        .as_raw()
+        .iter()
+        .map(|&v| match (v as usize) < c && v != ignore {
+            true => v as u32,
+            false => c as u32,
+        })
+        .collect();
+    (ids, pixels)
+}
+
+/// An unlabelled frame's classes where the model is confident (the class count elsewhere) and
+/// its predicted pixels per class, each counting `scale` pixels of the full frame.
+fn predicted_ids(logits: &Tensor, thresholds: &[f32], scale: f64) -> Result<(Vec<u32>, Vec<f64>)> {
+    let c = thresholds.len();
+    let (conf, ids) = confidence(logits)?;
+    let mut pixels = vec![0f64; c];
+    let ids = conf
+        .into_iter()
+        .zip(ids)
+        .map(|(p, k)| {
+            pixels[k as usize] += scale;
+            match p >= thresholds[k as usize] {
+                true => k,
+                false => c as u32,
+            }
+        })
+        .collect();
+    Ok((ids, pixels))
+}
+
+/// Running class sums of the embedding, the decode head's BatchNorm input and the instances.
+struct Moments {
+    c: usize,
+    d: usize,
+    sum: Vec<f64>,
+    sq: Vec<f64>,
+    n: Vec<f64>,
+    pixels: Vec<f64>,
+    instances: Vec<Vec<Vec<f32>>>,
+    norm: Option<ClassMoments>,
+    frame_means: Vec<Tensor>,
+}
+
+impl Moments {
+    fn new(c: usize, d: usize) -> Self {
+        Self {
+            c,
+            d,
+            sum: vec![0f64; c * d],
+            sq: vec![0f64; c * d],
+            n: vec![0f64; c],
+            pixels: vec![0f64; c],
+            instances: vec![Vec::new(); c],
+            norm: None,
+            frame_means: Vec::new(),
+        }
+    }
+
+    /// One frame: `emb` [1, h, w, D], `fused` [h*w, D], `ids` [h*w] (`c`: no class), `pixels`
+    /// per class at full size.
+    fn add(&mut self, emb: &Tensor, fused: &Tensor, ids: Vec<u32>, pixels: &[f64]) -> Result<()> {
+        let (c, d) = (self.c, self.d);
+        self.pixels
+            .iter_mut()
+            .zip(pixels)
+            .for_each(|(a, b)| *a += b);
+        let emb: Vec<f32> = emb.flatten_all()?.to_vec1()?;
+        let mut own = vec![(0usize, vec![0f64; d]); c];
+        for (i, &k) in ids.iter().enumerate() {
+            let k = k as usize;
+            if k >= c {
+                continue;
+            }
+            self.n[k] += 1.0;
+            own[k].0 += 1;
+            let f = &emb[i * d..(i + 1) * d];
+            let sum = &mut self.sum[k * d..(k + 1) * d];
+            let sq = &mut self.sq[k * d..(k + 1) * d];
+            for (j, &v) in f.iter().enumerate() {
+                let v = v as f64;
+                sum[j] += v;
+                sq[j] += v * v;
+                own[k].1[j] += v;
+            }
+        }
+        for (k, (cnt, s)) in own.into_iter().enumerate() {
+            if cnt >= MIN_INSTANCE_PIXELS {
+                self.instances[k].push(s.iter().map(|v| (v / cnt as f64) as f32).collect());
+            }
+        }
+        let n = ids.len();
+        let m = ClassMoments::of(fused, &Tensor::from_vec(ids, n, fused.device())?, c)?;
+        self.frame_means.push(fused.mean_keepdim(0)?);
+        self.norm = Some(match self.norm.take() {
+            Some(acc) => m.add(&acc)?,
+            None => m,
+        });
+        Ok(())
+    }
+
+    fn finish(self, frames: FrameStats, origin: Origin) -> Result<SourceStats> {
+        let (c, d, n) = (self.c, self.d, &self.n);
+        let mut mean = vec![0f32; c * d];
+        let mut var = vec![0f32; c * d];
+        let mut protos = vec![0f32; c * d];
+        for k in (0..c).filter(|&k| n[k] > 0.0) {
+            let mut norm = 0f64;
+            for j in 0..d {
+                let m = self.sum[k * d + j] / n[k];
+                mean[k * d + j] = m as f32;
+                var[k * d + j] = (self.sq[k * d + j] / n[k] - m * m).max(0.0) as f32;
+                norm += m * m;
+            }
+            let norm = norm.sqrt().max(1e-12);
+            for j in 0..d {
+                protos[k * d + j] = (mean[k * d + j] as f64 / norm) as f32;
+            }
+        }
+        let total: f64 = self.pixels.iter().sum::<f64>().max(1.0);
+        let prior: Vec<f32> = self.pixels.iter().map(|&v| (v / total) as f32).collect();
+        let dev = Device::Cpu;
+        Ok(SourceStats {
+            mean: Tensor::from_vec(mean, (c, d), &dev)?,
+            var: Tensor::from_vec(var, (c, d), &dev)?,
+            count: Tensor::from_vec(n.iter().map(|&v| v as f32).collect::<Vec<_>>(), c, &dev)?,
+            prior: Tensor::from_vec(prior, c, &dev)?,
+            prototypes: Tensor::from_vec(protos, (c, d), &dev)?,
+            bank: Some(instance_bank(self.instances, &self.pixels, d)?),
+            frames: Some(frames),
+            norm: match self.norm {
+                Some(m) => Some(ClassNorm::from_moments(
+                    &m,
+                    &Tensor::cat(&self.frame_means, 0)?,
+                )?),
+                None => None,
+            },
+            origin,
         })
     }
 }

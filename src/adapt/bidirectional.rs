@@ -393,6 +393,7 @@ mod tests {
             bank: None,
             frames: None,
             norm: None,
+            origin: crate::stats::Origin::Labels,
         };
         let cfg = config::Bida {
             momentum: 0.0,

@@ -410,6 +410,7 @@ mod tests {
             bank: None,
             frames: None,
             norm: None,
+            origin: crate::stats::Origin::Labels,
         };
         let cfg = config::AdaptConfig {
             sepico: config::Sepico {

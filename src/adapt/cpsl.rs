@@ -244,6 +244,7 @@ mod tests {
             bank: None,
             frames: None,
             norm: None,
+            origin: crate::stats::Origin::Labels,
         }
     }
 

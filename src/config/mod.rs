@@ -8,5 +8,5 @@ pub use model::SegformerConfig;
 pub use preprocess::{PreprocessConfig, Size};
 pub use profile::{
     built_in_names, open_device, DeviceSection, InputSection, MemorySection, Precision, Profile,
-    TrainSection, BUILT_IN,
+    SizeFrom, TrainSection, BUILT_IN,
 };

@@ -321,6 +321,58 @@ impl Profile {
     }
 }
 
+/// Who chose the size a run serves at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeFrom {
+    /// `--input WxH`.
+    Flag,
+    /// A profile named on the command line.
+    Profile,
+    /// The model's `preprocessor_config.json`.
+    Model,
+    /// The built-in default profile, for a model that gives no size.
+    Default,
+}
+
+impl Profile {
+    /// Sets the size frames are served and trained at: `flag` where given, else the profile's
+    /// where one was `named`, else the model's own (`preprocessor_config.json`), else the
+    /// default profile's. The training crop keeps its share of the input. Returns who chose,
+    /// and a warning where the chosen size is more than 2x off the model's on either side.
+    pub fn fit_input(
+        &mut self,
+        flag: Option<(usize, usize)>,
+        named: bool,
+        model: Option<crate::config::Size>,
+    ) -> Result<(SizeFrom, Option<String>)> {
+        let model = model.map(|s| (s.width, s.height));
+        let (size, from) = match (flag, named, model) {
+            (Some(s), ..) => (s, SizeFrom::Flag),
+            (None, true, _) => ((self.input.width, self.input.height), SizeFrom::Profile),
+            (None, false, Some(s)) => (s, SizeFrom::Model),
+            (None, false, None) => ((self.input.width, self.input.height), SizeFrom::Default),
+        };
+        let (old, t) = ((self.input.width, self.input.height), &mut self.train);
+        let keep_share = |crop: usize, old: usize, new: usize| {
+            ((crop as f64 * new as f64 / old as f64).round() as usize).clamp(32.min(new), new)
+        };
+        t.crop_width = keep_share(t.crop_width, old.0, size.0);
+        t.crop_height = keep_share(t.crop_height, old.1, size.1);
+        (self.input.width, self.input.height) = size;
+        self.validate()?;
+        let off = |a: usize, b: usize| a > 2 * b || b > 2 * a;
+        let warning = match model {
+            Some(m) if off(size.0, m.0) || off(size.1, m.1) => Some(format!(
+                "serving at {}x{}, more than 2x off the {}x{} the model's \
+                 preprocessor_config.json gives; `--input {}x{}` serves at the model's size",
+                size.0, size.1, m.0, m.1, m.0, m.1
+            )),
+            _ => None,
+        };
+        Ok((from, warning))
+    }
+}
+
 /// N of a "cuda:N" device name.
 fn cuda_ordinal(name: &str) -> Option<usize> {
     name.strip_prefix("cuda:")?.parse().ok()

@@ -2,6 +2,7 @@
 //! In real time the camera never waits: when serving falls behind, the oldest queued frame is
 //! dropped and counted. Replaying as fast as possible, capture waits instead (nothing dropped).
 
+pub mod bootstrap;
 pub mod metrics;
 pub mod online;
 pub mod resume;

@@ -16,7 +16,6 @@ use crate::model::{weights, Segformer};
 use crate::report::run::segment_strip;
 use crate::report::trace::{RunTrace, StepPoint};
 use crate::source::FrameSource;
-use crate::stats::SourceStats;
 use rand::SeedableRng;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -99,7 +98,14 @@ impl Session {
         });
         files.preprocess.do_resize = true;
         let pre = files.preprocess.clone();
-        let stats = SourceStats::load(&self.model, &dev)?;
+        let source_model = Segformer::new(&files.config, files.tensors.clone())?;
+        let (stats, source) = super::bootstrap::source_stats(
+            &self.model,
+            &self.out,
+            (&source_model, &pre),
+            source,
+            &dev,
+        )?;
         let classes = files.config.class_names();
         let map = LabelMap::identity(&classes, files.config.ignore_label());
         let score = |m: &Segformer| -> Result<Option<Scores>> {
@@ -110,7 +116,8 @@ impl Session {
         };
         let source_only = self.method == Method::SourceOnly;
         let base = self.adapt.clone().unwrap_or_else(|| p.adapt.clone());
-        let cfg = self.method.config(&base);
+        let mut cfg = self.method.config(&base);
+        super::bootstrap::fit(&mut cfg, &stats, &self.model);
 
         if cfg.replay.on && self.replay.is_none() {
             return Err(Error::config(
@@ -125,7 +132,7 @@ impl Session {
 
         let before = match &self.before {
             Some(s) => Some(s.clone()),
-            None => score(&Segformer::new(&files.config, files.tensors.clone())?)?,
+            None => score(&source_model)?,
         };
         // A restarted run continues from the adaptation state it saved.
         let ckpts = Arc::new(CheckpointDir::new(
@@ -331,7 +338,6 @@ impl Session {
             page: None,
         };
         let trace = trace.into_inner().expect("trace");
-        let source_model = Segformer::new(&files.config, files.tensors.clone())?;
         let page = self.out.join("report.html");
         // The adapted weights are saved by now: a page that cannot be written costs nothing else.
         match write_page(
