@@ -29,6 +29,7 @@ fn full() -> AdaptConfig {
     c.bida.check = true;
     c.dida.bank = 12;
     c.dida.blend = 0.5;
+    c.dida.interval = 1;
     c.hpla.pool = 3;
     c.hpla.hard = 2;
     // Random weights give erratic predictions: the monitor has its own test.
@@ -111,6 +112,9 @@ fn every_variant_steps_with_finite_bounded_state() {
     let mut bida_replay = Method::Bida.config(&full());
     bida_replay.replay.on = true;
     variants.push(("bida with source replay", bida_replay));
+    let mut dida_replay = Method::Dida.config(&full());
+    dida_replay.replay.on = true;
+    variants.push(("dida with source replay", dida_replay));
     variants.push((
         "full, norms only",
         AdaptConfig {
@@ -172,6 +176,14 @@ fn every_variant_steps_with_finite_bounded_state() {
             let stored = fx.stats().bank.unwrap().labels.len();
             let k = state["adapt.dida.feats"].dim(0).unwrap();
             assert_eq!(k, ac.dida.bank.min(stored), "{name}");
+            // Slots move towards source class means under source labels only: with no source
+            // frames on board they stay the stored source instances.
+            let bank = fx.stats().bank.unwrap().feats.narrow(0, 0, k).unwrap();
+            let drift = common::max_diff(&state["adapt.dida.feats"], &bank);
+            match ac.replay.on {
+                true => assert!(drift > 0.0, "{name}: the replayed source moves the slots"),
+                false => assert_eq!(drift, 0.0, "{name}: target pixels moved source slots"),
+            }
         }
         if ac.cpsl.on {
             let moved = (&state["adapt.cpsl.protos"] - &fx.stats().prototypes)

@@ -7,9 +7,9 @@
 //! Two choices differ from DIDA's code, both written here because the paper leaves them open:
 //! similarities are cosines under a softmax with temperature `tau` over the bank (DIDA
 //! normalises raw dot products by their sum, which for 256-d non-negative embeddings is close to
-//! uniform over the slots and carries little instance information); and without source frames on
-//! board the bank follows the teacher's confident target pixels (with source replay on it
-//! follows the replayed source crop's features under their labels, as DIDA does).
+//! uniform over the slots and carries little instance information). The slots stay source
+//! instances: DIDA moves them towards class means of source features under source labels, so
+//! they follow the replayed source crop when source replay is on and stay as stored otherwise.
 
 use super::component::{need, Component, Flow, Geometry, Labels, Step};
 use super::config;
@@ -91,7 +91,7 @@ impl Component for Dida {
         }
         match step.out().source_cells.as_ref() {
             Some((f, labels)) => self.bank.update(f, labels),
-            None => self.bank.update(&step.labels.feats, &step.view.labels),
+            None => Ok(()),
         }
     }
 

@@ -32,12 +32,22 @@ pub struct Bida {
 }
 
 impl Bida {
+    /// The source prototypes are the stored class means of the embedding, in the scale of the
+    /// target features they are calibrated with (the unit-norm `stats.prototypes` would let
+    /// the calibration jump to the target's raw scale).
     pub fn new(cfg: &config::Bida, stats: &SourceStats) -> Result<Self> {
         Ok(Self {
             cfg: cfg.clone(),
-            protos: Prototypes::new(&stats.prototypes, cfg.momentum, cfg.ramp)?,
+            protos: Prototypes::new(&stats.mean, cfg.momentum, cfg.ramp)?,
             transfer: Vec::new(),
         })
+    }
+
+    /// Target pixels `f` [N, D] under their labels `y` against the source prototypes as they
+    /// are: calibration serves the label transfer, and contrasting with the calibrated ones
+    /// would compare the target with itself.
+    pub fn target_to_source(&self, f: &Tensor, y: &Tensor) -> Result<Tensor> {
+        pixel_to_prototype(f, y, &self.protos.source, self.cfg.tau, super::IGNORE)
     }
 }
 
@@ -79,8 +89,7 @@ impl Component for Bida {
         };
         let out = step.out();
         let (tau, w) = (self.cfg.tau, self.cfg.weight);
-        let calibrated = self.protos.calibrated(step.t)?;
-        let t2s = pixel_to_prototype(&out.feats, &out.y, &calibrated, tau, super::IGNORE)?;
+        let t2s = self.target_to_source(&out.feats, &out.y)?;
         // Transferred labels of pixels the student sees as the teacher did.
         let labels: Vec<u32> = self
             .transfer
@@ -352,6 +361,55 @@ mod tests {
     }
 
     #[test]
+    fn calibration_moves_the_source_prototypes_in_the_scale_of_the_target_features() {
+        // Class means of norm 10, as the decoder embedding's are; the unit-norm prototypes
+        // stored beside them must not be what is calibrated.
+        let mut stats = two_class_stats();
+        stats.mean = t(&[10.0, 0.0, 0.0, 10.0], (2, 2));
+        let cfg = config::Bida {
+            momentum: 0.9,
+            ramp: 0,
+            ..Default::default()
+        };
+        let mut b = Bida::new(&cfg, &stats).unwrap();
+        // Class 0's target pixels at the same norm, rotated by 37 degrees.
+        b.protos.update(&t(&[8.0, 6.0], (1, 2)), &[0]).unwrap();
+        let c = b.protos.calibrated(1).unwrap().to_vec2::<f32>().unwrap();
+        let angle = (c[0][1] / c[0][0]).atan().to_degrees();
+        // One step of momentum 0.9 on the target mean and again on the bias: 1% of the way,
+        // about 0.34 degrees; from unit-norm prototypes it was 3.2.
+        assert!(angle > 0.1 && angle < 1.0, "{angle} degrees");
+        // The target-to-source term contrasts with the source prototypes, not the calibrated.
+        b.protos.bias = t(&[-10.0, 10.0, 0.0, 0.0], (2, 2));
+        let f = t(&[0.0, 1.0], (1, 2));
+        let y = Tensor::new(&[0u32], &Device::Cpu).unwrap();
+        let got = b
+            .target_to_source(&f, &y)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let src = pixel_to_prototype(&f, &y, &stats.mean, cfg.tau, 255).unwrap();
+        let cal =
+            pixel_to_prototype(&f, &y, &b.protos.calibrated(1).unwrap(), cfg.tau, 255).unwrap();
+        assert_eq!(got, src.to_scalar::<f32>().unwrap());
+        assert!((got - cal.to_scalar::<f32>().unwrap()).abs() > 1.0);
+    }
+
+    fn two_class_stats() -> SourceStats {
+        SourceStats {
+            mean: t(&[1.0, 0.0, 0.0, 1.0], (2, 2)),
+            var: t(&[0.1, 0.1, 0.1, 0.1], (2, 2)),
+            count: Tensor::new(&[5f32, 5.0], &Device::Cpu).unwrap(),
+            prior: Tensor::new(&[0.5f32, 0.5], &Device::Cpu).unwrap(),
+            prototypes: t(&[1.0, 0.0, 0.0, 1.0], (2, 2)),
+            bank: None,
+            frames: None,
+            norm: None,
+            origin: crate::stats::Origin::Labels,
+        }
+    }
+
+    #[test]
     fn the_source_to_target_term_reaches_the_student() {
         // Source pixels drawn from fixed statistics are constants: the gradient must come
         // through the target prototypes built from the student's features.
@@ -384,17 +442,7 @@ mod tests {
 
     #[test]
     fn label_transfer_checks_pseudo_labels_and_moves_the_target_prototypes() {
-        let stats = SourceStats {
-            mean: t(&[1.0, 0.0, 0.0, 1.0], (2, 2)),
-            var: t(&[0.1, 0.1, 0.1, 0.1], (2, 2)),
-            count: Tensor::new(&[5f32, 5.0], &Device::Cpu).unwrap(),
-            prior: Tensor::new(&[0.5f32, 0.5], &Device::Cpu).unwrap(),
-            prototypes: t(&[1.0, 0.0, 0.0, 1.0], (2, 2)),
-            bank: None,
-            frames: None,
-            norm: None,
-            origin: crate::stats::Origin::Labels,
-        };
+        let stats = two_class_stats();
         let cfg = config::Bida {
             momentum: 0.0,
             ..Default::default()

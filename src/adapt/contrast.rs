@@ -8,7 +8,8 @@
 //! through the teacher's head: the same running estimator (cumulative mean and diagonal
 //! variance, w = n / (n + N)) sees samples of the same distribution SePiCo's sees, under the
 //! stored Gaussian model. As in SePiCo, the target side uses all pseudo labels (no confidence
-//! filter) and tau = 100 on unit-norm projections.
+//! filter). The temperature is the online one (0.1, `config::Sepico::tau` says why SePiCo's
+//! 100 does not carry over).
 
 use super::component::{need, Component, Geometry, Step};
 use super::config::{self, SepicoVariant};
@@ -320,6 +321,23 @@ mod tests {
             (mc - lse).abs() < 1e-2,
             "Monte Carlo {mc} vs closed form {lse}"
         );
+    }
+
+    #[test]
+    fn at_the_default_temperature_the_contrast_tells_the_classes_apart() {
+        // Unit pixels on their own class's mean: the loss must be near zero, not near log C as
+        // at SePiCo's 100, where every logit is within 0.01 of the others.
+        let tau = config::Sepico::default().tau;
+        let mu = t(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], (3, 3));
+        let y = Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap();
+        let loss = |tau: f64| {
+            proto_cl(&mu, &y, &mu, tau, 255)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(loss(tau) < 0.01, "{}", loss(tau));
+        assert!(loss(100.0) > 0.99 * 3f32.ln(), "{}", loss(100.0));
     }
 
     #[test]
