@@ -181,7 +181,7 @@ impl Ablation {
                     method: *method,
                     out,
                     eval: Some(eval.clone()),
-                    eval_every: 0,
+                    eval_every: Default::default(),
                     steps_per_frame: Some(self.steps_per_frame),
                     seed,
                     realtime: false,

@@ -333,9 +333,10 @@ struct AdaptArgs {
     replay: Option<PathBuf>,
     #[arg(long = "replay-where", value_parser = parse_where)]
     replay_filter: Vec<(String, String)>,
-    /// Score every N training steps (0: only before and after).
-    #[arg(long, default_value_t = 0)]
-    eval_every: u64,
+    /// Score every N training steps (`N` or `Nsteps`) or every N served frames (`Nframes`);
+    /// 0: only before and after.
+    #[arg(long, default_value = "0")]
+    eval_every: segadapt::runtime::session::Every,
     /// Training steps after each served frame, on the serving thread (reproducible); without it
     /// the profile's cadence holds. In real time training stays off the serving thread.
     #[arg(long, conflicts_with = "realtime")]
@@ -906,7 +907,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         method: Method::Profile,
         out: model_out.clone(),
         eval,
-        eval_every: 0,
+        eval_every: Default::default(),
         steps_per_frame: Some(1),
         seed: 0,
         realtime: false,

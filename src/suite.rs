@@ -212,7 +212,7 @@ impl Runner {
             method,
             out,
             eval: None,
-            eval_every: 0,
+            eval_every: Default::default(),
             steps_per_frame: Some(self.steps_per_frame),
             seed,
             realtime: false,
@@ -304,6 +304,32 @@ impl Cell {
             .collect();
         self.scores.extend(other.scores);
         self.points.extend(other.points);
+    }
+
+    /// Against `base`'s points (source-only's, the same on every seed): how many of this
+    /// cell's points over every seed fall below it, of how many, and the lowest difference.
+    pub fn below(&self, base: &Cell) -> (usize, usize, f64) {
+        let base = base.points.first().map_or(&[][..], Vec::as_slice);
+        let diffs: Vec<f64> = self
+            .points
+            .iter()
+            .flat_map(|p| p.iter().zip(base).map(|(a, b)| a - b))
+            .collect();
+        let below = diffs.iter().filter(|&&d| d < 0.0).count();
+        (
+            below,
+            diffs.len(),
+            diffs.iter().cloned().fold(f64::MAX, f64::min),
+        )
+    }
+
+    /// Each scoring point's mIoU, averaged over the seeds.
+    pub fn mean_points(&self) -> Vec<f64> {
+        let n = self.points.iter().map(Vec::len).min().unwrap_or(0);
+        let seeds = self.points.len().max(1) as f64;
+        (0..n)
+            .map(|i| self.points.iter().map(|p| p[i]).sum::<f64>() / seeds)
+            .collect()
     }
 
     /// The largest drop of a class against `base` (negative: a loss), over classes both score.
@@ -522,7 +548,39 @@ pub fn markdown(results: &[TargetResult]) -> String {
             worst
         );
     }
-    s
+    s + &points_table(results)
+}
+
+/// For targets scored at several points (continual streams, several passes of a drive): each
+/// method's points as means over the seeds, and how many points of every seed fall below
+/// source-only's at the same point. Empty when no target has several points.
+fn points_table(results: &[TargetResult]) -> String {
+    let mut s = String::from(
+        "\n| target | method | points below source-only (all seeds) | lowest point vs source-only | points (mean over seeds) |\n|---|---|---|---|---|\n",
+    );
+    let mut rows = 0;
+    for t in results {
+        let base = t.cell("source-only").expect("source-only is always scored");
+        if base.points.first().map_or(0, Vec::len) < 2 {
+            continue;
+        }
+        for c in &t.cells {
+            let (below, of, low) = c.below(base);
+            let pts: Vec<String> = c.mean_points().iter().map(|v| format!("{v:.2}")).collect();
+            s += &format!(
+                "| {} | {} | {below} of {of} | {:+.2} | {} |\n",
+                t.name,
+                c.method,
+                low,
+                pts.join(" → ")
+            );
+            rows += 1;
+        }
+    }
+    match rows {
+        0 => String::new(),
+        _ => s,
+    }
 }
 
 #[cfg(test)]
@@ -545,6 +603,41 @@ mod tests {
                 cell("profile", seeds, car),
             ],
         }]
+    }
+
+    #[test]
+    fn the_points_table_counts_every_seeds_points_below_source_only() {
+        let cell = |method: &str, points: Vec<Vec<f64>>| Cell {
+            method: method.into(),
+            scores: points
+                .iter()
+                .map(|p| p.iter().sum::<f64>() / p.len() as f64)
+                .collect(),
+            points,
+            per_class: vec![None],
+        };
+        let t = TargetResult {
+            name: "loop".into(),
+            continual: false,
+            class_names: vec!["car".into()],
+            cells: vec![
+                cell("source-only", vec![vec![30.0, 32.0, 31.0]; 2]),
+                cell(
+                    "profile",
+                    vec![vec![31.0, 31.5, 33.0], vec![29.0, 33.0, 34.0]],
+                ),
+            ],
+        };
+        let p = t.cell("profile").unwrap();
+        assert_eq!(p.below(t.cell("source-only").unwrap()), (2, 6, -1.0));
+        assert_eq!(p.mean_points(), [30.0, 32.25, 33.5]);
+        let table = markdown(&[t]);
+        assert!(
+            table.contains("| loop | profile | 2 of 6 | -1.00 | 30.00 → 32.25 → 33.50 |"),
+            "{table}"
+        );
+        // One point per seed: no table.
+        assert!(!markdown(&run(&[30.0], 36.0)).contains("points below"));
     }
 
     #[test]

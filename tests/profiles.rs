@@ -46,7 +46,7 @@ fn session(model: &Path, profile: Profile, out: &Path) -> Session {
         method: segadapt::adapt::Method::Profile,
         out: out.to_path_buf(),
         eval: None,
-        eval_every: 0,
+        eval_every: Default::default(),
         steps_per_frame: Some(1),
         seed: 0,
         realtime: false,

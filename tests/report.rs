@@ -137,3 +137,58 @@ fn adapt_and_replay_write_a_page_that_loads_with_its_charts_and_frames() {
         assert_eq!(attr(&body, "data-charts"), 2, "{body}");
     }
 }
+
+#[test]
+fn eval_every_counts_training_steps_or_served_frames() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    common::write_dataset(&data, 4, 64, 48);
+    let model = root.path().join("model");
+    common::write_model_dir(&model, &common::tiny_config(3), &data, (64, 48));
+    let curve = |every: &str| -> (Vec<u64>, String) {
+        let o = Command::new(env!("CARGO_BIN_EXE_segadapt"))
+            .args(["--quiet", "adapt", "--model"])
+            .arg(&model)
+            .arg("--source")
+            .arg(format!("folder:{}", data.display()))
+            .args([
+                "--loops",
+                "2",
+                "--steps-per-frame",
+                "1",
+                "--json",
+                "--eval-every",
+                every,
+            ])
+            .arg("--profile")
+            .arg(tiny_profile(root.path()))
+            .arg("--eval-data")
+            .arg(&data)
+            .arg("--out")
+            .arg(root.path().join(format!("out-{every}")))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let x = v["curve"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[0].as_u64().unwrap())
+            .collect();
+        (x, v["curve_x"].as_str().unwrap().to_string())
+    };
+    // Eight frames, a step after each: scored after every third frame served before the next,
+    // or after every third training step.
+    assert_eq!(curve("3frames"), (vec![3, 6], "frames served".into()));
+    assert_eq!(curve("3"), (vec![3, 6], "step".into()));
+    assert_eq!(curve("3steps").0, vec![3, 6]);
+    let bad = Command::new(env!("CARGO_BIN_EXE_segadapt"))
+        .args([
+            "adapt", "--model", "m", "--source", "folder:d", "--out", "o",
+        ])
+        .args(["--eval-every", "3laps"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("N, Nsteps or Nframes"));
+}

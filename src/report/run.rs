@@ -198,7 +198,7 @@ fn scores_section(page: &mut Page, r: &Report, classes: &[String]) -> Result<()>
     if !r.curve.is_empty() {
         let axes = Axes {
             title: "mIoU while adapting",
-            x: "step",
+            x: r.curve_x,
             y: "mIoU",
         };
         let curve = Series {

@@ -29,8 +29,8 @@ pub struct Session {
     pub out: PathBuf,
     /// Labelled frames to score on; never trained on.
     pub eval: Option<Arc<Vec<Example>>>,
-    /// Score every N steps (0: only before and after).
-    pub eval_every: u64,
+    /// When to score on `eval` while adapting (besides before and after).
+    pub eval_every: Every,
     /// Overrides the profile's cadence: k steps after each frame on the serving thread (not
     /// with `realtime`).
     pub steps_per_frame: Option<u32>,
@@ -46,6 +46,52 @@ pub struct Session {
     pub schedule: Schedule,
     /// Live figures for monitoring (`adapt --metrics`).
     pub metrics: Option<Arc<super::metrics::Metrics>>,
+}
+
+/// How often a run scores its labelled frames while it adapts: every N training steps, or every
+/// N served frames (a long drive whose training budgets are spent takes no more steps).
+/// Written `N` or `Nsteps`, and `Nframes`; 0 is never.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum Every {
+    #[default]
+    Never,
+    Steps(u64),
+    Frames(u64),
+}
+
+impl Every {
+    /// Whether count `n` of the unit it counts is due.
+    fn due(n: u64, every: u64) -> bool {
+        n > 0 && n % every == 0
+    }
+
+    /// What the curve's x counts.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Every::Frames(_) => "frames served",
+            _ => "step",
+        }
+    }
+}
+
+impl std::str::FromStr for Every {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (n, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+            Some(i) => s.split_at(i),
+            None => (s, "steps"),
+        };
+        let n: u64 = n
+            .parse()
+            .map_err(|_| format!("{s:?}: N, Nsteps or Nframes"))?;
+        match (n, unit) {
+            (0, _) => Ok(Every::Never),
+            (n, "steps" | "step") => Ok(Every::Steps(n)),
+            (n, "frames" | "frame") => Ok(Every::Frames(n)),
+            _ => Err(format!("{s:?}: N, Nsteps or Nframes")),
+        }
+    }
 }
 
 /// Scoring after given numbers of served (and trained-on) frames, each point on its own
@@ -74,8 +120,10 @@ pub struct Report {
     pub summary: Summary,
     pub source_only: Option<Scores>,
     pub adapted: Option<Scores>,
-    /// (step, mIoU) every `eval_every` steps.
+    /// (step or frames served, mIoU) at every `eval_every`.
     pub curve: Vec<(u64, f64)>,
+    /// What the curve's x counts.
+    pub curve_x: &'static str,
     /// The schedule's points that were reached.
     pub points: Vec<CurvePoint>,
     pub plan: Plan,
@@ -270,6 +318,12 @@ impl Session {
             |before, item, model| {
                 // Frames before this one are served and trained on: the schedule's points there.
                 points.lock().expect("points").extend(due(before, model)?);
+                if let Every::Frames(n) = self.eval_every {
+                    if let (true, Some(s)) = (Every::due(before, n), score(model)?) {
+                        log::info!("{before} frames: mIoU {:.2}", s.miou);
+                        curve.lock().expect("curve").push((before, s.miou));
+                    }
+                }
                 let served = before + 1;
                 let pred = crate::eval::predict_image(model, &pre, &item.frame.image, &dev)?;
                 let ms = item.at.elapsed().as_secs_f64() * 1e3;
@@ -295,7 +349,7 @@ impl Session {
                     .expect("trace")
                     .steps
                     .push(StepPoint::new(step, rep));
-                if self.eval_every > 0 && step % self.eval_every == 0 {
+                if matches!(self.eval_every, Every::Steps(n) if Every::due(step, n)) {
                     if let Some(s) = score(model)? {
                         log::info!("step {step}: mIoU {:.2}", s.miou);
                         curve.lock().expect("curve").push((step, s.miou));
@@ -331,6 +385,7 @@ impl Session {
             source_only: before,
             adapted,
             curve: curve.into_inner().expect("curve"),
+            curve_x: self.eval_every.unit(),
             points,
             plan,
             peak_heap_mb,
