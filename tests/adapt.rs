@@ -1004,3 +1004,55 @@ fn away_from_the_source_the_teachers_statistics_go_the_share_of_the_way() {
     let (far, plain) = (moved(true, &dark), moved(false, &dark));
     assert!(common::max_diff(&far, &plain) < 1e-5);
 }
+
+/// The source weights with the classifier's bias for class `k` raised by `by`: a model that
+/// labels more of every frame `k`, more confidently.
+fn biased(tensors: &segadapt::model::TensorMap, k: usize, by: f32) -> segadapt::model::TensorMap {
+    let mut t = tensors.clone();
+    let name = "decode_head.classifier.bias";
+    let mut b: Vec<f32> = t[name].to_vec1().unwrap();
+    b[k] += by;
+    t.insert(
+        name.into(),
+        Tensor::new(b.as_slice(), &Device::Cpu).unwrap(),
+    );
+    t
+}
+
+#[test]
+fn a_new_condition_starts_from_the_candidate_the_signal_rates_highest() {
+    use segadapt::adapt::choose::{weigh, Start};
+    use segadapt::adapt::config::Judge;
+    let fx = fixture(4, false);
+    let frames: Vec<Tensor> = fx
+        .examples
+        .iter()
+        .map(|e| segadapt::data::image_to_tensor(&e.image, &fx.pre, &Device::Cpu).unwrap())
+        .collect();
+    let in_place = Segformer::new(&fx.cfg, biased(&fx.tensors, 0, 0.5)).unwrap();
+    let sure = biased(&fx.tensors, 1, 20.0);
+    let (best, rated) = weigh(
+        Judge::Confidence,
+        &in_place,
+        &fx.tensors,
+        &[(3, &sure)],
+        &frames,
+    )
+    .unwrap();
+    assert_eq!(best, Start::Kept(3), "{rated:?}");
+    let starts: Vec<Start> = rated.iter().map(|r| r.0).collect();
+    assert_eq!(starts, [Start::InPlace, Start::Source, Start::Kept(3)]);
+    assert_eq!(rated[1].1.source, 1.0, "the source agrees with itself");
+    // Two candidates near the source outvote one that labels everything as class 1.
+    let near = biased(&fx.tensors, 2, 0.1);
+    let (best, rated) = weigh(
+        Judge::Consensus,
+        &Segformer::new(&fx.cfg, sure.clone()).unwrap(),
+        &fx.tensors,
+        &[(0, &near)],
+        &frames,
+    )
+    .unwrap();
+    assert_ne!(best, Start::InPlace, "{rated:?}");
+    assert!(rated[0].1.consensus < rated[1].1.consensus, "{rated:?}");
+}

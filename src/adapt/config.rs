@@ -67,6 +67,40 @@ pub struct Budget {
     /// from the weights adapted to it and a new one from the nearest kept condition's, so
     /// adapting to one condition does not degrade the model for another.
     pub slots: usize,
+    /// Once a new condition is told apart, the weights it goes on from are weighed on its
+    /// window of frames against the source weights and every kept condition's, by this
+    /// label-free signal (`adapt::signals`); `off` keeps the frame statistics' choice.
+    pub judge: Judge,
+}
+
+/// The label-free signal that weighs candidate weights on a condition's first frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Judge {
+    /// The frame statistics' choice stands.
+    #[default]
+    Off,
+    /// The mean top class probability.
+    Confidence,
+    /// One minus the normalised entropy.
+    Certainty,
+    /// Agreement with the candidates' majority class.
+    Consensus,
+    /// Agreement with the mirrored frame's classes.
+    Flip,
+}
+
+impl Judge {
+    /// The signal's value, higher is better.
+    pub fn of(self, s: &super::signals::Signals) -> f64 {
+        match self {
+            Judge::Off => 0.0,
+            Judge::Confidence => s.confidence,
+            Judge::Certainty => s.certainty,
+            Judge::Consensus => s.consensus,
+            Judge::Flip => s.flip,
+        }
+    }
 }
 
 impl Default for Budget {
@@ -78,6 +112,7 @@ impl Default for Budget {
             threshold: 9.0,
             revisit: 0.5,
             slots: 0,
+            judge: Judge::Off,
         }
     }
 }

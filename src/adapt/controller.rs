@@ -172,6 +172,8 @@ pub struct Controller {
     /// The kept condition whose weights the adapter holds (with slots): the one a shift left,
     /// or the one the new condition went on from.
     held: Option<usize>,
+    /// The frame just observed told a new condition apart (its start was decided).
+    told: bool,
     /// The source domain's frames, from the source statistics.
     source: Option<FrameStats>,
 }
@@ -190,6 +192,7 @@ impl Controller {
             settling: 0,
             interrupted: None,
             held: None,
+            told: false,
             source: None,
         }
     }
@@ -269,6 +272,7 @@ impl Controller {
             }
         } else if settled && self.pending {
             self.pending = false;
+            self.told = true;
             let window = self.window_mean();
             let start = self
                 .resume_if_transient(&window)
@@ -436,6 +440,19 @@ impl Controller {
                 self.known.len() - 1
             }
         }
+    }
+
+    /// Whether the last observed frame told a new condition apart, once: the moment the
+    /// adapter may weigh where the condition starts.
+    pub fn take_told(&mut self) -> bool {
+        std::mem::take(&mut self.told)
+    }
+
+    /// The kept conditions with weights.
+    pub fn kept(&self) -> Vec<usize> {
+        (0..self.known.len())
+            .filter(|&i| self.known[i].weights.is_some())
+            .collect()
     }
 
     /// Steps left in the current budget.

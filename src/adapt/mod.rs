@@ -9,6 +9,7 @@
 
 pub mod bank;
 pub mod bidirectional;
+pub mod choose;
 pub mod component;
 pub mod config;
 pub mod contrast;
@@ -18,6 +19,7 @@ pub mod guard;
 pub mod hpla;
 pub mod region;
 pub mod replay;
+pub mod signals;
 pub mod sinkhorn;
 pub mod step;
 pub mod thresholds;

@@ -51,6 +51,8 @@ pub struct Adapter {
     components: Vec<Box<dyn Component>>,
     /// When to train (None: every step at the configured rate).
     controller: Option<super::controller::Controller>,
+    /// The last `budget.window` frames observed, on which a new condition's start is weighed.
+    recent: std::collections::VecDeque<Tensor>,
     /// What the shift test saw since the last training step (the last event), for its report.
     event: Event,
     /// Labelled source frames (shared, never changed by a step).
@@ -129,6 +131,7 @@ impl Adapter {
                 }
             }),
             event: Event::Steady,
+            recent: Default::default(),
             cfg,
             student,
             teacher,
@@ -183,11 +186,22 @@ impl Adapter {
             };
             // Frame by frame: a shift keeps the weights of the condition it left before the
             // next frame can recall them.
-            let e = c.observe(&frames.narrow(0, i, 1)?)?;
+            let frame = frames.narrow(0, i, 1)?;
+            let e = c.observe(&frame)?;
+            let told = c.take_told();
+            if self.cfg.budget.judge != super::config::Judge::Off {
+                self.recent.push_back(frame);
+                if self.recent.len() > self.cfg.budget.window {
+                    self.recent.pop_front();
+                }
+            }
             if e != Event::Steady {
                 self.follow(e)?;
                 self.event = e;
                 replaced |= matches!(e, Event::Recalled(_));
+            }
+            if told && self.cfg.budget.judge != super::config::Judge::Off {
+                replaced |= self.choose_start()?;
             }
         }
         Ok(replaced)
@@ -252,6 +266,46 @@ impl Adapter {
             }
         }
         Ok(())
+    }
+
+    /// Weighs where the condition just told apart starts (see [`super::choose`]) and starts
+    /// there; whether the weights were replaced.
+    fn choose_start(&mut self) -> Result<bool> {
+        use super::choose::{weigh, Start};
+        let Some(c) = self.controller.as_ref() else {
+            return Ok(false);
+        };
+        let kept: Vec<(usize, &TensorMap)> = c
+            .kept()
+            .into_iter()
+            .filter_map(|i| c.weights(i).map(|w| (i, w)))
+            .collect();
+        let frames: Vec<Tensor> = self.recent.iter().cloned().collect();
+        let signal = self.cfg.budget.judge;
+        let (best, rated) = weigh(signal, &self.teacher, &self.source, &kept, &frames)?;
+        let said: Vec<String> = rated
+            .iter()
+            .map(|(s, v)| format!("{s} {:.4}", signal.of(v)))
+            .collect();
+        log::info!(
+            "new condition: going on from {best} ({signal:?}: {})",
+            said.join(", ")
+        );
+        let mut init = self.source.clone();
+        match best {
+            Start::InPlace => return Ok(false),
+            Start::Source => {}
+            Start::Kept(i) => init.extend(
+                kept.iter()
+                    .find(|(k, _)| *k == i)
+                    .expect("a weighed condition is kept")
+                    .1
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            ),
+        }
+        self.start_again(&init)?;
+        Ok(true)
     }
 
     /// Copies of the teacher's tensors that adaptation moves (the trained parameters and the
