@@ -680,6 +680,7 @@ mod tests {
             threshold: 9.0,
             revisit: 0.5,
             slots: 0,
+            ..Default::default()
         }
     }
 
