@@ -10,6 +10,7 @@
 //! ```
 
 use candle_core::Device;
+use segadapt::adapt::config::Judge;
 use segadapt::adapt::signals::{judge, Signals};
 use segadapt::data::{image_to_tensor, LabelMap};
 use segadapt::model::weights::load_model_dir;
@@ -17,13 +18,18 @@ use segadapt::model::Segformer;
 use segadapt::suite::{SuiteFile, Target};
 use std::path::Path;
 
-const SIGNALS: [(&str, fn(&Signals) -> f64); 5] = [
-    ("confidence", |s| s.confidence),
-    ("certainty", |s| s.certainty),
-    ("flip", |s| s.flip),
-    ("consensus", |s| s.consensus),
-    ("source", |s| s.source),
+/// Each judge, and agreement with the source (how far the weights moved, not a quality).
+const SIGNALS: [(&str, Option<Judge>); 5] = [
+    ("confidence", Some(Judge::Confidence)),
+    ("certainty", Some(Judge::Certainty)),
+    ("flip", Some(Judge::Flip)),
+    ("consensus", Some(Judge::Consensus)),
+    ("source", None),
 ];
+
+fn value(j: Option<Judge>, s: &Signals) -> f64 {
+    j.map_or(s.source, |j| j.of(s))
+}
 
 fn ranks(v: &[f64]) -> Vec<f64> {
     let mut idx: Vec<usize> = (0..v.len()).collect();
@@ -101,7 +107,7 @@ fn main() -> anyhow::Result<()> {
         let best = miou.iter().cloned().fold(f64::MIN, f64::max);
         targets += 1.0;
         for ((label, f), t) in SIGNALS.iter().zip(&mut totals) {
-            let v: Vec<f64> = sig.iter().map(f).collect();
+            let v: Vec<f64> = sig.iter().map(|s| value(*f, s)).collect();
             let pick = (0..v.len())
                 .max_by(|&a, &b| v[a].total_cmp(&v[b]))
                 .expect("models");
