@@ -71,6 +71,10 @@ pub struct Budget {
     /// window of frames against the source weights and every kept condition's, by this
     /// label-free signal (`adapt::signals`); `off` keeps the frame statistics' choice.
     pub judge: Judge,
+    /// While a condition lasts, its weights are weighed again every this many frames, so
+    /// weights that stop suiting it give way to the source's or a kept condition's (0: only
+    /// when it is told apart).
+    pub recheck: usize,
 }
 
 /// The label-free signal that weighs candidate weights on a condition's first frames.
@@ -113,6 +117,7 @@ impl Default for Budget {
             revisit: 0.5,
             slots: 0,
             judge: Judge::Off,
+            recheck: 0,
         }
     }
 }

@@ -53,6 +53,8 @@ pub struct Adapter {
     controller: Option<super::controller::Controller>,
     /// The last `budget.window` frames observed, on which a new condition's start is weighed.
     recent: std::collections::VecDeque<Tensor>,
+    /// Frames observed since the current condition was told apart (None before the first).
+    since_told: Option<usize>,
     /// What the shift test saw since the last training step (the last event), for its report.
     event: Event,
     /// Labelled source frames (shared, never changed by a step).
@@ -132,6 +134,7 @@ impl Adapter {
             }),
             event: Event::Steady,
             recent: Default::default(),
+            since_told: None,
             cfg,
             student,
             teacher,
@@ -200,8 +203,20 @@ impl Adapter {
                 self.event = e;
                 replaced |= matches!(e, Event::Recalled(_));
             }
-            if told && self.cfg.budget.judge != super::config::Judge::Off {
-                replaced |= self.choose_start()?;
+            let b = &self.cfg.budget;
+            self.since_told = match told {
+                true => Some(0),
+                false => self.since_told.map(|n| n + 1),
+            };
+            let recheck =
+                b.recheck > 0 && self.since_told.is_some_and(|n| n > 0 && n % b.recheck == 0);
+            if b.judge != super::config::Judge::Off && (told || recheck) {
+                let why = if told {
+                    "new condition"
+                } else {
+                    "condition weighed again"
+                };
+                replaced |= self.choose_start(why)?;
             }
         }
         Ok(replaced)
@@ -270,7 +285,7 @@ impl Adapter {
 
     /// Weighs where the condition just told apart starts (see [`super::choose`]) and starts
     /// there; whether the weights were replaced.
-    fn choose_start(&mut self) -> Result<bool> {
+    fn choose_start(&mut self, why: &str) -> Result<bool> {
         use super::choose::{weigh, Start};
         let Some(c) = self.controller.as_ref() else {
             return Ok(false);
@@ -288,7 +303,7 @@ impl Adapter {
             .map(|(s, v)| format!("{s} {:.4}", signal.of(v)))
             .collect();
         log::info!(
-            "new condition: going on from {best} ({signal:?}: {})",
+            "{why}: going on from {best} ({signal:?}: {})",
             said.join(", ")
         );
         let mut init = self.source.clone();
