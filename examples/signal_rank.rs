@@ -19,11 +19,12 @@ use segadapt::suite::{SuiteFile, Target};
 use std::path::Path;
 
 /// Each judge, and agreement with the source (how far the weights moved, not a quality).
-const SIGNALS: [(&str, Option<Judge>); 5] = [
+const SIGNALS: [(&str, Option<Judge>); 6] = [
     ("confidence", Some(Judge::Confidence)),
     ("certainty", Some(Judge::Certainty)),
     ("flip", Some(Judge::Flip)),
     ("consensus", Some(Judge::Consensus)),
+    ("prior", Some(Judge::Prior)),
     ("source", None),
 ];
 
@@ -65,6 +66,9 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     let pre = loaded[0].2.clone();
+    let prior: Vec<f32> = segadapt::stats::SourceStats::load(Path::new(&models[0]), &dev)?
+        .prior
+        .to_vec1()?;
     let classes = loaded[0].1.cfg.class_names();
     let map = LabelMap::identity(&classes, loaded[0].1.cfg.ignore_label());
     let suite = SuiteFile::load(Path::new(suite))?;
@@ -88,20 +92,20 @@ fn main() -> anyhow::Result<()> {
             .map(|e| image_to_tensor(&e.image, &pre, &dev))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let refs: Vec<&Segformer> = loaded.iter().map(|(_, m, _)| m).collect();
-        let sig = judge(&refs, &xs)?;
+        let sig = judge(&refs, &xs, &prior)?;
         println!(
             "\n{name} ({} frames scored, signals on the first {})",
             frames.len(),
             xs.len()
         );
         println!(
-            "{:<44} {:>7} {:>10} {:>9} {:>6} {:>9} {:>6}",
-            "model", "mIoU", "confidence", "certainty", "flip", "consensus", "source"
+            "{:<44} {:>7} {:>10} {:>9} {:>6} {:>9} {:>7} {:>6}",
+            "model", "mIoU", "confidence", "certainty", "flip", "consensus", "prior", "source"
         );
         for ((m, _, _), (s, v)) in loaded.iter().zip(sig.iter().zip(&miou)) {
             println!(
-                "{m:<44} {v:>7.2} {:>10.4} {:>9.4} {:>6.4} {:>9.4} {:>6.4}",
-                s.confidence, s.certainty, s.flip, s.consensus, s.source
+                "{m:<44} {v:>7.2} {:>10.4} {:>9.4} {:>6.4} {:>9.4} {:>7.4} {:>6.4}",
+                s.confidence, s.certainty, s.flip, s.consensus, s.prior, s.source
             );
         }
         let best = miou.iter().cloned().fold(f64::MIN, f64::max);

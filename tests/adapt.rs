@@ -1051,6 +1051,7 @@ fn a_new_condition_starts_from_the_candidate_the_signal_rates_highest() {
         &fx.tensors,
         &[(0, &near)],
         &frames,
+        &[0.4, 0.3, 0.3],
     )
     .unwrap();
     assert_ne!(best, Start::InPlace, "{rated:?}");

@@ -38,6 +38,7 @@ pub fn weigh(
     source: &TensorMap,
     kept: &[(usize, &TensorMap)],
     frames: &[Tensor],
+    prior: &[f32],
 ) -> Result<(Start, Vec<(Start, Signals)>)> {
     let cfg = &in_place.cfg;
     let mut starts = vec![Start::InPlace, Start::Source];
@@ -51,7 +52,7 @@ pub fn weigh(
     // The source first: the signals' `source` agreement is with the first model.
     let mut refs: Vec<&Segformer> = models.iter().collect();
     refs.insert(1, in_place);
-    let signals = judge(&refs, frames)?;
+    let signals = judge(&refs, frames, prior)?;
     // `refs` is source, in place, kept...; `starts` is in place, source, kept...
     let mut rated: Vec<(Start, Signals)> = starts
         .into_iter()

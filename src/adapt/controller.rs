@@ -172,8 +172,9 @@ pub struct Controller {
     /// The kept condition whose weights the adapter holds (with slots): the one a shift left,
     /// or the one the new condition went on from.
     held: Option<usize>,
-    /// The frame just observed told a new condition apart (its start was decided).
-    told: bool,
+    /// The frame just observed told a new condition apart (its start was decided): whether it
+    /// is one adapted to before (or the one a passing change interrupted).
+    told: Option<bool>,
     /// The source domain's frames, from the source statistics.
     source: Option<FrameStats>,
 }
@@ -192,7 +193,7 @@ impl Controller {
             settling: 0,
             interrupted: None,
             held: None,
-            told: false,
+            told: None,
             source: None,
         }
     }
@@ -272,13 +273,13 @@ impl Controller {
             }
         } else if settled && self.pending {
             self.pending = false;
-            self.told = true;
             let window = self.window_mean();
-            let start = self
+            let known = self
                 .resume_if_transient(&window)
                 .or_else(|| self.rescale_if_known(&window))
-                .filter(|&i| self.known[i].weights.is_some())
-                .or_else(|| self.nearest_kept(&window));
+                .filter(|&i| self.known[i].weights.is_some());
+            self.told = Some(known.is_some());
+            let start = known.or_else(|| self.nearest_kept(&window));
             event = match start {
                 // The weights in place are the ones to go on from.
                 Some(i) if self.held == Some(i) => Event::Steady,
@@ -442,9 +443,9 @@ impl Controller {
         }
     }
 
-    /// Whether the last observed frame told a new condition apart, once: the moment the
-    /// adapter may weigh where the condition starts.
-    pub fn take_told(&mut self) -> bool {
+    /// Whether the last observed frame told a condition apart, once, and then whether it is
+    /// a known one: the moment the adapter may weigh where the condition starts.
+    pub fn take_told(&mut self) -> Option<bool> {
         std::mem::take(&mut self.told)
     }
 

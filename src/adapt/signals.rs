@@ -18,12 +18,17 @@ pub struct Signals {
     pub consensus: f64,
     /// The share of pixels whose class is the first candidate's (the source weights').
     pub source: f64,
+    /// Minus the KL divergence of the source's class prior from the candidate's predicted
+    /// class shares over the frames: 0 where it labels the frames in the source's proportions.
+    pub prior: f64,
 }
 
 /// Signals of every model on `frames` (each [1, 3, H, W], preprocessed), the first model being
-/// the source. Each pass runs every model once on each frame and once on its mirror image.
-pub fn judge(models: &[&Segformer], frames: &[Tensor]) -> Result<Vec<Signals>> {
+/// the source, whose class prior is `prior`. Each pass runs every model once on each frame and
+/// once on its mirror image.
+pub fn judge(models: &[&Segformer], frames: &[Tensor], prior: &[f32]) -> Result<Vec<Signals>> {
     let mut sums = vec![Signals::default(); models.len()];
+    let mut shares = vec![vec![0f64; prior.len()]; models.len()];
     let mut pixels = 0f64;
     for x in frames {
         let mirrored = mirror(x)?;
@@ -49,22 +54,44 @@ pub fn judge(models: &[&Segformer], frames: &[Tensor]) -> Result<Vec<Signals>> {
         }
         pixels += classes[0].elem_count() as f64;
         let vote = majority(&classes, models.len())?;
-        for (class, s) in classes.iter().zip(&mut sums) {
+        for ((class, s), counts) in classes.iter().zip(&mut sums).zip(&mut shares) {
             s.consensus += share_equal(class, &vote)?;
             s.source += share_equal(class, &classes[0])?;
+            for k in class.flatten_all()?.to_vec1::<u32>()? {
+                if let Some(c) = counts.get_mut(k as usize) {
+                    *c += 1.0;
+                }
+            }
         }
     }
     let n = pixels.max(1.0);
     Ok(sums
         .into_iter()
-        .map(|s| Signals {
+        .zip(&shares)
+        .map(|(s, counts)| Signals {
             confidence: s.confidence / n,
             certainty: s.certainty / n,
             flip: s.flip / n,
             consensus: s.consensus / n,
             source: s.source / n,
+            prior: -kl(prior, counts),
         })
         .collect())
+}
+
+/// KL(p || q) of the class prior `p` from the class counts `q` (normalised), each share floored
+/// at 1e-4 so a class one of them lacks costs a bounded amount.
+fn kl(p: &[f32], counts: &[f64]) -> f64 {
+    let total: f64 = counts.iter().sum::<f64>().max(1.0);
+    let psum: f64 = p.iter().map(|&v| v as f64).sum::<f64>().max(1e-12);
+    p.iter()
+        .zip(counts)
+        .map(|(&pv, &c)| {
+            let p = (pv as f64 / psum).max(1e-4);
+            let q = (c / total).max(1e-4);
+            p * (p / q).ln()
+        })
+        .sum()
 }
 
 /// The image mirrored left to right: [B, C, H, W] along W.

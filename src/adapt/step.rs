@@ -203,21 +203,7 @@ impl Adapter {
                 self.event = e;
                 replaced |= matches!(e, Event::Recalled(_));
             }
-            let b = &self.cfg.budget;
-            self.since_told = match told {
-                true => Some(0),
-                false => self.since_told.map(|n| n + 1),
-            };
-            let recheck =
-                b.recheck > 0 && self.since_told.is_some_and(|n| n > 0 && n % b.recheck == 0);
-            if b.judge != super::config::Judge::Off && (told || recheck) {
-                let why = if told {
-                    "new condition"
-                } else {
-                    "condition weighed again"
-                };
-                replaced |= self.choose_start(why)?;
-            }
+            replaced |= self.weigh_start(told)?;
         }
         Ok(replaced)
     }
@@ -283,6 +269,37 @@ impl Adapter {
         Ok(())
     }
 
+    /// At the frame that told a condition apart (`told`: whether it is known) and every
+    /// `budget.recheck` frames after, where it goes on from, as `budget.judge` says; whether the
+    /// weights were replaced.
+    fn weigh_start(&mut self, told: Option<bool>) -> Result<bool> {
+        use super::config::Judge;
+        self.since_told = match told {
+            Some(_) => Some(0),
+            None => self.since_told.map(|n| n + 1),
+        };
+        let b = &self.cfg.budget;
+        let recheck = b.recheck > 0 && self.since_told.is_some_and(|n| n > 0 && n % b.recheck == 0);
+        // The first condition started from the source and has nothing else to weigh.
+        let kept = self
+            .controller
+            .as_ref()
+            .is_some_and(|c| !c.kept().is_empty());
+        match (b.judge, told) {
+            (Judge::Off, _) => Ok(false),
+            (Judge::Source, Some(false)) if kept => {
+                log::info!("new condition: going on from the source weights");
+                let init = self.source.clone();
+                self.start_again(&init)?;
+                Ok(true)
+            }
+            (Judge::Source, _) => Ok(false),
+            (_, Some(_)) => self.choose_start("new condition"),
+            (_, None) if recheck => self.choose_start("condition weighed again"),
+            (_, None) => Ok(false),
+        }
+    }
+
     /// Weighs where the condition just told apart starts (see [`super::choose`]) and starts
     /// there; whether the weights were replaced.
     fn choose_start(&mut self, why: &str) -> Result<bool> {
@@ -297,7 +314,8 @@ impl Adapter {
             .collect();
         let frames: Vec<Tensor> = self.recent.iter().cloned().collect();
         let signal = self.cfg.budget.judge;
-        let (best, rated) = weigh(signal, &self.teacher, &self.source, &kept, &frames)?;
+        let prior: Vec<f32> = self.stats.prior.to_vec1()?;
+        let (best, rated) = weigh(signal, &self.teacher, &self.source, &kept, &frames, &prior)?;
         let said: Vec<String> = rated
             .iter()
             .map(|(s, v)| format!("{s} {:.4}", signal.of(v)))
