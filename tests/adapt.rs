@@ -1037,6 +1037,7 @@ fn a_new_condition_starts_from_the_candidate_the_signal_rates_highest() {
         &fx.tensors,
         &[(3, &sure)],
         &frames,
+        &[0.4, 0.3, 0.3],
     )
     .unwrap();
     assert_eq!(best, Start::Kept(3), "{rated:?}");
