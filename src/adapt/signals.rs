@@ -155,6 +155,16 @@ mod tests {
     }
 
     #[test]
+    fn the_prior_fit_is_zero_in_the_priors_proportions_and_negative_elsewhere() {
+        let p = [0.5f32, 0.25, 0.25];
+        assert!(kl(&p, &[200.0, 100.0, 100.0]).abs() < 1e-12);
+        let off = kl(&p, &[100.0, 100.0, 200.0]);
+        assert!(off > 0.05, "{off}");
+        // A class the candidate never predicts costs a bounded amount.
+        assert!(kl(&p, &[0.0, 100.0, 100.0]) < 10.0);
+    }
+
+    #[test]
     fn mirroring_twice_gives_the_frame_back() {
         let x = Tensor::arange(0f32, 24.0, &Device::Cpu)
             .unwrap()
