@@ -172,8 +172,9 @@ pub struct Controller {
     /// The kept condition whose weights the adapter holds (with slots): the one a shift left,
     /// or the one the new condition went on from.
     held: Option<usize>,
-    /// The frame just observed told a new condition apart (its start was decided): whether it
-    /// is one adapted to before (or the one a passing change interrupted).
+    /// The frame just observed told a new condition apart (its start was decided): whether its
+    /// start is near, that is, the condition itself (known, or the one a passing change
+    /// interrupted) or a kept one within the shift threshold of it.
     told: Option<bool>,
     /// The source domain's frames, from the source statistics.
     source: Option<FrameStats>,
@@ -278,8 +279,9 @@ impl Controller {
                 .resume_if_transient(&window)
                 .or_else(|| self.rescale_if_known(&window))
                 .filter(|&i| self.known[i].weights.is_some());
-            self.told = Some(known.is_some());
             let start = known.or_else(|| self.nearest_kept(&window));
+            let near = |i: usize| self.known[i].stats.distance(&window) < self.cfg.threshold;
+            self.told = Some(known.is_some() || start.is_some_and(near));
             event = match start {
                 // The weights in place are the ones to go on from.
                 Some(i) if self.held == Some(i) => Event::Steady,
@@ -443,8 +445,9 @@ impl Controller {
         }
     }
 
-    /// Whether the last observed frame told a condition apart, once, and then whether it is
-    /// a known one: the moment the adapter may weigh where the condition starts.
+    /// Whether the last observed frame told a condition apart, once, and then whether the
+    /// weights it starts from are near (its own, or a kept condition's within the shift
+    /// threshold): the moment the adapter may weigh where the condition starts.
     pub fn take_told(&mut self) -> Option<bool> {
         std::mem::take(&mut self.told)
     }

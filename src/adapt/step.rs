@@ -288,7 +288,9 @@ impl Adapter {
         match (b.judge, told) {
             (Judge::Off, _) => Ok(false),
             (Judge::Source, Some(false)) if kept => {
-                log::info!("new condition: going on from the source weights");
+                log::info!(
+                    "new condition, far from every kept one: going on from the source weights"
+                );
                 let init = self.source.clone();
                 self.start_again(&init)?;
                 Ok(true)
