@@ -615,12 +615,18 @@ fn suite(a: SuiteArgs, quiet: bool) -> Result<()> {
             &seeds,
             &mut progress,
         )?);
+        // Each finished target is on disk: a suite stopped part way keeps its tables.
+        write_tables(&a.out, &results)?;
     }
     bar.finish_and_clear();
     write_suite(&a.out, &results)
 }
 
-fn write_suite(out: &std::path::Path, results: &[segadapt::suite::TargetResult]) -> Result<()> {
+/// OUT/suite.md and OUT/suite.json; the table.
+fn write_tables(
+    out: &std::path::Path,
+    results: &[segadapt::suite::TargetResult],
+) -> Result<String> {
     let table = segadapt::suite::markdown(results);
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("suite.md"), &table)?;
@@ -628,6 +634,11 @@ fn write_suite(out: &std::path::Path, results: &[segadapt::suite::TargetResult])
         out.join("suite.json"),
         serde_json::to_string_pretty(results)?,
     )?;
+    Ok(table)
+}
+
+fn write_suite(out: &std::path::Path, results: &[segadapt::suite::TargetResult]) -> Result<()> {
+    let table = write_tables(out, results)?;
     print!("{table}");
     let runs = segadapt::report::tables::run_folders(out);
     let page = out.join("report.html");
