@@ -29,9 +29,16 @@ impl std::fmt::Display for Start {
     }
 }
 
-/// The candidate `signal` rates highest on `frames`, and each candidate with its signals.
-/// `kept` are the kept conditions' adapted tensors (laid over `source`'s); ties go to the
-/// earlier candidate, the weights in place first.
+/// A kept condition's adapted tensors laid over the source weights: a whole model's.
+pub fn laid_over(source: &TensorMap, adapted: &TensorMap) -> TensorMap {
+    let mut w = source.clone();
+    w.extend(adapted.iter().map(|(k, v)| (k.clone(), v.clone())));
+    w
+}
+
+/// The candidate `signal` rates highest on `frames`, and each candidate with its signals, in
+/// the order the weights in place, the source's, the kept conditions'. `kept` are the kept
+/// conditions' adapted tensors; ties go to the earlier candidate.
 pub fn weigh(
     signal: Judge,
     in_place: &Segformer,
@@ -41,28 +48,23 @@ pub fn weigh(
     prior: &[f32],
 ) -> Result<(Start, Vec<(Start, Signals)>)> {
     let cfg = &in_place.cfg;
-    let mut starts = vec![Start::InPlace, Start::Source];
-    let mut models = vec![Segformer::new(cfg, source.clone())?];
-    for &(i, weights) in kept {
-        let mut w = source.clone();
-        w.extend(weights.iter().map(|(k, v)| (k.clone(), v.clone())));
-        models.push(Segformer::new(cfg, w)?);
-        starts.push(Start::Kept(i));
+    let mut others = vec![(Start::Source, Segformer::new(cfg, source.clone())?)];
+    for &(i, adapted) in kept {
+        others.push((
+            Start::Kept(i),
+            Segformer::new(cfg, laid_over(source, adapted))?,
+        ));
     }
     // The source first: the signals' `source` agreement is with the first model.
-    let mut refs: Vec<&Segformer> = models.iter().collect();
-    refs.insert(1, in_place);
-    let signals = judge(&refs, frames, prior)?;
-    // `refs` is source, in place, kept...; `starts` is in place, source, kept...
+    let mut models: Vec<&Segformer> = others.iter().map(|(_, m)| m).collect();
+    models.insert(1, in_place);
+    let mut starts: Vec<Start> = others.iter().map(|(s, _)| *s).collect();
+    starts.insert(1, Start::InPlace);
     let mut rated: Vec<(Start, Signals)> = starts
         .into_iter()
-        .map(|s| (s, Signals::default()))
+        .zip(judge(&models, frames, prior)?)
         .collect();
-    rated[0].1 = signals[1].clone();
-    rated[1].1 = signals[0].clone();
-    for (r, s) in rated.iter_mut().skip(2).zip(signals.into_iter().skip(2)) {
-        r.1 = s;
-    }
+    rated.swap(0, 1);
     let best = rated
         .iter()
         .enumerate()

@@ -100,6 +100,11 @@ pub enum Judge {
 }
 
 impl Judge {
+    /// Whether it weighs candidates by a signal on the recent frames.
+    pub fn weighs(self) -> bool {
+        !matches!(self, Judge::Off | Judge::Source)
+    }
+
     /// The signal's value, higher is better.
     pub fn of(self, s: &super::signals::Signals) -> f64 {
         match self {

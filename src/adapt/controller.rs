@@ -459,6 +459,11 @@ impl Controller {
             .collect()
     }
 
+    /// Whether any condition's weights are kept.
+    pub fn has_kept(&self) -> bool {
+        self.known.iter().any(|c| c.weights.is_some())
+    }
+
     /// Steps left in the current budget.
     pub fn left(&self) -> u64 {
         self.left

@@ -192,7 +192,7 @@ impl Adapter {
             let frame = frames.narrow(0, i, 1)?;
             let e = c.observe(&frame)?;
             let told = c.take_told();
-            if self.cfg.budget.judge != super::config::Judge::Off {
+            if self.cfg.budget.judge.weighs() {
                 self.recent.push_back(frame);
                 if self.recent.len() > self.cfg.budget.window {
                     self.recent.pop_front();
@@ -254,14 +254,12 @@ impl Adapter {
                 log::info!("condition {i} left: training waits until the new one is told");
             }
             Event::Recalled(i) => {
-                let mut init = self.source.clone();
-                init.extend(
-                    self.controller
-                        .as_ref()
-                        .and_then(|c| c.weights(i))
-                        .expect("a recalled condition has weights")
-                        .clone(),
-                );
+                let adapted = self
+                    .controller
+                    .as_ref()
+                    .and_then(|c| c.weights(i))
+                    .expect("a recalled condition has weights");
+                let init = super::choose::laid_over(&self.source, adapted);
                 log::info!("known condition {i}: adapting from its weights");
                 self.start_again(&init)?;
             }
@@ -274,20 +272,21 @@ impl Adapter {
     /// weights were replaced.
     fn weigh_start(&mut self, told: Option<bool>) -> Result<bool> {
         use super::config::Judge;
+        if self.cfg.budget.judge == Judge::Off {
+            return Ok(false);
+        }
         self.since_told = match told {
             Some(_) => Some(0),
             None => self.since_told.map(|n| n + 1),
         };
         let b = &self.cfg.budget;
         let recheck = b.recheck > 0 && self.since_told.is_some_and(|n| n > 0 && n % b.recheck == 0);
-        // The first condition started from the source and has nothing else to weigh.
-        let kept = self
-            .controller
-            .as_ref()
-            .is_some_and(|c| !c.kept().is_empty());
         match (b.judge, told) {
             (Judge::Off, _) => Ok(false),
-            (Judge::Source, Some(false)) if kept => {
+            // The first condition started from the source and has no kept one to be far from.
+            (Judge::Source, Some(false))
+                if self.controller.as_ref().is_some_and(|c| c.has_kept()) =>
+            {
                 log::info!(
                     "new condition, far from every kept one: going on from the source weights"
                 );
@@ -305,7 +304,7 @@ impl Adapter {
     /// Weighs where the condition just told apart starts (see [`super::choose`]) and starts
     /// there; whether the weights were replaced.
     fn choose_start(&mut self, why: &str) -> Result<bool> {
-        use super::choose::{weigh, Start};
+        use super::choose::{laid_over, weigh, Start};
         let Some(c) = self.controller.as_ref() else {
             return Ok(false);
         };
@@ -326,19 +325,17 @@ impl Adapter {
             "{why}: going on from {best} ({signal:?}: {})",
             said.join(", ")
         );
-        let mut init = self.source.clone();
-        match best {
+        let init = match best {
             Start::InPlace => return Ok(false),
-            Start::Source => {}
-            Start::Kept(i) => init.extend(
-                kept.iter()
-                    .find(|(k, _)| *k == i)
-                    .expect("a weighed condition is kept")
-                    .1
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone())),
-            ),
-        }
+            Start::Source => self.source.clone(),
+            Start::Kept(i) => {
+                let adapted = kept.iter().find(|(k, _)| *k == i);
+                laid_over(
+                    &self.source,
+                    adapted.expect("a weighed condition is kept").1,
+                )
+            }
+        };
         self.start_again(&init)?;
         Ok(true)
     }
