@@ -376,9 +376,8 @@ impl ProfileArgs {
         let (from, warning) = p.fit_input(flag, self.profile.is_some(), pre.size)?;
         let from = match from {
             SizeFrom::Flag => "--input".to_string(),
-            SizeFrom::Profile => format!("profile {}", p.device.name),
+            SizeFrom::Profile | SizeFrom::Default => format!("profile {}", p.device.name),
             SizeFrom::Model => format!("{}/preprocessor_config.json", model.display()),
-            SizeFrom::Default => format!("profile {}", p.device.name),
         };
         log::info!(
             "serving at {}x{} (from {from}), training on {}x{} crops",
@@ -1303,7 +1302,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
                 a.model.display()
             );
             let model = Segformer::new(&files.config, files.tensors.clone())?;
-            segadapt::stats::SourceStats::of_stream(&model, &files.preprocess, &[])?
+            segadapt::stats::SourceStats::of_stream(&model, &files.preprocess, Vec::new())?
         }
     };
     let mut cfg = a.method.config(&profile.adapt);

@@ -175,17 +175,11 @@ impl SourceStats {
     pub fn of_stream(
         model: &Segformer,
         pre: &PreprocessConfig,
-        frames: &[Example],
+        mut frames: Vec<Example>,
     ) -> Result<Self> {
-        let unlabelled: Vec<Example> = frames
-            .iter()
-            .map(|e| Example {
-                name: e.name.clone(),
-                image: e.image.clone(),
-                label: None,
-            })
-            .collect();
-        let mut s = Self::compute(model, pre, &unlabelled, u8::MAX)?;
+        // Target labels only score.
+        frames.iter_mut().for_each(|e| e.label = None);
+        let mut s = Self::compute(model, pre, &frames, u8::MAX)?;
         s.frames = None;
         s.norm = None;
         s.origin = Origin::Stream;

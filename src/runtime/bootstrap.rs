@@ -41,7 +41,7 @@ impl ReadAhead {
         Self { held, inner }
     }
 
-    /// The frames read ahead, without their labels: target labels only score.
+    /// Copies of the frames read ahead, without their labels: target labels only score.
     pub fn frames(&self) -> Vec<Example> {
         self.held
             .iter()
@@ -99,7 +99,8 @@ pub fn source_stats(
     }
     let ahead = ReadAhead::new(source, STREAM_FRAMES);
     let frames = ahead.frames();
-    let stats = SourceStats::of_stream(model, pre, &frames)?.to_device(dev)?;
+    let n = frames.len();
+    let stats = SourceStats::of_stream(model, pre, frames)?.to_device(dev)?;
     std::fs::create_dir_all(out).map_err(|e| crate::error::Error::io(out, e))?;
     stats.save(out)?;
     log::info!(
@@ -107,7 +108,7 @@ pub fn source_stats(
          model's confident predictions on the stream's first {} frames (`segadapt stats --model \
          {} --data SOURCE_FRAMES` makes the source's, labels optional)",
         model_dir.display(),
-        frames.len(),
+        n,
         model_dir.display()
     );
     Ok((stats, Box::new(ahead)))
