@@ -69,16 +69,12 @@ fn main() -> anyhow::Result<()> {
     };
     let suite = SuiteFile::load(Path::new(suite))?;
     for name in names.split(',') {
-        let spec = suite
-            .targets
-            .iter()
-            .find(|t| t.name == name)
-            .ok_or_else(|| anyhow::anyhow!("no target {name:?}"))?;
-        let target = {
-            // Labels are only read, never scored here: any value passes.
-            let any: Vec<String> = (0..256).map(|i| i.to_string()).collect();
-            Target::open(spec, suite.fps, None, (&any, 255))?
-        };
+        let target = Target::open(
+            suite.target(name)?,
+            suite.fps,
+            None,
+            (&model.cfg.class_names(), model.cfg.ignore_label()),
+        )?;
         let mut src = target.source()?;
         let mut shift = Shift {
             batch: Vec::new(),

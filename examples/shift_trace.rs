@@ -7,7 +7,7 @@
 //! ```
 
 use segadapt::adapt::controller::{Controller, Event};
-use segadapt::config::{PreprocessConfig, Profile};
+use segadapt::config::{PreprocessConfig, Profile, SegformerConfig};
 use segadapt::data::image_to_tensor;
 use segadapt::source::FrameSource;
 use segadapt::suite::{SuiteFile, Target};
@@ -23,18 +23,15 @@ fn main() -> anyhow::Result<()> {
         .map_or("firmware-configs/x86-64-cpu.toml", String::as_str);
     let profile = Profile::load(Path::new(profile_path))?;
     let suite = SuiteFile::load(Path::new(suite))?;
-    let spec = suite
-        .targets
-        .iter()
-        .find(|t| &t.name == name)
-        .ok_or_else(|| anyhow::anyhow!("no target {name:?}"))?;
-    let target = {
-        // Labels are only read, never scored here: any value passes.
-        let any: Vec<String> = (0..256).map(|i| i.to_string()).collect();
-        Target::open(spec, suite.fps, None, (&any, 255))?
-    };
-    let pre =
-        PreprocessConfig::load_or_default(Path::new("models/camvid-day/preprocessor_config.json"))?;
+    let model = Path::new("models/camvid-day");
+    let cfg = SegformerConfig::load(&model.join("config.json"))?;
+    let target = Target::open(
+        suite.target(name)?,
+        suite.fps,
+        None,
+        (&cfg.class_names(), cfg.ignore_label()),
+    )?;
+    let pre = PreprocessConfig::load_or_default(&model.join("preprocessor_config.json"))?;
     let mut ctl = Controller::new(&profile.adapt.budget);
     let mut src = target.source()?;
     let bounds: Vec<u64> = target.schedule().at.iter().map(|(n, _)| *n).collect();

@@ -75,12 +75,12 @@ fn main() -> anyhow::Result<()> {
     let mut totals = vec![(0.0, 0.0, 0.0); SIGNALS.len()];
     let mut targets = 0.0;
     for name in names.split(',') {
-        let spec = suite
-            .targets
-            .iter()
-            .find(|t| t.name == name)
-            .ok_or_else(|| anyhow::anyhow!("no target {name:?}"))?;
-        let target = Target::open(spec, suite.fps, None, (&classes, map.ignore[0]))?;
+        let target = Target::open(
+            suite.target(name)?,
+            suite.fps,
+            None,
+            (&classes, map.ignore[0]),
+        )?;
         let frames = &target.sets[0];
         let miou: Vec<f64> = loaded
             .iter()

@@ -91,6 +91,17 @@ impl SuiteFile {
         }
         Ok(s)
     }
+
+    /// The target named `name`.
+    pub fn target(&self, name: &str) -> Result<&TargetSpec> {
+        self.targets.iter().find(|t| t.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.targets.iter().map(|t| t.name.as_str()).collect();
+            Error::Invalid(format!(
+                "no target {name:?} (targets: {})",
+                names.join(", ")
+            ))
+        })
+    }
 }
 
 fn parse_filters(v: &[String]) -> Result<Vec<(String, String)>> {

@@ -31,6 +31,9 @@ fn the_committed_suites_parse() {
     );
     let c = dev.targets.last().unwrap();
     assert_eq!((c.segments.len(), c.passes), (5, 3));
+    assert_eq!(dev.target("night").unwrap().filter, ["corruption=night"]);
+    let e = dev.target("rain").unwrap_err().to_string();
+    assert!(e.contains("\"rain\"") && e.contains("dusk, fog"), "{e}");
     let long = SuiteFile::load(Path::new("benches/suites/long-drive.toml")).unwrap();
     assert_eq!(long.targets[0].passes, 10);
     let held = SuiteFile::load(Path::new("benches/suites/holdout.toml")).unwrap();
