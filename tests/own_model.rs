@@ -79,9 +79,24 @@ fn segadapt(cwd: &Path, args: &[&str]) -> Output {
     o
 }
 
-fn train_steps(stdout: &[u8]) -> u64 {
-    let v: serde_json::Value = serde_json::from_slice(stdout).unwrap();
-    v["summary"]["train_steps"].as_u64().unwrap()
+/// `segadapt adapt` of model `m` in `cwd` on `src`, a step per frame, into `out`, with `extra`
+/// arguments: its training steps and its log.
+fn adapt(cwd: &Path, src: &str, out: &str, extra: &[&str]) -> (u64, String) {
+    let mut args = vec![
+        "adapt",
+        "--model",
+        "m",
+        "--source",
+        src,
+        "--steps-per-frame",
+        "1",
+    ];
+    args.extend(["--out", out, "--json"]);
+    args.extend(extra);
+    let o = segadapt(cwd, &args);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let steps = v["summary"]["train_steps"].as_u64().unwrap();
+    (steps, String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
 #[test]
@@ -95,23 +110,8 @@ fn a_transformers_folder_without_statistics_adapts_with_the_default_profile() {
     write_hf_folder(&model);
     common::write_dataset(&data, 8, 96, 72);
     let src = format!("folder:{}", data.display());
-    let o = segadapt(
-        root.path(),
-        &[
-            "adapt",
-            "--model",
-            "m",
-            "--source",
-            &src,
-            "--steps-per-frame",
-            "1",
-            "--out",
-            "o",
-            "--json",
-        ],
-    );
-    let log = String::from_utf8_lossy(&o.stderr);
-    assert!(train_steps(&o.stdout) > 0, "no training steps:\n{log}");
+    let (steps, log) = adapt(root.path(), &src, "o", &[]);
+    assert!(steps > 0, "no training steps:\n{log}");
     // Served at the model's own size, each missing piece named with the command that makes it.
     assert!(
         log.contains("serving at 64x48 (from m/preprocessor_config.json)"),
@@ -138,24 +138,13 @@ fn a_transformers_folder_without_statistics_adapts_with_the_default_profile() {
 
     // The baselines need nothing from the source and run as well.
     for method in ["plain", "tent"] {
-        let o = segadapt(
+        let (steps, _) = adapt(
             root.path(),
-            &[
-                "adapt",
-                "--model",
-                "m",
-                "--source",
-                &src,
-                "--method",
-                method,
-                "--steps-per-frame",
-                "1",
-                "--out",
-                &format!("o-{method}"),
-                "--json",
-            ],
+            &src,
+            &format!("o-{method}"),
+            &["--method", method],
         );
-        assert!(train_steps(&o.stdout) > 0, "{method}: no training steps");
+        assert!(steps > 0, "{method}: no training steps");
     }
 }
 
@@ -181,23 +170,8 @@ fn statistics_from_unlabelled_frames_are_made_by_the_models_predictions_and_adap
     assert!(!stats.bank.as_ref().unwrap().labels.is_empty());
 
     let src = format!("folder:{}", data.display());
-    let o = segadapt(
-        root.path(),
-        &[
-            "adapt",
-            "--model",
-            "m",
-            "--source",
-            &src,
-            "--steps-per-frame",
-            "1",
-            "--out",
-            "o",
-            "--json",
-        ],
-    );
-    let log = String::from_utf8_lossy(&o.stderr);
-    assert!(train_steps(&o.stdout) > 0);
+    let (steps, log) = adapt(root.path(), &src, "o", &[]);
+    assert!(steps > 0);
     assert!(!log.contains("source statistics: none"), "{log}");
     assert!(!log.contains("adapt.statistics = \"class\""), "{log}");
 
