@@ -48,6 +48,26 @@ fn attr(tag: &str, name: &str) -> usize {
     tag[at..at + tag[at..].find('"').unwrap()].parse().unwrap()
 }
 
+/// `adapt` of `root`'s `model` over its `data` folder, twice through, a step per frame on the
+/// tiny profile, scored on the same frames, into `out`, with `extra` arguments.
+fn adapt_twice_through(root: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let (model, data) = (root.join("model"), root.join("data"));
+    Command::new(env!("CARGO_BIN_EXE_segadapt"))
+        .args(["--quiet", "adapt", "--model"])
+        .arg(&model)
+        .arg("--source")
+        .arg(format!("folder:{}", data.display()))
+        .args(["--loops", "2", "--steps-per-frame", "1", "--profile"])
+        .arg(tiny_profile(root))
+        .arg("--eval-data")
+        .arg(&data)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn adapt_and_replay_write_a_page_that_loads_with_its_charts_and_frames() {
     let root = tempfile::tempdir().unwrap();
@@ -56,19 +76,7 @@ fn adapt_and_replay_write_a_page_that_loads_with_its_charts_and_frames() {
     let model = root.path().join("model");
     common::write_model_dir(&model, &common::tiny_config(3), &data, (64, 48));
     let out = root.path().join("out");
-    let o = Command::new(env!("CARGO_BIN_EXE_segadapt"))
-        .args(["--quiet", "adapt", "--model"])
-        .arg(&model)
-        .arg("--source")
-        .arg(format!("folder:{}", data.display()))
-        .args(["--loops", "2", "--steps-per-frame", "1", "--profile"])
-        .arg(tiny_profile(root.path()))
-        .arg("--eval-data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = adapt_twice_through(root.path(), &out, &[]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let page = out.join("report.html");
@@ -146,28 +154,8 @@ fn eval_every_counts_training_steps_or_served_frames() {
     let model = root.path().join("model");
     common::write_model_dir(&model, &common::tiny_config(3), &data, (64, 48));
     let curve = |every: &str| -> (Vec<u64>, String) {
-        let o = Command::new(env!("CARGO_BIN_EXE_segadapt"))
-            .args(["--quiet", "adapt", "--model"])
-            .arg(&model)
-            .arg("--source")
-            .arg(format!("folder:{}", data.display()))
-            .args([
-                "--loops",
-                "2",
-                "--steps-per-frame",
-                "1",
-                "--json",
-                "--eval-every",
-                every,
-            ])
-            .arg("--profile")
-            .arg(tiny_profile(root.path()))
-            .arg("--eval-data")
-            .arg(&data)
-            .arg("--out")
-            .arg(root.path().join(format!("out-{every}")))
-            .output()
-            .unwrap();
+        let out = root.path().join(format!("out-{every}"));
+        let o = adapt_twice_through(root.path(), &out, &["--json", "--eval-every", every]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let x = v["curve"]
